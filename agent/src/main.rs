@@ -1,1 +1,89 @@
-fn main() {}
+//! remocal-agent: runs on every node (a DaemonSet with hostNetwork and
+//! hostPID), steals selected TCP connections of pods with eBPF and serves them
+//! to remocal clients over gRPC.
+mod grpc;
+mod logging;
+mod netns;
+mod proxy;
+mod redirect;
+mod session;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+use crate::{logging::LogFormat, redirect::EbpfRedirector, session::Sessions};
+
+/// HTTP/2 pings find a vanished client (laptop closed, network gone) within
+/// interval + timeout, well inside the 10 s users are promised.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Parser)]
+#[command(version, about = "remocal node agent: steals pod traffic with eBPF and serves it to remocal clients over gRPC")]
+struct Cli {
+    /// Address of the gRPC server remocal clients connect to.
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], remocal_proto::DEFAULT_GRPC_PORT)))]
+    grpc_listen: SocketAddr,
+    /// Log line format (filter with RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    raise_fd_limit();
+
+    let redirector = EbpfRedirector::new(tokio::runtime::Handle::current())
+        .context("the agent cannot use eBPF on this node")?;
+    let sessions = Sessions::new(Arc::new(redirector));
+    let listener = tokio::net::TcpListener::bind(cli.grpc_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for clients on {}: is another remocal-agent running? Choose another address with --grpc-listen",
+                cli.grpc_listen
+            )
+        })?;
+    info!(grpc = %cli.grpc_listen, version = env!("CARGO_PKG_VERSION"), "remocal-agent ready");
+
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(1 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .max_concurrent_streams(Some(1 << 20))
+        .add_service(grpc::AgentService::new(sessions.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            terminated(),
+        );
+    server.await.context("the gRPC server failed")?;
+    info!("shutting down: ending all sessions");
+    sessions.shutdown().await;
+    Ok(())
+}
+
+async fn terminated() {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+/// Every stolen connection costs the agent a socket; the default soft limit
+/// of 1024 would cap a session far below what a node handles.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

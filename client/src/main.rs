@@ -1,1 +1,45 @@
-fn main() {}
+//! remocal: the developer's side. Opens a session on the node agent and serves
+//! each stolen connection to an unmodified local process through an ordinary
+//! local TCP connection.
+mod agent_link;
+mod cli;
+mod exit;
+mod forward;
+mod output;
+mod steal;
+
+use std::process::ExitCode;
+
+use crate::{cli::Command, exit::Failure};
+
+fn main() -> ExitCode {
+    let cli = match cli::parse() {
+        Ok(cli) => cli,
+        Err(failure) => return failure.report(),
+    };
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => return Failure::unexpected(format!("cannot start the async runtime: {err}")).report(),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Steal(args) => steal::run(args).await,
+        }
+    });
+    // Connections still draining must not keep a finished session alive.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}
+
+/// One local socket per stolen connection: lift the soft limit so a busy
+/// session is not capped at ~1000 connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

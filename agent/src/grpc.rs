@@ -1,0 +1,114 @@
+//! The `remocal.v1.Agent` gRPC service: thin glue from calls to sessions and
+//! proxied connections, and from our errors to status codes a client can act on.
+use std::{sync::Arc, time::Duration};
+
+use remocal_proto::v1::{
+    ConnectionDownstream, ConnectionUpstream, SessionEvent, SessionRequest, agent_server,
+    connection_upstream, session_request,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    netns::TargetError,
+    proxy,
+    redirect::RedirectError,
+    session::{AttachError, OpenError, Sessions},
+};
+
+/// How long a new call may take to send its first message.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames buffered per connection on top of HTTP/2's own window.
+const DOWNSTREAM_QUEUE: usize = 2;
+
+pub struct AgentService {
+    sessions: Arc<Sessions>,
+}
+
+impl AgentService {
+    pub fn new(sessions: Arc<Sessions>) -> agent_server::AgentServer<Self> {
+        agent_server::AgentServer::new(Self { sessions })
+            .max_decoding_message_size(4 * proxy::CHUNK)
+    }
+}
+
+#[tonic::async_trait]
+impl agent_server::Agent for AgentService {
+    type SessionStream = ReceiverStream<Result<SessionEvent, Status>>;
+    type ConnectionStream = ReceiverStream<Result<ConnectionDownstream, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "an unknown address".to_string(), |addr| addr.to_string());
+        let mut requests = request.into_inner();
+        let open = match first_message(&mut requests).await? {
+            SessionRequest {
+                kind: Some(session_request::Kind::Open(open)),
+            } => open,
+            _ => return Err(Status::invalid_argument("the first message of a session must be `open`")),
+        };
+        let events = self
+            .sessions
+            .open(open, peer, requests)
+            .await
+            .map_err(open_status)?;
+        Ok(Response::new(ReceiverStream::new(events)))
+    }
+
+    async fn connection(
+        &self,
+        request: Request<Streaming<ConnectionUpstream>>,
+    ) -> Result<Response<Self::ConnectionStream>, Status> {
+        let mut upstream = request.into_inner();
+        let attach = match first_message(&mut upstream).await? {
+            ConnectionUpstream {
+                kind: Some(connection_upstream::Kind::Attach(attach)),
+            } => attach,
+            _ => return Err(Status::invalid_argument("the first message of a connection must be `attach`")),
+        };
+        let (stream, live) = self
+            .sessions
+            .attach(&attach.session_id, attach.connection_id)
+            .map_err(|err: AttachError| Status::not_found(err.to_string()))?;
+        let (downstream, receiver) = mpsc::channel(DOWNSTREAM_QUEUE);
+        tokio::spawn(async move {
+            let outcome = proxy::pipe(stream, upstream, downstream, live.ended()).await;
+            live.connection_closed(attach.connection_id, outcome);
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+async fn first_message<T>(stream: &mut Streaming<T>) -> Result<T, Status> {
+    match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, stream.message()).await {
+        Ok(Ok(Some(message))) => Ok(message),
+        Ok(Ok(None)) => Err(Status::invalid_argument("the call ended before its first message")),
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no first message within {FIRST_MESSAGE_TIMEOUT:?}"
+        ))),
+    }
+}
+
+fn open_status(err: OpenError) -> Status {
+    let message = err.to_string();
+    match err {
+        OpenError::InvalidPort(_) | OpenError::MissingTarget | OpenError::UnsupportedMode(_) => {
+            Status::invalid_argument(message)
+        }
+        OpenError::Target(TargetError::NoSuchNamespace(_) | TargetError::NoSuchProcess(_)) => {
+            Status::not_found(message)
+        }
+        OpenError::Target(TargetError::NotANamespace(_)) => Status::invalid_argument(message),
+        OpenError::Target(TargetError::HostNamespace(_))
+        | OpenError::Redirect(RedirectError::NoInterfaces { .. }) => Status::failed_precondition(message),
+        OpenError::Target(TargetError::PermissionDenied { .. }) => Status::permission_denied(message),
+        OpenError::Conflict { .. } => Status::already_exists(message),
+        OpenError::Target(TargetError::Io { .. }) | OpenError::Redirect(_) => Status::internal(message),
+    }
+}

@@ -1,0 +1,167 @@
+//! Network namespaces as targets. The agent lives in the node's namespace; it
+//! reaches into a target's namespace only on short-lived threads that call
+//! setns(2), because a socket or tcx link created there stays bound to that
+//! namespace after the thread is gone, and the rest of the process never moves.
+use std::{
+    fmt,
+    fs::File,
+    io,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::Path,
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// What a client asks for: the namespace file, or a process living in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetSpec {
+    Path(String),
+    Pid(u32),
+}
+
+impl fmt::Display for TargetSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetSpec::Path(path) => write!(f, "netns={path}"),
+            TargetSpec::Pid(pid) => write!(f, "pid={pid}"),
+        }
+    }
+}
+
+/// Identity of a namespace: two paths naming the same namespace (a bind mount
+/// under /var/run/netns and /proc/PID/ns/net) give the same id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NsId {
+    dev: u64,
+    ino: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("network namespace {0} does not exist: check the path (`ip netns list` shows named namespaces)")]
+    NoSuchNamespace(String),
+    #[error("no process with PID {0} (it may have exited): check the PID on the node")]
+    NoSuchProcess(u32),
+    #[error("{0} is not a network namespace: pass /var/run/netns/NAME or /proc/PID/ns/net")]
+    NotANamespace(String),
+    #[error("{0} is the agent's own (the node's) network namespace: stealing there would take the node's port, so target a pod's namespace instead")]
+    HostNamespace(String),
+    #[error("the agent may not open {what}: {source}; run remocal-agent as root")]
+    PermissionDenied { what: String, source: io::Error },
+    #[error("cannot open {what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+/// An open handle on a target namespace; holding it keeps the namespace alive.
+pub struct Netns {
+    file: File,
+    id: NsId,
+    spec: TargetSpec,
+}
+
+impl Netns {
+    pub fn open(spec: &TargetSpec) -> Result<Self, TargetError> {
+        let path = match spec {
+            TargetSpec::Path(path) => path.clone(),
+            TargetSpec::Pid(pid) => format!("/proc/{pid}/ns/net"),
+        };
+        let file = File::open(&path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => match spec {
+                TargetSpec::Path(path) => TargetError::NoSuchNamespace(path.clone()),
+                TargetSpec::Pid(pid) => TargetError::NoSuchProcess(*pid),
+            },
+            io::ErrorKind::PermissionDenied => TargetError::PermissionDenied {
+                what: path.clone(),
+                source,
+            },
+            _ => TargetError::Io {
+                what: path.clone(),
+                source,
+            },
+        })?;
+        if !is_network_namespace(&file) {
+            return Err(TargetError::NotANamespace(path));
+        }
+        let id = ns_id(&file).map_err(|source| TargetError::Io {
+            what: path.clone(),
+            source,
+        })?;
+        if Some(id) == own_namespace() {
+            return Err(TargetError::HostNamespace(spec.to_string()));
+        }
+        Ok(Self {
+            file,
+            id,
+            spec: spec.clone(),
+        })
+    }
+
+    pub fn id(&self) -> NsId {
+        self.id
+    }
+
+    /// Runs `work` on a thread that has entered this namespace.
+    pub fn run_in<T: Send>(&self, work: impl FnOnce() -> T + Send) -> io::Result<T> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+                    Ok(work())
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("namespace worker thread panicked")))
+        })
+    }
+}
+
+impl fmt::Display for Netns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.spec.fmt(f)
+    }
+}
+
+fn ns_id(file: &File) -> io::Result<NsId> {
+    let meta = file.metadata()?;
+    Ok(NsId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+fn own_namespace() -> Option<NsId> {
+    File::open(Path::new("/proc/thread-self/ns/net"))
+        .and_then(|file| ns_id(&file))
+        .ok()
+}
+
+/// Asks nsfs what kind of namespace this is, so a wrong file is refused with a
+/// clear message instead of failing later inside setns.
+fn is_network_namespace(file: &File) -> bool {
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    kind == libc::CLONE_NEWNET
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_targets_are_named() {
+        let err = Netns::open(&TargetSpec::Path("/var/run/netns/surely-absent".into()))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/var/run/netns/surely-absent does not exist"));
+        let err = Netns::open(&TargetSpec::Pid(u32::MAX - 1)).err().unwrap();
+        assert!(err.to_string().contains(&format!("PID {}", u32::MAX - 1)));
+    }
+
+    #[test]
+    fn own_namespace_and_non_namespaces_are_refused() {
+        let own = TargetSpec::Pid(std::process::id());
+        assert!(matches!(Netns::open(&own), Err(TargetError::HostNamespace(_))));
+        let file = TargetSpec::Path("/proc/self/status".into());
+        assert!(matches!(Netns::open(&file), Err(TargetError::NotANamespace(_))));
+    }
+}

@@ -1,0 +1,205 @@
+//! The real redirection: remocal's tc classifier attached with tcx to every
+//! interface of a target namespace, steering new connections of a stolen port
+//! to our listener through a sock hash.
+//!
+//! One copy of the programs and maps is loaded per target namespace (an
+//! [`Attachment`]), shared by that namespace's sessions and dropped with the
+//! last one. tcx links are plain file descriptors of this process: when the
+//! agent exits, even by SIGKILL, the kernel detaches everything at once.
+use std::{
+    collections::HashMap,
+    os::fd::AsRawFd as _,
+    sync::{Arc, Mutex, Weak},
+};
+
+use aya::{
+    Ebpf,
+    maps::{MapData, SockHash},
+    programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
+};
+use aya_log::EbpfLogger;
+use remocal_agent_common::{PortKey, STEAL_LISTENERS_MAP, STEAL_PROGRAM};
+use tokio::{io::unix::AsyncFd, runtime::Handle, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::{ActiveRedirection, RedirectError, Redirection, Redirector, listener::steal_listener};
+use crate::netns::{Netns, NsId};
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/remocal"));
+
+const PRIVILEGE_HINT: &str =
+    "run remocal-agent as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) on Linux 6.6 or newer";
+
+pub struct EbpfRedirector {
+    runtime: Handle,
+    attachments: Mutex<HashMap<NsId, Weak<Attachment>>>,
+}
+
+impl EbpfRedirector {
+    /// Loads the programs once through the verifier, so a missing capability
+    /// or an unsuitable kernel is reported when the agent starts rather than
+    /// at a developer's first session.
+    pub fn new(runtime: Handle) -> Result<Self, RedirectError> {
+        let (mut ebpf, _logger) = load()?;
+        classifier(&mut ebpf)?;
+        Ok(Self {
+            runtime,
+            attachments: Mutex::default(),
+        })
+    }
+
+    fn attachment_for(&self, target: &Netns) -> Result<Arc<Attachment>, RedirectError> {
+        let mut attachments = self.attachments.lock().expect("attachments lock");
+        attachments.retain(|_, attachment| attachment.strong_count() > 0);
+        if let Some(existing) = attachments.get(&target.id()).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        let attachment = Arc::new(Attachment::new(target, &self.runtime)?);
+        attachments.insert(target.id(), Arc::downgrade(&attachment));
+        Ok(attachment)
+    }
+}
+
+impl Redirector for EbpfRedirector {
+    fn steal(&self, target: &Netns, port: u16) -> Result<Redirection, RedirectError> {
+        let attachment = self.attachment_for(target)?;
+        let listener = target
+            .run_in(steal_listener)
+            .and_then(|created| created)
+            .map_err(|source| RedirectError::Listener {
+                target: target.to_string(),
+                source,
+            })?;
+        attachment
+            .listeners
+            .lock()
+            .expect("listeners lock")
+            .insert(PortKey { port }, listener.as_raw_fd(), 0)
+            .map_err(|err| RedirectError::kernel("registering the steal listener failed", err))?;
+        Ok(Redirection {
+            listener,
+            active: ActiveRedirection::new(StolenPort { attachment, port }),
+        })
+    }
+}
+
+/// The programs and maps serving one target namespace.
+struct Attachment {
+    target: String,
+    listeners: Mutex<SockHash<MapData, PortKey>>,
+    /// Owns the programs and, through them, the tcx links.
+    _ebpf: Ebpf,
+    log_drain: JoinHandle<()>,
+}
+
+impl Attachment {
+    fn new(target: &Netns, runtime: &Handle) -> Result<Self, RedirectError> {
+        let (mut ebpf, logger) = load()?;
+        let log_drain = runtime.spawn(drain_logs(logger));
+        let program = classifier(&mut ebpf)?;
+        let interfaces = target
+            .run_in(|| attach_everywhere(program))
+            .map_err(|err| RedirectError::kernel(format!("entering {target} failed"), err))??;
+        info!(%target, interfaces = %interfaces.join(","), "steal classifier attached (tcx ingress)");
+        let map = ebpf
+            .take_map(STEAL_LISTENERS_MAP)
+            .ok_or_else(|| RedirectError::kernel("the eBPF object has no listener map", STEAL_LISTENERS_MAP))?;
+        let listeners = SockHash::try_from(map)
+            .map_err(|err| RedirectError::kernel("the listener map has the wrong type", err))?;
+        Ok(Self {
+            target: target.to_string(),
+            listeners: Mutex::new(listeners),
+            _ebpf: ebpf,
+            log_drain,
+        })
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.log_drain.abort();
+        info!(target = %self.target, "steal classifier detached");
+    }
+}
+
+/// Removes the port from the sock hash: from then on new connections go to
+/// the pod again.
+struct StolenPort {
+    attachment: Arc<Attachment>,
+    port: u16,
+}
+
+impl Drop for StolenPort {
+    fn drop(&mut self) {
+        let removed = self
+            .attachment
+            .listeners
+            .lock()
+            .expect("listeners lock")
+            .remove(&PortKey { port: self.port });
+        if let Err(err) = removed {
+            // The kernel drops a closed socket from the map by itself.
+            warn!(target = %self.attachment.target, port = self.port, %err, "removing the steal listener failed");
+        }
+    }
+}
+
+/// The logger must exist before the programs load (it owns the log map they
+/// reference) and must be drained for as long as they run.
+fn load() -> Result<(Ebpf, EbpfLogger<&'static dyn log::Log>), RedirectError> {
+    let mut ebpf = Ebpf::load(EBPF_OBJECT)
+        .map_err(|err| RedirectError::kernel(format!("loading the eBPF object failed ({PRIVILEGE_HINT})"), err))?;
+    let logger = EbpfLogger::init(&mut ebpf)
+        .map_err(|err| RedirectError::kernel("setting up eBPF logging failed", err))?;
+    Ok((ebpf, logger))
+}
+
+fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(STEAL_PROGRAM)
+        .ok_or_else(|| RedirectError::kernel("the eBPF object has no steal program", STEAL_PROGRAM))?
+        .try_into()
+        .map_err(|err| RedirectError::kernel("the steal program has the wrong type", err))?;
+    program
+        .load()
+        .map_err(|err| RedirectError::kernel(format!("the kernel refused the steal program ({PRIVILEGE_HINT})"), err))?;
+    Ok(program)
+}
+
+/// Runs inside the target namespace: interface names resolve there.
+fn attach_everywhere(program: &mut SchedClassifier) -> Result<Vec<String>, RedirectError> {
+    let interfaces: Vec<String> = nix::net::if_::if_nameindex()
+        .map_err(|err| RedirectError::kernel("listing the target's interfaces failed", err))?
+        .iter()
+        .map(|interface| interface.name().to_string_lossy().into_owned())
+        .filter(|name| name != "lo")
+        .collect();
+    if interfaces.is_empty() {
+        return Err(RedirectError::NoInterfaces {
+            target: "the target namespace".into(),
+        });
+    }
+    for name in &interfaces {
+        program
+            .attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|err| RedirectError::kernel(format!("attaching to {name} with tcx failed ({PRIVILEGE_HINT})"), err))?;
+    }
+    Ok(interfaces)
+}
+
+async fn drain_logs(logger: EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer fd, which stays open for as long
+    // as the AsyncFd owns the logger.
+    let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut logger = match registered {
+        Ok(logger) => logger,
+        Err(err) => return warn!(%err, "eBPF log messages will not be shown"),
+    };
+    loop {
+        let Ok(mut ready) = logger.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
+}

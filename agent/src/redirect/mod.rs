@@ -1,0 +1,92 @@
+//! The kernel-facing half of a steal, behind a small trait so the session and
+//! proxy logic can be tested in-process against a plain loopback listener.
+mod ebpf;
+mod listener;
+
+use std::net::TcpListener;
+
+pub use ebpf::EbpfRedirector;
+
+use crate::netns::Netns;
+
+/// Something that can send new connections for a port of a target to a
+/// listener of ours.
+pub trait Redirector: Send + Sync + 'static {
+    fn steal(&self, target: &Netns, port: u16) -> Result<Redirection, RedirectError>;
+}
+
+/// An active redirection. New connections arrive on `listener` until `active`
+/// is dropped; after that they go to the pod again, while connections already
+/// accepted stay ours.
+pub struct Redirection {
+    pub listener: TcpListener,
+    pub active: ActiveRedirection,
+}
+
+/// Undoes the redirection when dropped (crash or not: the kernel objects
+/// behind it are owned by this process).
+pub struct ActiveRedirection(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl ActiveRedirection {
+    pub fn new(undo_on_drop: impl Send + Sync + 'static) -> Self {
+        Self(Box::new(undo_on_drop))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("{target} has no network interface besides lo, so there is no traffic to steal")]
+    NoInterfaces { target: String },
+    #[error("{what}: {detail}")]
+    Kernel { what: String, detail: String },
+    #[error("cannot create the steal listener in {target}: {source}")]
+    Listener {
+        target: String,
+        source: std::io::Error,
+    },
+}
+
+impl RedirectError {
+    pub fn kernel(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        Self::Kernel {
+            what: what.into(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub mod loopback {
+    //! A redirector for in-process tests: a listener on 127.0.0.1 that tests
+    //! connect to directly, standing in for the kernel's redirection.
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Default)]
+    pub struct LoopbackRedirector {
+        /// Addresses of the listeners whose redirection is still active.
+        pub active: Arc<Mutex<Vec<std::net::SocketAddr>>>,
+    }
+
+    struct Undo(Arc<Mutex<Vec<std::net::SocketAddr>>>, std::net::SocketAddr);
+
+    impl Drop for Undo {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().retain(|addr| *addr != self.1);
+        }
+    }
+
+    impl Redirector for LoopbackRedirector {
+        fn steal(&self, _target: &Netns, _port: u16) -> Result<Redirection, RedirectError> {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let addr = listener.local_addr().unwrap();
+            self.active.lock().unwrap().push(addr);
+            Ok(Redirection {
+                listener,
+                active: ActiveRedirection::new(Undo(self.active.clone(), addr)),
+            })
+        }
+    }
+}

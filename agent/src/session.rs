@@ -1,0 +1,354 @@
+//! Steal sessions: who holds which port of which target, the accept loop that
+//! announces each stolen connection to the client, and the teardown order
+//! that never loses traffic (redirection off first, then our connections
+//! closed cleanly, then the claim released).
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use remocal_proto::v1::{
+    ConnectionClosed, Mode, NewConnection, OpenSession, Ready, SessionEnded, SessionEvent,
+    SessionRequest, Warning, session_event, session_request, target,
+};
+use tokio::{net::TcpStream, sync::mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::{
+    netns::{Netns, NsId, TargetError, TargetSpec},
+    proxy::{self, Outcome},
+    redirect::{RedirectError, Redirection, Redirector},
+};
+
+/// A client that never picks up an announced connection must not leave the
+/// remote side hanging forever.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events queued for a client that reads them slowly; beyond this the accept
+/// loop waits, and the kernel's backlog absorbs the burst.
+const EVENT_QUEUE: usize = 1024;
+
+pub type Events = mpsc::Receiver<Result<SessionEvent, Status>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("port {0} is out of range: use a TCP port from 1 to 65535")]
+    InvalidPort(u32),
+    #[error("no target given: pass a network namespace path or a PID")]
+    MissingTarget,
+    #[error("unsupported session mode {0}: this agent supports steal")]
+    UnsupportedMode(i32),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("port {port} of {target} is already stolen by {holder}; ask them to stop, or pick another port")]
+    Conflict {
+        target: String,
+        port: u16,
+        holder: String,
+    },
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("session {0} does not exist (it has ended)")]
+    NoSession(String),
+    #[error("connection {0} is not waiting to be attached (already attached, rejected, or timed out)")]
+    NoConnection(u64),
+}
+
+pub struct Sessions {
+    redirector: Arc<dyn Redirector>,
+    claims: Mutex<HashMap<(NsId, u16), Holder>>,
+    live: Mutex<HashMap<String, Arc<LiveSession>>>,
+    next_id: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+struct Holder {
+    description: String,
+    since: Instant,
+}
+
+/// The part of a session that connection calls reach by session id.
+pub struct LiveSession {
+    id: String,
+    pending: Mutex<HashMap<u64, TcpStream>>,
+    events: mpsc::Sender<Result<SessionEvent, Status>>,
+    ended: CancellationToken,
+}
+
+impl Sessions {
+    pub fn new(redirector: Arc<dyn Redirector>) -> Arc<Self> {
+        Arc::new(Self {
+            redirector,
+            claims: Mutex::default(),
+            live: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Validates, claims and redirects; on success the session runs until
+    /// the client closes it or its call breaks.
+    pub async fn open(
+        self: &Arc<Self>,
+        open: OpenSession,
+        peer: String,
+        requests: Streaming<SessionRequest>,
+    ) -> Result<Events, OpenError> {
+        if open.mode != Mode::Steal as i32 {
+            return Err(OpenError::UnsupportedMode(open.mode));
+        }
+        let port = u16::try_from(open.port)
+            .ok()
+            .filter(|port| *port != 0)
+            .ok_or(OpenError::InvalidPort(open.port))?;
+        let spec = match open.target.and_then(|target| target.kind) {
+            Some(target::Kind::NetnsPath(path)) if !path.is_empty() => TargetSpec::Path(path),
+            Some(target::Kind::Pid(pid)) if pid != 0 => TargetSpec::Pid(pid),
+            _ => return Err(OpenError::MissingTarget),
+        };
+        let netns = blocking(move || Netns::open(&spec)).await?;
+        let id = format!("{:016x}", self.next_id.fetch_add(1, Ordering::Relaxed) ^ rand_seed());
+        let client = if open.client.is_empty() { "an unnamed client".to_string() } else { open.client };
+        let claim = self.claim(&netns, port, format!("{client} connected from {peer} (session {id})"))?;
+        let redirector = self.redirector.clone();
+        let (netns, redirection) = blocking(move || {
+            let redirection = redirector.steal(&netns, port);
+            (netns, redirection)
+        })
+        .await;
+        let redirection = redirection?;
+
+        let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+        let live = Arc::new(LiveSession {
+            id: id.clone(),
+            pending: Mutex::default(),
+            events,
+            ended: CancellationToken::new(),
+        });
+        let ready = session_event::Kind::Ready(Ready {
+            session_id: id.clone(),
+            target: netns.to_string(),
+            port: port.into(),
+        });
+        let _ = live.events.try_send(Ok(SessionEvent { kind: Some(ready) }));
+        self.live.lock().expect("live lock").insert(id.clone(), live.clone());
+        info!(session = %id, target = %netns, port, %client, "steal session started");
+        tokio::spawn(self.clone().run(live, redirection, claim, requests));
+        Ok(receiver)
+    }
+
+    /// Hands an announced connection to the data call that the client opened
+    /// for it.
+    pub fn attach(&self, session_id: &str, connection_id: u64) -> Result<(TcpStream, Arc<LiveSession>), AttachError> {
+        let live = self
+            .live
+            .lock()
+            .expect("live lock")
+            .get(session_id)
+            .cloned()
+            .ok_or_else(|| AttachError::NoSession(session_id.to_string()))?;
+        let stream = live
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&connection_id)
+            .ok_or(AttachError::NoConnection(connection_id))?;
+        Ok((stream, live))
+    }
+
+    /// Ends every session (their clients are told why) and waits briefly for
+    /// their connections to close cleanly.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !self.live.lock().expect("live lock").is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn claim(self: &Arc<Self>, netns: &Netns, port: u16, description: String) -> Result<Claim, OpenError> {
+        let key = (netns.id(), port);
+        let mut claims = self.claims.lock().expect("claims lock");
+        if let Some(holder) = claims.get(&key) {
+            return Err(OpenError::Conflict {
+                target: netns.to_string(),
+                port,
+                holder: format!("{} for {}s", holder.description, holder.since.elapsed().as_secs()),
+            });
+        }
+        claims.insert(key, Holder { description, since: Instant::now() });
+        Ok(Claim { sessions: self.clone(), key })
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        live: Arc<LiveSession>,
+        redirection: Redirection,
+        claim: Claim,
+        mut requests: Streaming<SessionRequest>,
+    ) {
+        let Redirection { listener, active } = redirection;
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(err) => {
+                let _ = live.events.try_send(Err(Status::internal(format!("cannot watch the steal listener: {err}"))));
+                return self.end(live, "internal error", claim);
+            }
+        };
+        let reason = loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, source)) => self.announce(&live, stream, source).await,
+                    Err(err) => {
+                        // Typically out of file descriptors: back off instead of spinning.
+                        warn!(session = %live.id, %err, "accepting a stolen connection failed");
+                        live.warn(format!("the agent could not accept a connection: {err}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                request = requests.message() => match request {
+                    Ok(Some(SessionRequest { kind: Some(session_request::Kind::Close(_)) })) => break "closed by the client",
+                    Ok(Some(SessionRequest { kind: Some(session_request::Kind::Reject(reject)) })) => {
+                        live.reject(reject.connection_id, &reject.reason);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break "the client ended the call",
+                    Err(_) => break "the link to the client broke",
+                },
+                () = live.events.closed() => break "the client stopped listening",
+                () = self.shutdown.cancelled() => break "the agent is shutting down",
+            }
+        };
+        // Order matters: stop redirecting first, so every new connection from
+        // here on reaches the pod; only then close what we already took.
+        drop(active);
+        close_backlog(listener);
+        self.end(live, reason, claim);
+    }
+
+    fn end(&self, live: Arc<LiveSession>, reason: &str, claim: Claim) {
+        live.ended.cancel();
+        for (_, mut stream) in live.pending.lock().expect("pending lock").drain() {
+            tokio::spawn(async move { proxy::close_gracefully(&mut stream).await });
+        }
+        self.live.lock().expect("live lock").remove(&live.id);
+        drop(claim);
+        let ended = session_event::Kind::Ended(SessionEnded { reason: reason.to_string() });
+        let _ = live.events.try_send(Ok(SessionEvent { kind: Some(ended) }));
+        info!(session = %live.id, reason, "steal session ended");
+    }
+
+    async fn announce(&self, live: &Arc<LiveSession>, stream: TcpStream, source: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let destination = match stream.local_addr() {
+            Ok(addr) => canonical(addr),
+            Err(err) => return debug!(%err, "a stolen connection closed before it was announced"),
+        };
+        let source = canonical(source);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        live.pending.lock().expect("pending lock").insert(id, stream);
+        debug!(session = %live.id, connection = id, %source, %destination, "stolen connection");
+        let event = session_event::Kind::Connection(NewConnection {
+            connection_id: id,
+            source: source.to_string(),
+            destination: destination.to_string(),
+        });
+        if live.events.send(Ok(SessionEvent { kind: Some(event) })).await.is_err() {
+            return;
+        }
+        let live = live.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ATTACH_TIMEOUT).await;
+            if live.take_pending(id).is_some_and(|stream| {
+                proxy::reset(&stream);
+                true
+            }) {
+                live.warn(format!("connection {id} was reset: the client did not pick it up within {ATTACH_TIMEOUT:?}"));
+            }
+        });
+    }
+}
+
+impl LiveSession {
+    pub fn ended(&self) -> CancellationToken {
+        self.ended.clone()
+    }
+
+    pub fn connection_closed(&self, connection_id: u64, outcome: Outcome) {
+        let closed = session_event::Kind::Closed(ConnectionClosed {
+            connection_id,
+            bytes_from_remote: outcome.bytes_from_remote,
+            bytes_to_remote: outcome.bytes_to_remote,
+            error: outcome.error,
+        });
+        let _ = self.events.try_send(Ok(SessionEvent { kind: Some(closed) }));
+    }
+
+    fn take_pending(&self, id: u64) -> Option<TcpStream> {
+        self.pending.lock().expect("pending lock").remove(&id)
+    }
+
+    fn reject(&self, id: u64, reason: &str) {
+        if let Some(stream) = self.take_pending(id) {
+            debug!(session = %self.id, connection = id, reason, "client rejected a connection; resetting it");
+            proxy::reset(&stream);
+        }
+    }
+
+    fn warn(&self, message: String) {
+        let warning = session_event::Kind::Warning(Warning { message });
+        let _ = self.events.try_send(Ok(SessionEvent { kind: Some(warning) }));
+    }
+}
+
+/// Releases a (target, port) claim when the session is gone.
+struct Claim {
+    sessions: Arc<Sessions>,
+    key: (NsId, u16),
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.sessions.claims.lock().expect("claims lock").remove(&self.key);
+    }
+}
+
+/// Connections the kernel completed after the last accept but before the
+/// redirection was removed were meant for the developer: close them with a
+/// FIN instead of letting the listener's close reset them.
+fn close_backlog(listener: tokio::net::TcpListener) {
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    while let Ok((stream, _)) = listener.accept() {
+        if let Ok(mut stream) = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream)) {
+            tokio::spawn(async move { proxy::close_gracefully(&mut stream).await });
+        }
+    }
+}
+
+/// Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d; users expect a.b.c.d.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Session ids must not be guessable from one another across agent restarts.
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| RandomState::new().hash_one(std::process::id()))
+}
+
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work).await.expect("blocking task panicked")
+}

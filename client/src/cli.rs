@@ -1,0 +1,99 @@
+//! Command line. Errors come out as one line each, so scripts and people both
+//! get what is wrong without scrolling past usage text.
+use clap::{Args, Parser, Subcommand, error::ErrorKind};
+
+use crate::exit::{Failure, Status};
+
+#[derive(Parser)]
+#[command(
+    name = "remocal",
+    version,
+    about = "Receive a pod's real traffic in the process on your machine",
+    long_about = "remocal redirects TCP connections addressed to a port of a pod (a network namespace on a node) \
+                  to a process on your machine, through the remocal agent running on that node."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Take over new connections to a port of the target: they reach your
+    /// local process instead of the pod's until you stop (Ctrl-C).
+    Steal(StealArgs),
+}
+
+#[derive(Args)]
+pub struct StealArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// The target's TCP port whose new connections are stolen.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    #[command(flatten)]
+    pub local: LocalArgs,
+    #[command(flatten)]
+    pub link: LinkArgs,
+}
+
+/// Where the traffic comes from: a network namespace on the agent's node.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+pub struct TargetArgs {
+    /// Network namespace file on the node: /var/run/netns/NAME or /proc/PID/ns/net.
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<String>,
+    /// A process on the node whose network namespace is the target.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: Option<u32>,
+}
+
+/// Where the traffic goes: your local process.
+#[derive(Args)]
+pub struct LocalArgs {
+    /// Local port your process listens on [default: the same as --port].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub local_port: Option<u16>,
+    /// Local host your process listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub local_host: String,
+}
+
+/// How to reach the agent and what to print.
+#[derive(Args)]
+pub struct LinkArgs {
+    /// URL of the remocal agent's gRPC endpoint.
+    #[arg(long, env = "REMOCAL_AGENT", default_value = "http://127.0.0.1:7420")]
+    pub agent: String,
+    /// Print a line per stolen connection, and one when it closes.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Output format of stdout lines.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+pub fn parse() -> Result<Cli, Failure> {
+    Cli::try_parse().map_err(|err| match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            Failure::new(
+                if err.use_stderr() { Status::Usage } else { Status::Ok },
+                String::new(),
+            )
+        }
+        _ => {
+            let rendered = err.to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            Failure::new(Status::Usage, format!("{first} (see `remocal --help`)"))
+        }
+    })
+}

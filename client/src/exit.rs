@@ -1,0 +1,66 @@
+//! Exit statuses: each failure a script may want to tell apart has its own.
+use std::process::ExitCode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    Unexpected = 1,
+    Usage = 2,
+    AgentUnreachable = 3,
+    TargetNotFound = 4,
+    Conflict = 5,
+    PermissionDenied = 6,
+    SessionLost = 7,
+    Rejected = 8,
+}
+
+/// Why remocal stops, as one line for stderr and a status for the shell.
+#[derive(Debug)]
+pub struct Failure {
+    status: Status,
+    message: String,
+}
+
+impl Failure {
+    pub fn new(status: Status, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn unexpected(message: impl Into<String>) -> Self {
+        Self::new(Status::Unexpected, message)
+    }
+
+    pub fn session_lost(message: impl Into<String>) -> Self {
+        Self::new(Status::SessionLost, message)
+    }
+
+    /// A status the agent answered when opening a session.
+    pub fn from_status(status: &tonic::Status, agent: &str) -> Self {
+        use tonic::Code;
+        let message = status.message().to_string();
+        match status.code() {
+            Code::NotFound => Self::new(Status::TargetNotFound, message),
+            Code::AlreadyExists => Self::new(Status::Conflict, message),
+            Code::PermissionDenied | Code::Unauthenticated => Self::new(Status::PermissionDenied, message),
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+                Self::new(Status::Rejected, message)
+            }
+            Code::Unavailable => Self::new(
+                Status::AgentUnreachable,
+                format!("the remocal agent at {agent} is unavailable: {message}"),
+            ),
+            code => Self::new(Status::Unexpected, format!("the agent at {agent} failed ({code:?}): {message}")),
+        }
+    }
+
+    pub fn report(self) -> ExitCode {
+        if !self.message.is_empty() {
+            eprintln!("error: {}", self.message);
+        }
+        ExitCode::from(self.status as u8)
+    }
+}

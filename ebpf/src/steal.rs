@@ -1,0 +1,131 @@
+//! The steal classifier, attached with tcx on ingress of the target's
+//! interfaces. A new connection to a stolen port is handed to the agent's
+//! listener with `bpf_sk_assign`; a packet of any connection that already has
+//! a socket (the pod's own connections opened before the steal, and stolen
+//! connections after their session ended) keeps its way. Nothing is dropped:
+//! every path ends in `TC_ACT_OK`.
+use core::{ffi::c_void, mem::size_of, ptr};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, bpf_sock, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Ipv4Tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Ipv6Tuple,
+    },
+    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::{classifier, map},
+    maps::SockHash,
+    programs::TcContext,
+    EbpfContext as _,
+};
+use aya_log_ebpf::warn;
+use remocal_agent_common::{Counter, MAX_STOLEN_PORTS, PortKey};
+
+use crate::{
+    counters::bump,
+    packet::{Addresses, TcpPacket, parse_tcp},
+};
+
+/// Stolen port → the agent's listener socket inside this namespace. The
+/// agent inserts the listener when a session starts and removes it when the
+/// session ends; membership is the whole configuration.
+#[map(name = "STEAL_LISTENERS")]
+static STEAL_LISTENERS: SockHash<PortKey> = SockHash::with_max_entries(MAX_STOLEN_PORTS, 0);
+
+#[classifier]
+pub fn remocal_steal(ctx: TcContext) -> i32 {
+    bump(Counter::PacketsSeen);
+    if let Some(packet) = parse_tcp(&ctx) {
+        steal(&ctx, &packet);
+    }
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn steal(ctx: &TcContext, packet: &TcpPacket) {
+    let key = PortKey {
+        port: u16::from_be(packet.dport),
+    };
+    let Some(listener) = lookup_listener(&key) else {
+        return;
+    };
+    if belongs_to_existing_connection(ctx, packet) {
+        release(listener);
+        return;
+    }
+    // SAFETY: `listener` is a referenced socket from the sock hash; we release it below.
+    let assigned = unsafe { bpf_sk_assign(ctx.as_ptr(), listener.cast(), 0) };
+    release(listener);
+    if assigned == 0 {
+        if packet.is_syn() {
+            bump(Counter::ConnectionsRedirected);
+        }
+    } else {
+        bump(Counter::LookupsFailed);
+        warn!(ctx, "sk_assign to the steal listener of port {} failed: {}", key.port, assigned);
+    }
+}
+
+/// Looks the port up in the sock hash; a hit is a referenced socket the
+/// caller must release.
+#[inline(always)]
+fn lookup_listener(key: &PortKey) -> Option<*mut bpf_sock> {
+    let map = ptr::addr_of!(STEAL_LISTENERS).cast_mut().cast::<c_void>();
+    // SAFETY: `SockHash` is a transparent wrapper around its map definition,
+    // so its address is the map pointer the helper expects.
+    let sk = unsafe { bpf_map_lookup_elem(map, ptr::from_ref(key).cast()) };
+    (!sk.is_null()).then_some(sk.cast())
+}
+
+/// True when a socket other than a listener owns this 4-tuple: an established
+/// connection, or one mid-handshake (a request socket), of the pod or of ours.
+#[inline(always)]
+fn belongs_to_existing_connection(ctx: &TcContext, packet: &TcpPacket) -> bool {
+    // Zeroed first: the verifier rejects stores of bytes the compiler
+    // considers undefined, such as the unused part of the union.
+    // SAFETY: all-zero is a valid bpf_sock_tuple.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = match packet.addresses {
+        Addresses::V4 { saddr, daddr } => {
+            tuple.__bindgen_anon_1.ipv4 = Ipv4Tuple {
+                saddr,
+                daddr,
+                sport: packet.sport,
+                dport: packet.dport,
+            };
+            size_of::<Ipv4Tuple>()
+        }
+        Addresses::V6 { saddr, daddr } => {
+            tuple.__bindgen_anon_1.ipv6 = Ipv6Tuple {
+                saddr,
+                daddr,
+                sport: packet.sport,
+                dport: packet.dport,
+            };
+            size_of::<Ipv6Tuple>()
+        }
+    };
+    // SAFETY: the tuple lives on our stack for the duration of the call.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null result is a valid socket pointer until released.
+    let state = unsafe { (*sk).state };
+    release(sk);
+    state != BPF_TCP_LISTEN
+}
+
+#[inline(always)]
+fn release(sk: *mut bpf_sock) {
+    // SAFETY: every caller owns a reference obtained from a lookup helper.
+    unsafe { bpf_sk_release(sk.cast()) };
+}
