@@ -8,7 +8,7 @@ use remocal_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming, transport::Server};
 
 use crate::{
     netns::TargetError,
@@ -21,6 +21,24 @@ use crate::{
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames buffered per connection on top of HTTP/2's own window.
 const DOWNSTREAM_QUEUE: usize = 2;
+/// HTTP/2 pings find a vanished client (laptop closed, network gone) within
+/// interval + timeout, well inside the 10 s users are promised.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server settings the data path relies on: per-stream windows small
+/// enough that one stalled connection pins little, a connection window large
+/// enough that stalled streams cannot starve the others, and no cap on
+/// concurrent streams below what a busy session needs.
+pub fn server() -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(1 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .max_concurrent_streams(Some(1 << 20))
+}
 
 pub struct AgentService {
     sessions: Arc<Sessions>,

@@ -7,8 +7,10 @@ mod netns;
 mod proxy;
 mod redirect;
 mod session;
+#[cfg(test)]
+mod tests;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -16,11 +18,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
 use crate::{logging::LogFormat, redirect::EbpfRedirector, session::Sessions};
-
-/// HTTP/2 pings find a vanished client (laptop closed, network gone) within
-/// interval + timeout, well inside the 10 s users are promised.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(version, about = "remocal node agent: steals pod traffic with eBPF and serves it to remocal clients over gRPC")]
@@ -52,13 +49,7 @@ async fn main() -> anyhow::Result<()> {
         })?;
     info!(grpc = %cli.grpc_listen, version = env!("CARGO_PKG_VERSION"), "remocal-agent ready");
 
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(1 << 20))
-        .initial_connection_window_size(Some(64 << 20))
-        .max_concurrent_streams(Some(1 << 20))
+    let server = grpc::server()
         .add_service(grpc::AgentService::new(sessions.clone()))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

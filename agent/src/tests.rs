@@ -1,0 +1,364 @@
+//! Sessions and the proxy exercised in-process over real gRPC and real
+//! sockets, with the kernel redirection replaced by a loopback listener that
+//! the tests connect to directly. The eBPF path is covered by tests/.
+use std::{
+    net::SocketAddr,
+    process::{Child, Command},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use remocal_proto::v1::{
+    Attach, CloseSession, ConnectionDownstream, ConnectionUpstream, Mode, OpenSession,
+    RejectConnection, SessionEvent, SessionRequest, Target, agent_client::AgentClient,
+    connection_downstream, connection_upstream, session_event, session_request, target,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::mpsc,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming, transport::Channel};
+
+use crate::{grpc::AgentService, redirect::loopback::LoopbackRedirector, session::Sessions};
+
+/// A network namespace other than ours (a sleeping `unshare -n` child), so
+/// the target checks pass; needs root, like the rest of the agent.
+struct OtherNamespace(Child);
+
+impl OtherNamespace {
+    fn new() -> Self {
+        let child = Command::new("unshare")
+            .args(["--net", "sleep", "120"])
+            .spawn()
+            .expect("unshare --net (run the tests as root)");
+        let ns = format!("/proc/{}/ns/net", child.id());
+        let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+        while std::fs::read_link(&ns).map_or(true, |link| link == own) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Self(child)
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            kind: Some(target::Kind::Pid(self.0.id())),
+        }
+    }
+}
+
+impl Drop for OtherNamespace {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Harness {
+    client: AgentClient<Channel>,
+    active: Arc<Mutex<Vec<SocketAddr>>>,
+    netns: OtherNamespace,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let redirector = LoopbackRedirector::default();
+        let active = redirector.active.clone();
+        let sessions = Sessions::new(Arc::new(redirector));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            crate::grpc::server()
+                .add_service(AgentService::new(sessions))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let client = AgentClient::connect(format!("http://{addr}")).await.unwrap();
+        Self {
+            client,
+            active,
+            netns: OtherNamespace::new(),
+        }
+    }
+
+    async fn open(&mut self, port: u32) -> Result<Session, tonic::Status> {
+        self.open_target(Some(self.netns.target()), port).await
+    }
+
+    async fn open_target(&mut self, target: Option<Target>, port: u32) -> Result<Session, tonic::Status> {
+        let (requests, outgoing) = mpsc::channel(16);
+        let open = OpenSession {
+            target,
+            port,
+            mode: Mode::Steal as i32,
+            client: "tester@laptop".into(),
+        };
+        requests
+            .send(SessionRequest {
+                kind: Some(session_request::Kind::Open(open)),
+            })
+            .await
+            .unwrap();
+        let mut events = self.client.session(ReceiverStream::new(outgoing)).await?.into_inner();
+        let Some(session_event::Kind::Ready(ready)) = next(&mut events).await else {
+            panic!("no ready event");
+        };
+        let listener = *self.active.lock().unwrap().last().expect("an active redirection");
+        Ok(Session {
+            id: ready.session_id,
+            requests,
+            events,
+            listener,
+        })
+    }
+
+    /// A remote client connects "through the redirection"; the session
+    /// announces it and the test attaches a data stream to it.
+    async fn stolen(&mut self, session: &mut Session) -> (TcpStream, Connection) {
+        let remote = TcpStream::connect(session.listener).await.unwrap();
+        let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await else {
+            panic!("no connection event");
+        };
+        assert_eq!(announced.source, remote.local_addr().unwrap().to_string());
+        assert_eq!(announced.destination, session.listener.to_string());
+        let (upstream, outgoing) = mpsc::channel(16);
+        upstream
+            .send(frame(connection_upstream::Kind::Attach(Attach {
+                session_id: session.id.clone(),
+                connection_id: announced.connection_id,
+            })))
+            .await
+            .unwrap();
+        let downstream = self.client.connection(ReceiverStream::new(outgoing)).await.unwrap().into_inner();
+        (
+            remote,
+            Connection {
+                id: announced.connection_id,
+                upstream: Some(upstream),
+                downstream,
+            },
+        )
+    }
+}
+
+struct Session {
+    id: String,
+    requests: mpsc::Sender<SessionRequest>,
+    events: Streaming<SessionEvent>,
+    listener: SocketAddr,
+}
+
+struct Connection {
+    id: u64,
+    upstream: Option<mpsc::Sender<ConnectionUpstream>>,
+    downstream: Streaming<ConnectionDownstream>,
+}
+
+impl Connection {
+    async fn send(&self, kind: connection_upstream::Kind) {
+        self.upstream.as_ref().unwrap().send(frame(kind)).await.unwrap();
+    }
+
+    /// Reads downstream data until `len` bytes or an Eof arrived.
+    async fn receive(&mut self, len: usize) -> (Vec<u8>, bool) {
+        let mut data = Vec::new();
+        while data.len() < len {
+            match self.downstream.message().await.unwrap() {
+                Some(ConnectionDownstream {
+                    kind: Some(connection_downstream::Kind::Data(chunk)),
+                }) => data.extend_from_slice(&chunk),
+                Some(ConnectionDownstream {
+                    kind: Some(connection_downstream::Kind::Eof(_)),
+                }) => return (data, true),
+                other => panic!("unexpected downstream {other:?}"),
+            }
+        }
+        (data, false)
+    }
+}
+
+fn frame(kind: connection_upstream::Kind) -> ConnectionUpstream {
+    ConnectionUpstream { kind: Some(kind) }
+}
+
+async fn next(events: &mut Streaming<SessionEvent>) -> Option<session_event::Kind> {
+    tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("an event within 10 s")
+        .unwrap()
+        .and_then(|event| event.kind)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[tokio::test]
+async fn bytes_and_half_close_cross_in_both_directions() {
+    let mut harness = Harness::start().await;
+    let mut session = harness.open(80).await.unwrap();
+    let (mut remote, mut connection) = harness.stolen(&mut session).await;
+
+    let request = pattern(300_000, 7);
+    remote.write_all(&request).await.unwrap();
+    remote.shutdown().await.unwrap();
+    let (received, eof) = connection.receive(request.len() + 1).await;
+    assert!(eof, "the remote's FIN arrives as Eof");
+    assert_eq!(received, request);
+
+    let answer = pattern(200_000, 9);
+    connection.send(connection_upstream::Kind::Data(answer.clone().into())).await;
+    connection.upstream = None; // the local side's FIN
+    let mut got = Vec::new();
+    remote.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, answer, "the answer arrives after the remote's half-close");
+
+    let Some(session_event::Kind::Closed(closed)) = next(&mut session.events).await else {
+        panic!("no closed event");
+    };
+    assert_eq!(closed.connection_id, connection.id);
+    assert_eq!((closed.bytes_from_remote, closed.bytes_to_remote), (300_000, 200_000));
+    assert_eq!(closed.error, "");
+}
+
+#[tokio::test]
+async fn a_second_session_on_the_same_port_names_the_holder() {
+    let mut harness = Harness::start().await;
+    let _first = harness.open(8080).await.unwrap();
+    let err = harness.open(8080).await.err().expect("conflict");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(err.message().contains("tester@laptop"), "{}", err.message());
+    assert!(err.message().contains("port 8080"), "{}", err.message());
+    harness.open(8081).await.expect("another port is free");
+    assert_eq!(harness.active.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn bad_requests_get_actionable_statuses() {
+    let mut harness = Harness::start().await;
+    let target = Some(harness.netns.target());
+    for port in [0, 65536] {
+        let err = harness.open_target(target.clone(), port).await.err().unwrap();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("1 to 65535"), "{}", err.message());
+    }
+    let err = harness.open_target(None, 80).await.err().unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let missing = Target {
+        kind: Some(target::Kind::NetnsPath("/var/run/netns/no-such-ns".into())),
+    };
+    let err = harness.open_target(Some(missing), 80).await.err().unwrap();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("/var/run/netns/no-such-ns"), "{}", err.message());
+
+    let own = Target {
+        kind: Some(target::Kind::Pid(std::process::id())),
+    };
+    let err = harness.open_target(Some(own), 80).await.err().unwrap();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(harness.active.lock().unwrap().is_empty(), "nothing was redirected");
+}
+
+#[tokio::test]
+async fn closing_the_session_undoes_the_redirection_and_ends_connections_cleanly() {
+    let mut harness = Harness::start().await;
+    let mut session = harness.open(80).await.unwrap();
+    let (mut remote, _connection) = harness.stolen(&mut session).await;
+    session
+        .requests
+        .send(SessionRequest {
+            kind: Some(session_request::Kind::Close(CloseSession {})),
+        })
+        .await
+        .unwrap();
+    loop {
+        match next(&mut session.events).await {
+            Some(session_event::Kind::Ended(ended)) => {
+                assert_eq!(ended.reason, "closed by the client");
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the session stream ended without an Ended event"),
+        }
+    }
+    assert!(harness.active.lock().unwrap().is_empty());
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), remote.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "the remote sees a clean EOF: {read:?}");
+    // The port is free for the next developer.
+    harness.open(80).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dropped_session_call_ends_the_session() {
+    let mut harness = Harness::start().await;
+    let session = harness.open(80).await.unwrap();
+    drop(session);
+    for _ in 0..500 {
+        if harness.active.lock().unwrap().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the redirection outlived the client's call");
+}
+
+#[tokio::test]
+async fn rejected_and_reset_connections_reset_the_remote() {
+    let mut harness = Harness::start().await;
+    let mut session = harness.open(80).await.unwrap();
+
+    let mut remote = TcpStream::connect(session.listener).await.unwrap();
+    let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await else {
+        panic!("no connection event");
+    };
+    session
+        .requests
+        .send(SessionRequest {
+            kind: Some(session_request::Kind::Reject(RejectConnection {
+                connection_id: announced.connection_id,
+                reason: "nothing listens locally".into(),
+            })),
+        })
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), remote.read(&mut buf)).await.unwrap();
+    assert_eq!(read.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+
+    let (mut remote, connection) = harness.stolen(&mut session).await;
+    connection.send(connection_upstream::Kind::Reset(Default::default())).await;
+    let read = tokio::time::timeout(Duration::from_secs(5), remote.read(&mut buf)).await.unwrap();
+    assert_eq!(read.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+}
+
+#[tokio::test]
+async fn a_stalled_connection_does_not_stall_another() {
+    let mut harness = Harness::start().await;
+    let mut session = harness.open(80).await.unwrap();
+    let (mut stalled_remote, _stalled) = harness.stolen(&mut session).await;
+    let (mut remote, mut connection) = harness.stolen(&mut session).await;
+
+    // Nobody reads the first connection's stream: its remote fills every buffer.
+    let flood = tokio::spawn(async move {
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            if stalled_remote.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let data = pattern(1 << 20, 3);
+    let writer = tokio::spawn(async move {
+        remote.write_all(&data).await.unwrap();
+        remote
+    });
+    let (received, _) = tokio::time::timeout(Duration::from_secs(20), connection.receive(1 << 20))
+        .await
+        .expect("the second connection flows while the first is stalled");
+    assert_eq!(received, pattern(1 << 20, 3));
+    writer.await.unwrap();
+    flood.abort();
+}
