@@ -27,19 +27,26 @@ pub enum Counter {
     /// A stolen port whose listener could not be found or assigned; the
     /// packet went to the pod instead (never dropped).
     LookupsFailed = 2,
+    /// Listener lookups the socket-lookup program answered with a steal
+    /// listener: mostly new connections reusing a TIME_WAIT 4-tuple.
+    LookupsAnswered = 3,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 3] = [
+    pub const ALL: [Counter; 4] = [
         Counter::PacketsSeen,
         Counter::ConnectionsRedirected,
         Counter::LookupsFailed,
+        Counter::LookupsAnswered,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 }
 
 /// Name of the tc classifier in the eBPF object (also what `bpftool` shows).
 pub const STEAL_PROGRAM: &str = "remocal_steal";
+/// Name of the socket-lookup program that catches new connections the
+/// classifier lets through (SYNs reusing a TIME_WAIT 4-tuple).
+pub const STEAL_LOOKUP_PROGRAM: &str = "remocal_lookup";
 /// Name of the map from stolen port to the agent's listener socket.
 pub const STEAL_LISTENERS_MAP: &str = "STEAL_LISTENERS";
 /// Name of the per-CPU counter array.

@@ -10,7 +10,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -18,6 +18,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
 use crate::{logging::LogFormat, redirect::EbpfRedirector, session::Sessions};
+
+/// How long connections may take to close cleanly once the agent is told to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(version, about = "remocal node agent: steals pod traffic with eBPF and serves it to remocal clients over gRPC")]
@@ -49,16 +52,26 @@ async fn main() -> anyhow::Result<()> {
         })?;
     info!(grpc = %cli.grpc_listen, version = env!("CARGO_PKG_VERSION"), "remocal-agent ready");
 
+    let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = grpc::server()
         .add_service(grpc::AgentService::new(sessions.clone()))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            terminated(),
-        );
-    server.await.context("the gRPC server failed")?;
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            let _ = stopped.await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => return served.context("the gRPC server failed"),
+        () = terminated() => {}
+    }
+    // Sessions first: their long-lived calls would otherwise hold the
+    // server's graceful shutdown open forever.
     info!("shutting down: ending all sessions");
     sessions.shutdown().await;
-    Ok(())
+    let _ = stop_serving.send(());
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(served) => served.context("the gRPC server failed"),
+        Err(_) => Ok(()),
+    }
 }
 
 async fn terminated() {

@@ -6,7 +6,10 @@ use std::{
     fmt,
     fs::File,
     io,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd},
+        unix::fs::MetadataExt,
+    },
     path::Path,
 };
 
@@ -111,6 +114,12 @@ impl Netns {
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("namespace worker thread panicked")))
         })
+    }
+}
+
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 

@@ -81,7 +81,9 @@ struct Holder {
 pub struct LiveSession {
     id: String,
     pending: Mutex<HashMap<u64, TcpStream>>,
-    events: mpsc::Sender<Result<SessionEvent, Status>>,
+    /// Taken when the session ends, so the client's event stream ends with
+    /// it even while connection tasks still hold the session.
+    events: Mutex<Option<mpsc::Sender<Result<SessionEvent, Status>>>>,
     ended: CancellationToken,
 }
 
@@ -132,15 +134,14 @@ impl Sessions {
         let live = Arc::new(LiveSession {
             id: id.clone(),
             pending: Mutex::default(),
-            events,
+            events: Mutex::new(Some(events)),
             ended: CancellationToken::new(),
         });
-        let ready = session_event::Kind::Ready(Ready {
+        live.emit(session_event::Kind::Ready(Ready {
             session_id: id.clone(),
             target: netns.to_string(),
             port: port.into(),
-        });
-        let _ = live.events.try_send(Ok(SessionEvent { kind: Some(ready) }));
+        }));
         self.live.lock().expect("live lock").insert(id.clone(), live.clone());
         info!(session = %id, target = %netns, port, %client, "steal session started");
         tokio::spawn(self.clone().run(live, redirection, claim, requests));
@@ -198,17 +199,21 @@ impl Sessions {
         mut requests: Streaming<SessionRequest>,
     ) {
         let Redirection { listener, active } = redirection;
+        let Some(events) = live.sender() else {
+            return;
+        };
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(err) => {
-                let _ = live.events.try_send(Err(Status::internal(format!("cannot watch the steal listener: {err}"))));
+                let _ = events.try_send(Err(Status::internal(format!("cannot watch the steal listener: {err}"))));
+                drop(events);
                 return self.end(live, "internal error", claim);
             }
         };
         let reason = loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, source)) => self.announce(&live, stream, source).await,
+                    Ok((stream, source)) => self.announce(&live, &events, stream, source).await,
                     Err(err) => {
                         // Typically out of file descriptors: back off instead of spinning.
                         warn!(session = %live.id, %err, "accepting a stolen connection failed");
@@ -225,7 +230,7 @@ impl Sessions {
                     Ok(None) => break "the client ended the call",
                     Err(_) => break "the link to the client broke",
                 },
-                () = live.events.closed() => break "the client stopped listening",
+                () = events.closed() => break "the client stopped listening",
                 () = self.shutdown.cancelled() => break "the agent is shutting down",
             }
         };
@@ -233,6 +238,7 @@ impl Sessions {
         // here on reaches the pod; only then close what we already took.
         drop(active);
         close_backlog(listener);
+        drop(events);
         self.end(live, reason, claim);
     }
 
@@ -243,12 +249,18 @@ impl Sessions {
         }
         self.live.lock().expect("live lock").remove(&live.id);
         drop(claim);
-        let ended = session_event::Kind::Ended(SessionEnded { reason: reason.to_string() });
-        let _ = live.events.try_send(Ok(SessionEvent { kind: Some(ended) }));
+        live.emit(session_event::Kind::Ended(SessionEnded { reason: reason.to_string() }));
+        live.events.lock().expect("events lock").take();
         info!(session = %live.id, reason, "steal session ended");
     }
 
-    async fn announce(&self, live: &Arc<LiveSession>, stream: TcpStream, source: SocketAddr) {
+    async fn announce(
+        &self,
+        live: &Arc<LiveSession>,
+        events: &mpsc::Sender<Result<SessionEvent, Status>>,
+        stream: TcpStream,
+        source: SocketAddr,
+    ) {
         let _ = stream.set_nodelay(true);
         let destination = match stream.local_addr() {
             Ok(addr) => canonical(addr),
@@ -263,7 +275,8 @@ impl Sessions {
             source: source.to_string(),
             destination: destination.to_string(),
         });
-        if live.events.send(Ok(SessionEvent { kind: Some(event) })).await.is_err() {
+        // Awaited: a client reading events slowly slows accepting, not memory.
+        if events.send(Ok(SessionEvent { kind: Some(event) })).await.is_err() {
             return;
         }
         let live = live.clone();
@@ -285,13 +298,24 @@ impl LiveSession {
     }
 
     pub fn connection_closed(&self, connection_id: u64, outcome: Outcome) {
-        let closed = session_event::Kind::Closed(ConnectionClosed {
+        self.emit(session_event::Kind::Closed(ConnectionClosed {
             connection_id,
             bytes_from_remote: outcome.bytes_from_remote,
             bytes_to_remote: outcome.bytes_to_remote,
             error: outcome.error,
-        });
-        let _ = self.events.try_send(Ok(SessionEvent { kind: Some(closed) }));
+        }));
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<Result<SessionEvent, Status>>> {
+        self.events.lock().expect("events lock").clone()
+    }
+
+    /// Queues an event unless the queue is full: informational events must
+    /// never block the data path.
+    fn emit(&self, kind: session_event::Kind) {
+        if let Some(events) = self.events.lock().expect("events lock").as_ref() {
+            let _ = events.try_send(Ok(SessionEvent { kind: Some(kind) }));
+        }
     }
 
     fn take_pending(&self, id: u64) -> Option<TcpStream> {
@@ -306,8 +330,7 @@ impl LiveSession {
     }
 
     fn warn(&self, message: String) {
-        let warning = session_event::Kind::Warning(Warning { message });
-        let _ = self.events.try_send(Ok(SessionEvent { kind: Some(warning) }));
+        self.emit(session_event::Kind::Warning(Warning { message }));
     }
 }
 

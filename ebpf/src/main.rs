@@ -4,8 +4,10 @@
 #![no_main]
 
 mod counters;
+mod listeners;
 mod packet;
 mod steal;
+mod steal_lookup;
 
 #[cfg(not(test))]
 #[panic_handler]

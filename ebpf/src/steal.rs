@@ -4,33 +4,27 @@
 //! a socket (the pod's own connections opened before the steal, and stolen
 //! connections after their session ended) keeps its way. Nothing is dropped:
 //! every path ends in `TC_ACT_OK`.
-use core::{ffi::c_void, mem::size_of, ptr};
+use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, bpf_sock, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Ipv4Tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Ipv6Tuple,
     },
-    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
-    macros::{classifier, map},
-    maps::SockHash,
+    helpers::{bpf_sk_assign, bpf_skc_lookup_tcp},
+    macros::classifier,
     programs::TcContext,
     EbpfContext as _,
 };
 use aya_log_ebpf::warn;
-use remocal_agent_common::{Counter, MAX_STOLEN_PORTS, PortKey};
+use remocal_agent_common::{Counter, PortKey};
 
 use crate::{
     counters::bump,
+    listeners::{lookup_listener, release},
     packet::{Addresses, TcpPacket, parse_tcp},
 };
-
-/// Stolen port → the agent's listener socket inside this namespace. The
-/// agent inserts the listener when a session starts and removes it when the
-/// session ends; membership is the whole configuration.
-#[map(name = "STEAL_LISTENERS")]
-static STEAL_LISTENERS: SockHash<PortKey> = SockHash::with_max_entries(MAX_STOLEN_PORTS, 0);
 
 #[classifier]
 pub fn remocal_steal(ctx: TcContext) -> i32 {
@@ -66,19 +60,11 @@ fn steal(ctx: &TcContext, packet: &TcpPacket) {
     }
 }
 
-/// Looks the port up in the sock hash; a hit is a referenced socket the
-/// caller must release.
-#[inline(always)]
-fn lookup_listener(key: &PortKey) -> Option<*mut bpf_sock> {
-    let map = ptr::addr_of!(STEAL_LISTENERS).cast_mut().cast::<c_void>();
-    // SAFETY: `SockHash` is a transparent wrapper around its map definition,
-    // so its address is the map pointer the helper expects.
-    let sk = unsafe { bpf_map_lookup_elem(map, ptr::from_ref(key).cast()) };
-    (!sk.is_null()).then_some(sk.cast())
-}
-
 /// True when a socket other than a listener owns this 4-tuple: an established
 /// connection, or one mid-handshake (a request socket), of the pod or of ours.
+/// A SYN meeting a TIME_WAIT socket passes too: the kernel must retire the
+/// TIME_WAIT socket itself (an assigned SYN would be dropped as a duplicate
+/// of it), and then asks for a listener, which `remocal_lookup` answers.
 #[inline(always)]
 fn belongs_to_existing_connection(ctx: &TcContext, packet: &TcpPacket) -> bool {
     // Zeroed first: the verifier rejects stores of bytes the compiler
@@ -122,10 +108,4 @@ fn belongs_to_existing_connection(ctx: &TcContext, packet: &TcpPacket) -> bool {
     let state = unsafe { (*sk).state };
     release(sk);
     state != BPF_TCP_LISTEN
-}
-
-#[inline(always)]
-fn release(sk: *mut bpf_sock) {
-    // SAFETY: every caller owns a reference obtained from a lookup helper.
-    unsafe { bpf_sk_release(sk.cast()) };
 }

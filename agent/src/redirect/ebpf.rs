@@ -14,11 +14,13 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{MapData, SockHash},
-    programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
+    maps::{MapData, PerCpuArray, SockHash},
+    programs::{LinkOrder, SchedClassifier, SkLookup, TcAttachType, tc::TcAttachOptions},
 };
 use aya_log::EbpfLogger;
-use remocal_agent_common::{PortKey, STEAL_LISTENERS_MAP, STEAL_PROGRAM};
+use remocal_agent_common::{
+    COUNTERS_MAP, Counter, PortKey, STEAL_LISTENERS_MAP, STEAL_LOOKUP_PROGRAM, STEAL_PROGRAM,
+};
 use tokio::{io::unix::AsyncFd, runtime::Handle, task::JoinHandle};
 use tracing::{info, warn};
 
@@ -42,6 +44,7 @@ impl EbpfRedirector {
     pub fn new(runtime: Handle) -> Result<Self, RedirectError> {
         let (mut ebpf, _logger) = load()?;
         classifier(&mut ebpf)?;
+        socket_lookup(&mut ebpf)?;
         Ok(Self {
             runtime,
             attachments: Mutex::default(),
@@ -87,6 +90,7 @@ impl Redirector for EbpfRedirector {
 struct Attachment {
     target: String,
     listeners: Mutex<SockHash<MapData, PortKey>>,
+    counters: PerCpuArray<MapData, u64>,
     /// Owns the programs and, through them, the tcx links.
     _ebpf: Ebpf,
     log_drain: JoinHandle<()>,
@@ -100,25 +104,49 @@ impl Attachment {
         let interfaces = target
             .run_in(|| attach_everywhere(program))
             .map_err(|err| RedirectError::kernel(format!("entering {target} failed"), err))??;
-        info!(%target, interfaces = %interfaces.join(","), "steal classifier attached (tcx ingress)");
+        socket_lookup(&mut ebpf)?
+            .attach(target)
+            .map_err(|err| RedirectError::kernel(format!("attaching the socket lookup program to {target} failed"), err))?;
+        info!(%target, interfaces = %interfaces.join(","), "steal programs attached (tcx ingress, sk_lookup)");
         let map = ebpf
             .take_map(STEAL_LISTENERS_MAP)
             .ok_or_else(|| RedirectError::kernel("the eBPF object has no listener map", STEAL_LISTENERS_MAP))?;
         let listeners = SockHash::try_from(map)
             .map_err(|err| RedirectError::kernel("the listener map has the wrong type", err))?;
+        let counters = ebpf
+            .take_map(COUNTERS_MAP)
+            .ok_or_else(|| RedirectError::kernel("the eBPF object has no counter map", COUNTERS_MAP))
+            .and_then(|map| {
+                PerCpuArray::try_from(map).map_err(|err| RedirectError::kernel("the counter map has the wrong type", err))
+            })?;
         Ok(Self {
             target: target.to_string(),
             listeners: Mutex::new(listeners),
+            counters,
             _ebpf: ebpf,
             log_drain,
         })
+    }
+
+    /// A counter summed over CPUs (0 if the map cannot be read).
+    fn total(&self, counter: Counter) -> u64 {
+        self.counters
+            .get(&(counter as u32), 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 }
 
 impl Drop for Attachment {
     fn drop(&mut self) {
         self.log_drain.abort();
-        info!(target = %self.target, "steal classifier detached");
+        info!(
+            target = %self.target,
+            packets = self.total(Counter::PacketsSeen),
+            redirected = self.total(Counter::ConnectionsRedirected),
+            lookups_failed = self.total(Counter::LookupsFailed),
+            lookups_answered = self.total(Counter::LookupsAnswered),
+            "steal programs detached"
+        );
     }
 }
 
@@ -163,6 +191,18 @@ fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {
     program
         .load()
         .map_err(|err| RedirectError::kernel(format!("the kernel refused the steal program ({PRIVILEGE_HINT})"), err))?;
+    Ok(program)
+}
+
+fn socket_lookup(ebpf: &mut Ebpf) -> Result<&mut SkLookup, RedirectError> {
+    let program: &mut SkLookup = ebpf
+        .program_mut(STEAL_LOOKUP_PROGRAM)
+        .ok_or_else(|| RedirectError::kernel("the eBPF object has no socket lookup program", STEAL_LOOKUP_PROGRAM))?
+        .try_into()
+        .map_err(|err| RedirectError::kernel("the socket lookup program has the wrong type", err))?;
+    program
+        .load()
+        .map_err(|err| RedirectError::kernel(format!("the kernel refused the socket lookup program ({PRIVILEGE_HINT})"), err))?;
     Ok(program)
 }
 
