@@ -1,0 +1,398 @@
+//! The two binaries under test, run as child processes the way a user runs them.
+//!
+//! Their output is drained continuously on helper threads (a full pipe would block
+//! them) and kept, so failures can show what the programs said. Both are stopped on
+//! drop, also when the test panics, so no stray agent keeps programs attached.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::time::{Instant, sleep};
+
+/// How long a process may take to start (agent accepting, client printing `ready`) and
+/// to stop; generous because debug builds on a busy machine are slow.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the binaries are: `REMOCAL_BIN_DIR`, or the workspace's `target/debug`.
+pub fn bin_dir() -> PathBuf {
+    match std::env::var_os("REMOCAL_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"),
+    }
+}
+
+/// Path to a binary under test, failing with what to do if it has not been built.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: run `cargo build --workspace --exclude remocal-ebpf --bins` first \
+         (or point REMOCAL_BIN_DIR at the directory holding remocal-agent and remocal)",
+        path.display()
+    );
+    path
+}
+
+/// A port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
+/// Text a child wrote so far, filled by a draining thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<String>>);
+
+impl Captured {
+    fn drain(stream: impl Read + Send + 'static) -> Captured {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                sink.0
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&line));
+                line.clear();
+            }
+        });
+        captured
+    }
+
+    fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A child process whose output is captured; signalled and reaped on drop.
+struct Process {
+    label: String,
+    child: Child,
+    stdout: Captured,
+    stderr: Captured,
+    status: Option<ExitStatus>,
+}
+
+impl Process {
+    fn spawn(label: &str, mut command: Command) -> Process {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label} ({command:?}): {e}"));
+        let stdout = Captured::drain(child.stdout.take().expect("piped stdout"));
+        let stderr = Captured::drain(child.stderr.take().expect("piped stderr"));
+        Process {
+            label: label.to_string(),
+            child,
+            stdout,
+            stderr,
+            status: None,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("waitpid");
+        }
+        self.status
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        if self.try_status().is_none() {
+            let _ = kill(Pid::from_raw(self.pid() as i32), signal);
+        }
+    }
+
+    async fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_status() {
+                // Give the draining threads a moment to collect the last lines.
+                sleep(Duration::from_millis(50)).await;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL and reap: when this returns the kernel has closed all its descriptors.
+    fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        if self.status.is_none() {
+            self.status = Some(self.child.wait().expect("reap killed process"));
+        }
+    }
+
+    fn report(&mut self) -> String {
+        let state = match self.try_status() {
+            Some(status) => format!("exited: {status}"),
+            None => "running".to_string(),
+        };
+        format!(
+            "--- {} (pid {}, {state}) stdout ---\n{}--- {} stderr ---\n{}",
+            self.label,
+            self.child.id(),
+            self.stdout.text(),
+            self.label,
+            self.stderr.text()
+        )
+    }
+
+    /// Graceful first so a running session removes its redirection like a user's
+    /// Ctrl-C would, then forceful.
+    fn stop_blocking(&mut self) {
+        if self.try_status().is_some() {
+            return;
+        }
+        self.signal(Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            if self.try_status().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop on SIGTERM, killing it", self.label);
+        self.kill9();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Reported before stopping, so the state shows how the test left it.
+        let report = std::thread::panicking().then(|| self.report());
+        self.stop_blocking();
+        if let Some(report) = report {
+            eprintln!("{report}");
+        }
+    }
+}
+
+/// A running `remocal-agent`, listening for gRPC on a private loopback port.
+pub struct Agent {
+    process: Process,
+    addr: SocketAddr,
+}
+
+impl Agent {
+    /// Starts the agent and returns once its gRPC port accepts connections.
+    pub async fn start() -> Agent {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut command = Command::new(binary("remocal-agent"));
+        command.arg("--grpc-listen").arg(addr.to_string());
+        let mut process = Process::spawn("remocal-agent", command);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = process.try_status() {
+                panic!(
+                    "remocal-agent exited during startup ({status})\n{}",
+                    process.report()
+                );
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "remocal-agent did not accept on {addr} within {START_TIMEOUT:?}\n{}",
+                    process.report()
+                );
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+        Agent { process, addr }
+    }
+
+    /// The `--agent` value that reaches this agent.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// `kill -9`, returning once the process is gone.
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    pub fn logs(&self) -> String {
+        self.process.stderr.text()
+    }
+}
+
+/// What the user names as the thing to steal from.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Netns(PathBuf),
+    Pid(u32),
+}
+
+/// A `remocal steal` command line being put together.
+#[derive(Clone, Debug)]
+pub struct Steal {
+    args: Vec<OsString>,
+}
+
+impl Steal {
+    /// `remocal steal --agent URL`, without target or port (tests of usage errors leave
+    /// some out on purpose).
+    pub fn new(agent_url: &str) -> Steal {
+        Steal {
+            args: vec!["steal".into(), "--agent".into(), agent_url.into()],
+        }
+    }
+
+    pub fn target(self, target: &Target) -> Steal {
+        match target {
+            Target::Netns(path) => self.arg("--netns").arg(path),
+            Target::Pid(pid) => self.arg("--pid").arg(pid.to_string()),
+        }
+    }
+
+    /// Takes any text so that out-of-range values can be tried.
+    pub fn port(self, port: impl ToString) -> Steal {
+        self.arg("--port").arg(port.to_string())
+    }
+
+    pub fn local_port(self, port: u16) -> Steal {
+        self.arg("--local-port").arg(port.to_string())
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Steal {
+        self.args.push(arg.into());
+        self
+    }
+
+    fn spawn(&self) -> Process {
+        let mut command = Command::new(binary("remocal"));
+        command.args(&self.args);
+        Process::spawn("remocal", command)
+    }
+
+    /// Runs the session and returns once it printed its `ready` line.
+    pub async fn start(&self) -> Client {
+        let mut process = self.spawn();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let stdout = process.stdout.text();
+            if let Some(line) = stdout.lines().find(|line| line.starts_with("ready")) {
+                let ready_line = line.to_string();
+                return Client {
+                    process,
+                    ready_line,
+                };
+            }
+            if let Some(status) = process.try_status() {
+                sleep(Duration::from_millis(50)).await;
+                panic!(
+                    "remocal steal {:?} exited ({status}) before printing `ready`\n{}",
+                    self.args,
+                    process.report()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "remocal steal {:?} printed no `ready` line within {START_TIMEOUT:?}\n{}",
+                    self.args,
+                    process.report()
+                );
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs a command that is expected to end by itself (a rejected one).
+    pub async fn run_to_exit(&self) -> Finished {
+        let mut process = self.spawn();
+        let Some(status) = process.wait(START_TIMEOUT).await else {
+            process.kill9();
+            panic!(
+                "remocal steal {:?} was expected to exit but still ran after {START_TIMEOUT:?}\n{}",
+                self.args,
+                process.report()
+            );
+        };
+        Finished {
+            code: status.code(),
+            stdout: process.stdout.text(),
+            stderr: process.stderr.text(),
+        }
+    }
+}
+
+/// How a finished `remocal` run ended, as a user sees it.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A running `remocal steal` session that printed `ready`.
+pub struct Client {
+    process: Process,
+    ready_line: String,
+}
+
+impl Client {
+    pub fn ready_line(&self) -> &str {
+        &self.ready_line
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Ctrl-C equivalent: SIGTERM, then wait for the exit.
+    pub async fn stop(&mut self) -> Finished {
+        self.process.signal(Signal::SIGTERM);
+        self.wait_exit(STOP_TIMEOUT).await
+    }
+
+    /// Waits for the session to end on its own (e.g. its agent died).
+    pub async fn wait_exit(&mut self, limit: Duration) -> Finished {
+        let Some(status) = self.process.wait(limit).await else {
+            panic!(
+                "remocal did not exit within {limit:?}\n{}",
+                self.process.report()
+            );
+        };
+        Finished {
+            code: status.code(),
+            stdout: self.process.stdout.text(),
+            stderr: self.process.stderr.text(),
+        }
+    }
+
+    /// `kill -9`, returning once the process is gone.
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    pub fn stderr(&self) -> String {
+        self.process.stderr.text()
+    }
+}
