@@ -15,7 +15,10 @@ use std::{
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray, SockHash},
-    programs::{LinkOrder, SchedClassifier, SkLookup, TcAttachType, tc::TcAttachOptions},
+    programs::{
+        LinkOrder, Program, ProgramError, SchedClassifier, SkLookup, TcAttachType,
+        tc::TcAttachOptions,
+    },
 };
 use aya_log::EbpfLogger;
 use remocal_agent_common::{
@@ -183,27 +186,29 @@ fn load() -> Result<(Ebpf, EbpfLogger<&'static dyn log::Log>), RedirectError> {
 }
 
 fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(STEAL_PROGRAM)
-        .ok_or_else(|| RedirectError::kernel("the eBPF object has no steal program", STEAL_PROGRAM))?
-        .try_into()
-        .map_err(|err| RedirectError::kernel("the steal program has the wrong type", err))?;
-    program
-        .load()
-        .map_err(|err| RedirectError::kernel(format!("the kernel refused the steal program ({PRIVILEGE_HINT})"), err))?;
+    let program: &mut SchedClassifier = program(ebpf, STEAL_PROGRAM)?;
+    program.load().map_err(|err| refused(STEAL_PROGRAM, err))?;
     Ok(program)
 }
 
 fn socket_lookup(ebpf: &mut Ebpf) -> Result<&mut SkLookup, RedirectError> {
-    let program: &mut SkLookup = ebpf
-        .program_mut(STEAL_LOOKUP_PROGRAM)
-        .ok_or_else(|| RedirectError::kernel("the eBPF object has no socket lookup program", STEAL_LOOKUP_PROGRAM))?
-        .try_into()
-        .map_err(|err| RedirectError::kernel("the socket lookup program has the wrong type", err))?;
-    program
-        .load()
-        .map_err(|err| RedirectError::kernel(format!("the kernel refused the socket lookup program ({PRIVILEGE_HINT})"), err))?;
+    let program: &mut SkLookup = program(ebpf, STEAL_LOOKUP_PROGRAM)?;
+    program.load().map_err(|err| refused(STEAL_LOOKUP_PROGRAM, err))?;
     Ok(program)
+}
+
+fn program<'e, P>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut P, RedirectError>
+where
+    &'e mut P: TryFrom<&'e mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| RedirectError::kernel("the eBPF object lacks a program", name))?
+        .try_into()
+        .map_err(|err| RedirectError::kernel(format!("the program {name} has the wrong type"), err))
+}
+
+fn refused(name: &str, err: ProgramError) -> RedirectError {
+    RedirectError::kernel(format!("the kernel refused the program {name} ({PRIVILEGE_HINT})"), err)
 }
 
 /// Runs inside the target namespace: interface names resolve there.
