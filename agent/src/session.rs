@@ -68,7 +68,8 @@ pub struct Sessions {
     redirector: Arc<dyn Redirector>,
     claims: Mutex<HashMap<(NsId, u16), Holder>>,
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
-    next_id: AtomicU64,
+    next_session: AtomicU64,
+    next_connection: AtomicU64,
     shutdown: CancellationToken,
 }
 
@@ -93,7 +94,8 @@ impl Sessions {
             redirector,
             claims: Mutex::default(),
             live: Mutex::default(),
-            next_id: AtomicU64::new(1),
+            next_session: AtomicU64::new(1),
+            next_connection: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
         })
     }
@@ -119,7 +121,7 @@ impl Sessions {
             _ => return Err(OpenError::MissingTarget),
         };
         let netns = blocking(move || Netns::open(&spec)).await?;
-        let id = format!("{:016x}", self.next_id.fetch_add(1, Ordering::Relaxed) ^ rand_seed());
+        let id = format!("{:016x}", self.next_session.fetch_add(1, Ordering::Relaxed) ^ rand_seed());
         let client = if open.client.is_empty() { "an unnamed client".to_string() } else { open.client };
         let claim = self.claim(&netns, port, format!("{client} connected from {peer} (session {id})"))?;
         let redirector = self.redirector.clone();
@@ -267,7 +269,7 @@ impl Sessions {
             Err(err) => return debug!(%err, "a stolen connection closed before it was announced"),
         };
         let source = canonical(source);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         live.pending.lock().expect("pending lock").insert(id, stream);
         debug!(session = %live.id, connection = id, %source, %destination, "stolen connection");
         let event = session_event::Kind::Connection(NewConnection {

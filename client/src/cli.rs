@@ -97,3 +97,36 @@ pub fn parse() -> Result<Cli, Failure> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_args(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("remocal").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn ports_outside_1_to_65535_are_refused() {
+        for port in ["0", "65536", "-1", "http"] {
+            let err = parse_args(&["steal", "--netns", "/var/run/netns/x", "--port", port]).err();
+            assert!(err.is_some(), "--port {port} must be refused");
+        }
+        assert!(parse_args(&["steal", "--pid", "1", "--port", "65535"]).is_ok());
+    }
+
+    #[test]
+    fn exactly_one_target_is_required() {
+        assert!(parse_args(&["steal", "--port", "80"]).is_err());
+        assert!(parse_args(&["steal", "--pid", "1", "--netns", "/x", "--port", "80"]).is_err());
+        assert!(parse_args(&["steal", "--pid", "0", "--port", "80"]).is_err());
+    }
+
+    #[test]
+    fn local_port_defaults_to_the_stolen_port() {
+        let Command::Steal(args) = parse_args(&["steal", "--pid", "7", "--port", "8080"]).unwrap().command;
+        assert_eq!(args.local.local_port, None);
+        assert_eq!(args.local.local_host, "127.0.0.1");
+        assert_eq!(args.link.agent, "http://127.0.0.1:7420");
+    }
+}

@@ -64,3 +64,27 @@ impl Failure {
         ExitCode::from(self.status as u8)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_statuses_map_to_distinct_exit_codes() {
+        let agent = "http://127.0.0.1:7420";
+        let cases = [
+            (tonic::Code::NotFound, Status::TargetNotFound),
+            (tonic::Code::AlreadyExists, Status::Conflict),
+            (tonic::Code::PermissionDenied, Status::PermissionDenied),
+            (tonic::Code::InvalidArgument, Status::Rejected),
+            (tonic::Code::FailedPrecondition, Status::Rejected),
+            (tonic::Code::Unavailable, Status::AgentUnreachable),
+            (tonic::Code::Internal, Status::Unexpected),
+        ];
+        for (code, expected) in cases {
+            let failure = Failure::from_status(&tonic::Status::new(code, "why"), agent);
+            assert_eq!(failure.status, expected, "{code:?}");
+            assert!(failure.message.contains("why"), "{code:?}: {}", failure.message);
+        }
+    }
+}

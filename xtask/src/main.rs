@@ -1,1 +1,41 @@
-fn main() {}
+//! Project automation: `cargo xtask setup | test | demo`.
+mod demo;
+mod demo_http;
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "remocal's setup, tests and demo")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building remocal needs (idempotent: skips what is present).
+    Setup,
+    /// Set up if needed, build, and run every unit and end-to-end test (as root).
+    Test {
+        /// Extra arguments for the test binaries (after `--`).
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
+    /// Show a steal end to end on a simulated node in network namespaces (as root).
+    Demo(demo::Options),
+    /// The demo's tiny HTTP server (started by `demo` inside and outside the pod).
+    #[command(hide = true)]
+    DemoHttp(demo_http::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::ensure(),
+        Command::Test { test_args } => test::run(&test_args),
+        Command::Demo(options) => demo::run(&options),
+        Command::DemoHttp(options) => demo_http::serve(&options),
+    }
+}
