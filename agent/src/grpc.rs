@@ -68,7 +68,11 @@ impl agent_server::Agent for AgentService {
             SessionRequest {
                 kind: Some(session_request::Kind::Open(open)),
             } => open,
-            _ => return Err(Status::invalid_argument("the first message of a session must be `open`")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be `open`",
+                ));
+            }
         };
         let events = self
             .sessions
@@ -87,7 +91,11 @@ impl agent_server::Agent for AgentService {
             ConnectionUpstream {
                 kind: Some(connection_upstream::Kind::Attach(attach)),
             } => attach,
-            _ => return Err(Status::invalid_argument("the first message of a connection must be `attach`")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a connection must be `attach`",
+                ));
+            }
         };
         let (stream, live) = self
             .sessions
@@ -105,7 +113,9 @@ impl agent_server::Agent for AgentService {
 async fn first_message<T>(stream: &mut Streaming<T>) -> Result<T, Status> {
     match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, stream.message()).await {
         Ok(Ok(Some(message))) => Ok(message),
-        Ok(Ok(None)) => Err(Status::invalid_argument("the call ended before its first message")),
+        Ok(Ok(None)) => Err(Status::invalid_argument(
+            "the call ended before its first message",
+        )),
         Ok(Err(status)) => Err(status),
         Err(_) => Err(Status::deadline_exceeded(format!(
             "no first message within {FIRST_MESSAGE_TIMEOUT:?}"
@@ -124,9 +134,15 @@ fn open_status(err: OpenError) -> Status {
         }
         OpenError::Target(TargetError::NotANamespace(_)) => Status::invalid_argument(message),
         OpenError::Target(TargetError::HostNamespace(_))
-        | OpenError::Redirect(RedirectError::NoInterfaces { .. }) => Status::failed_precondition(message),
-        OpenError::Target(TargetError::PermissionDenied { .. }) => Status::permission_denied(message),
+        | OpenError::Redirect(RedirectError::NoInterfaces { .. }) => {
+            Status::failed_precondition(message)
+        }
+        OpenError::Target(TargetError::PermissionDenied { .. }) => {
+            Status::permission_denied(message)
+        }
         OpenError::Conflict { .. } => Status::already_exists(message),
-        OpenError::Target(TargetError::Io { .. }) | OpenError::Redirect(_) => Status::internal(message),
+        OpenError::Target(TargetError::Io { .. }) | OpenError::Redirect(_) => {
+            Status::internal(message)
+        }
     }
 }

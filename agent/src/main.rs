@@ -23,7 +23,10 @@ use crate::{logging::LogFormat, redirect::EbpfRedirector, session::Sessions};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
-#[command(version, about = "remocal node agent: steals pod traffic with eBPF and serves it to remocal clients over gRPC")]
+#[command(
+    version,
+    about = "remocal node agent: steals pod traffic with eBPF and serves it to remocal clients over gRPC"
+)]
 struct Cli {
     /// Address of the gRPC server remocal clients connect to.
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], remocal_proto::DEFAULT_GRPC_PORT)))]
@@ -55,9 +58,12 @@ async fn main() -> anyhow::Result<()> {
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = grpc::server()
         .add_service(grpc::AgentService::new(sessions.clone()))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-            let _ = stopped.await;
-        });
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stopped.await;
+            },
+        );
     tokio::pin!(server);
     tokio::select! {
         served = &mut server => return served.context("the gRPC server failed"),

@@ -41,13 +41,17 @@ pub struct NsId {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("network namespace {0} does not exist: check the path (`ip netns list` shows named namespaces)")]
+    #[error(
+        "network namespace {0} does not exist: check the path (`ip netns list` shows named namespaces)"
+    )]
     NoSuchNamespace(String),
     #[error("no process with PID {0} (it may have exited): check the PID on the node")]
     NoSuchProcess(u32),
     #[error("{0} is not a network namespace: pass /var/run/netns/NAME or /proc/PID/ns/net")]
     NotANamespace(String),
-    #[error("{0} is the agent's own (the node's) network namespace: stealing there would take the node's port, so target a pod's namespace instead")]
+    #[error(
+        "{0} is the agent's own (the node's) network namespace: stealing there would take the node's port, so target a pod's namespace instead"
+    )]
     HostNamespace(String),
     #[error("the agent may not open {what}: {source}; run remocal-agent as root")]
     PermissionDenied { what: String, source: io::Error },
@@ -161,7 +165,10 @@ mod tests {
         let err = Netns::open(&TargetSpec::Path("/var/run/netns/surely-absent".into()))
             .err()
             .unwrap();
-        assert!(err.to_string().contains("/var/run/netns/surely-absent does not exist"));
+        assert!(
+            err.to_string()
+                .contains("/var/run/netns/surely-absent does not exist")
+        );
         let err = Netns::open(&TargetSpec::Pid(u32::MAX - 1)).err().unwrap();
         assert!(err.to_string().contains(&format!("PID {}", u32::MAX - 1)));
     }
@@ -169,8 +176,14 @@ mod tests {
     #[test]
     fn own_namespace_and_non_namespaces_are_refused() {
         let own = TargetSpec::Pid(std::process::id());
-        assert!(matches!(Netns::open(&own), Err(TargetError::HostNamespace(_))));
+        assert!(matches!(
+            Netns::open(&own),
+            Err(TargetError::HostNamespace(_))
+        ));
         let file = TargetSpec::Path("/proc/self/status".into());
-        assert!(matches!(Netns::open(&file), Err(TargetError::NotANamespace(_))));
+        assert!(matches!(
+            Netns::open(&file),
+            Err(TargetError::NotANamespace(_))
+        ));
     }
 }

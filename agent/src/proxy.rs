@@ -73,7 +73,9 @@ pub async fn pipe(
         Ok(()) => {}
         Err(Ended::RemoteFailed(err)) => {
             let _ = downstream
-                .send(Err(Status::aborted(format!("the remote connection failed: {err}"))))
+                .send(Err(Status::aborted(format!(
+                    "the remote connection failed: {err}"
+                ))))
                 .await;
             reset(&stream);
             outcome.error = format!("remote: {err}");

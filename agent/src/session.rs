@@ -46,7 +46,9 @@ pub enum OpenError {
     UnsupportedMode(i32),
     #[error(transparent)]
     Target(#[from] TargetError),
-    #[error("port {port} of {target} is already stolen by {holder}; ask them to stop, or pick another port")]
+    #[error(
+        "port {port} of {target} is already stolen by {holder}; ask them to stop, or pick another port"
+    )]
     Conflict {
         target: String,
         port: u16,
@@ -60,7 +62,9 @@ pub enum OpenError {
 pub enum AttachError {
     #[error("session {0} does not exist (it has ended)")]
     NoSession(String),
-    #[error("connection {0} is not waiting to be attached (already attached, rejected, or timed out)")]
+    #[error(
+        "connection {0} is not waiting to be attached (already attached, rejected, or timed out)"
+    )]
     NoConnection(u64),
 }
 
@@ -121,9 +125,20 @@ impl Sessions {
             _ => return Err(OpenError::MissingTarget),
         };
         let netns = blocking(move || Netns::open(&spec)).await?;
-        let id = format!("{:016x}", self.next_session.fetch_add(1, Ordering::Relaxed) ^ rand_seed());
-        let client = if open.client.is_empty() { "an unnamed client".to_string() } else { open.client };
-        let claim = self.claim(&netns, port, format!("{client} connected from {peer} (session {id})"))?;
+        let id = format!(
+            "{:016x}",
+            self.next_session.fetch_add(1, Ordering::Relaxed) ^ rand_seed()
+        );
+        let client = if open.client.is_empty() {
+            "an unnamed client".to_string()
+        } else {
+            open.client
+        };
+        let claim = self.claim(
+            &netns,
+            port,
+            format!("{client} connected from {peer} (session {id})"),
+        )?;
         let redirector = self.redirector.clone();
         let (netns, redirection) = blocking(move || {
             let redirection = redirector.steal(&netns, port);
@@ -144,7 +159,10 @@ impl Sessions {
             target: netns.to_string(),
             port: port.into(),
         }));
-        self.live.lock().expect("live lock").insert(id.clone(), live.clone());
+        self.live
+            .lock()
+            .expect("live lock")
+            .insert(id.clone(), live.clone());
         info!(session = %id, target = %netns, port, %client, "steal session started");
         tokio::spawn(self.clone().run(live, redirection, claim, requests));
         Ok(receiver)
@@ -152,7 +170,11 @@ impl Sessions {
 
     /// Hands an announced connection to the data call that the client opened
     /// for it.
-    pub fn attach(&self, session_id: &str, connection_id: u64) -> Result<(TcpStream, Arc<LiveSession>), AttachError> {
+    pub fn attach(
+        &self,
+        session_id: &str,
+        connection_id: u64,
+    ) -> Result<(TcpStream, Arc<LiveSession>), AttachError> {
         let live = self
             .live
             .lock()
@@ -179,18 +201,36 @@ impl Sessions {
         }
     }
 
-    fn claim(self: &Arc<Self>, netns: &Netns, port: u16, description: String) -> Result<Claim, OpenError> {
+    fn claim(
+        self: &Arc<Self>,
+        netns: &Netns,
+        port: u16,
+        description: String,
+    ) -> Result<Claim, OpenError> {
         let key = (netns.id(), port);
         let mut claims = self.claims.lock().expect("claims lock");
         if let Some(holder) = claims.get(&key) {
             return Err(OpenError::Conflict {
                 target: netns.to_string(),
                 port,
-                holder: format!("{} for {}s", holder.description, holder.since.elapsed().as_secs()),
+                holder: format!(
+                    "{} for {}s",
+                    holder.description,
+                    holder.since.elapsed().as_secs()
+                ),
             });
         }
-        claims.insert(key, Holder { description, since: Instant::now() });
-        Ok(Claim { sessions: self.clone(), key })
+        claims.insert(
+            key,
+            Holder {
+                description,
+                since: Instant::now(),
+            },
+        );
+        Ok(Claim {
+            sessions: self.clone(),
+            key,
+        })
     }
 
     async fn run(
@@ -207,7 +247,9 @@ impl Sessions {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(err) => {
-                let _ = events.try_send(Err(Status::internal(format!("cannot watch the steal listener: {err}"))));
+                let _ = events.try_send(Err(Status::internal(format!(
+                    "cannot watch the steal listener: {err}"
+                ))));
                 drop(events);
                 return self.end(live, "internal error", claim);
             }
@@ -251,7 +293,9 @@ impl Sessions {
         }
         self.live.lock().expect("live lock").remove(&live.id);
         drop(claim);
-        live.emit(session_event::Kind::Ended(SessionEnded { reason: reason.to_string() }));
+        live.emit(session_event::Kind::Ended(SessionEnded {
+            reason: reason.to_string(),
+        }));
         live.events.lock().expect("events lock").take();
         info!(session = %live.id, reason, "steal session ended");
     }
@@ -270,7 +314,10 @@ impl Sessions {
         };
         let source = canonical(source);
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        live.pending.lock().expect("pending lock").insert(id, stream);
+        live.pending
+            .lock()
+            .expect("pending lock")
+            .insert(id, stream);
         debug!(session = %live.id, connection = id, %source, %destination, "stolen connection");
         let event = session_event::Kind::Connection(NewConnection {
             connection_id: id,
@@ -278,7 +325,11 @@ impl Sessions {
             destination: destination.to_string(),
         });
         // Awaited: a client reading events slowly slows accepting, not memory.
-        if events.send(Ok(SessionEvent { kind: Some(event) })).await.is_err() {
+        if events
+            .send(Ok(SessionEvent { kind: Some(event) }))
+            .await
+            .is_err()
+        {
             return;
         }
         let live = live.clone();
@@ -344,7 +395,11 @@ struct Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.sessions.claims.lock().expect("claims lock").remove(&self.key);
+        self.sessions
+            .claims
+            .lock()
+            .expect("claims lock")
+            .remove(&self.key);
     }
 }
 
@@ -356,7 +411,10 @@ fn close_backlog(listener: tokio::net::TcpListener) {
         return;
     };
     while let Ok((stream, _)) = listener.accept() {
-        if let Ok(mut stream) = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream)) {
+        if let Ok(mut stream) = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream))
+        {
             tokio::spawn(async move { proxy::close_gracefully(&mut stream).await });
         }
     }
@@ -375,5 +433,7 @@ fn rand_seed() -> u64 {
 }
 
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(work).await.expect("blocking task panicked")
+    tokio::task::spawn_blocking(work)
+        .await
+        .expect("blocking task panicked")
 }

@@ -73,7 +73,9 @@ impl Harness {
                 .add_service(AgentService::new(sessions))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let client = AgentClient::connect(format!("http://{addr}")).await.unwrap();
+        let client = AgentClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
         Self {
             client,
             active,
@@ -85,7 +87,11 @@ impl Harness {
         self.open_target(Some(self.netns.target()), port).await
     }
 
-    async fn open_target(&mut self, target: Option<Target>, port: u32) -> Result<Session, tonic::Status> {
+    async fn open_target(
+        &mut self,
+        target: Option<Target>,
+        port: u32,
+    ) -> Result<Session, tonic::Status> {
         let (requests, outgoing) = mpsc::channel(16);
         let open = OpenSession {
             target,
@@ -99,11 +105,20 @@ impl Harness {
             })
             .await
             .unwrap();
-        let mut events = self.client.session(ReceiverStream::new(outgoing)).await?.into_inner();
+        let mut events = self
+            .client
+            .session(ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
         let Some(session_event::Kind::Ready(ready)) = next(&mut events).await else {
             panic!("no ready event");
         };
-        let listener = *self.active.lock().unwrap().last().expect("an active redirection");
+        let listener = *self
+            .active
+            .lock()
+            .unwrap()
+            .last()
+            .expect("an active redirection");
         Ok(Session {
             id: ready.session_id,
             requests,
@@ -116,7 +131,8 @@ impl Harness {
     /// announces it and the test attaches a data stream to it.
     async fn stolen(&mut self, session: &mut Session) -> (TcpStream, Connection) {
         let remote = TcpStream::connect(session.listener).await.unwrap();
-        let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await else {
+        let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await
+        else {
             panic!("no connection event");
         };
         assert_eq!(announced.source, remote.local_addr().unwrap().to_string());
@@ -129,7 +145,12 @@ impl Harness {
             })))
             .await
             .unwrap();
-        let downstream = self.client.connection(ReceiverStream::new(outgoing)).await.unwrap().into_inner();
+        let downstream = self
+            .client
+            .connection(ReceiverStream::new(outgoing))
+            .await
+            .unwrap()
+            .into_inner();
         (
             remote,
             Connection {
@@ -156,7 +177,12 @@ struct Connection {
 
 impl Connection {
     async fn send(&self, kind: connection_upstream::Kind) {
-        self.upstream.as_ref().unwrap().send(frame(kind)).await.unwrap();
+        self.upstream
+            .as_ref()
+            .unwrap()
+            .send(frame(kind))
+            .await
+            .unwrap();
     }
 
     /// Reads downstream data until `len` bytes or an Eof arrived.
@@ -190,7 +216,9 @@ async fn next(events: &mut Streaming<SessionEvent>) -> Option<session_event::Kin
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[tokio::test]
@@ -207,17 +235,25 @@ async fn bytes_and_half_close_cross_in_both_directions() {
     assert_eq!(received, request);
 
     let answer = pattern(200_000, 9);
-    connection.send(connection_upstream::Kind::Data(answer.clone().into())).await;
+    connection
+        .send(connection_upstream::Kind::Data(answer.clone().into()))
+        .await;
     connection.upstream = None; // the local side's FIN
     let mut got = Vec::new();
     remote.read_to_end(&mut got).await.unwrap();
-    assert_eq!(got, answer, "the answer arrives after the remote's half-close");
+    assert_eq!(
+        got, answer,
+        "the answer arrives after the remote's half-close"
+    );
 
     let Some(session_event::Kind::Closed(closed)) = next(&mut session.events).await else {
         panic!("no closed event");
     };
     assert_eq!(closed.connection_id, connection.id);
-    assert_eq!((closed.bytes_from_remote, closed.bytes_to_remote), (300_000, 200_000));
+    assert_eq!(
+        (closed.bytes_from_remote, closed.bytes_to_remote),
+        (300_000, 200_000)
+    );
     assert_eq!(closed.error, "");
 }
 
@@ -238,7 +274,11 @@ async fn bad_requests_get_actionable_statuses() {
     let mut harness = Harness::start().await;
     let target = Some(harness.netns.target());
     for port in [0, 65536] {
-        let err = harness.open_target(target.clone(), port).await.err().unwrap();
+        let err = harness
+            .open_target(target.clone(), port)
+            .await
+            .err()
+            .unwrap();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.message().contains("1 to 65535"), "{}", err.message());
     }
@@ -250,14 +290,21 @@ async fn bad_requests_get_actionable_statuses() {
     };
     let err = harness.open_target(Some(missing), 80).await.err().unwrap();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().contains("/var/run/netns/no-such-ns"), "{}", err.message());
+    assert!(
+        err.message().contains("/var/run/netns/no-such-ns"),
+        "{}",
+        err.message()
+    );
 
     let own = Target {
         kind: Some(target::Kind::Pid(std::process::id())),
     };
     let err = harness.open_target(Some(own), 80).await.err().unwrap();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(harness.active.lock().unwrap().is_empty(), "nothing was redirected");
+    assert!(
+        harness.active.lock().unwrap().is_empty(),
+        "nothing was redirected"
+    );
 }
 
 #[tokio::test]
@@ -285,7 +332,10 @@ async fn closing_the_session_undoes_the_redirection_and_ends_connections_cleanly
     assert!(harness.active.lock().unwrap().is_empty());
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), remote.read_to_end(&mut rest)).await;
-    assert!(matches!(read, Ok(Ok(0))), "the remote sees a clean EOF: {read:?}");
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "the remote sees a clean EOF: {read:?}"
+    );
     // The port is free for the next developer.
     harness.open(80).await.unwrap();
 }
@@ -324,13 +374,25 @@ async fn rejected_and_reset_connections_reset_the_remote() {
         .await
         .unwrap();
     let mut buf = [0u8; 1];
-    let read = tokio::time::timeout(Duration::from_secs(5), remote.read(&mut buf)).await.unwrap();
-    assert_eq!(read.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    let read = tokio::time::timeout(Duration::from_secs(5), remote.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
 
     let (mut remote, connection) = harness.stolen(&mut session).await;
-    connection.send(connection_upstream::Kind::Reset(Default::default())).await;
-    let read = tokio::time::timeout(Duration::from_secs(5), remote.read(&mut buf)).await.unwrap();
-    assert_eq!(read.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    connection
+        .send(connection_upstream::Kind::Reset(Default::default()))
+        .await;
+    let read = tokio::time::timeout(Duration::from_secs(5), remote.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
 }
 
 #[tokio::test]

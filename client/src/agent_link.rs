@@ -17,9 +17,18 @@ const MAX_MESSAGE: usize = 1 << 20;
 pub type Agent = AgentClient<Channel>;
 
 pub async fn connect(url: &str) -> Result<Agent, Failure> {
-    let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+    let url = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    };
     let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|_| Failure::new(Status::Usage, format!("--agent {url} is not a valid URL: use http://HOST:PORT")))?
+        .map_err(|_| {
+            Failure::new(
+                Status::Usage,
+                format!("--agent {url} is not a valid URL: use http://HOST:PORT"),
+            )
+        })?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)

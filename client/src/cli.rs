@@ -82,10 +82,16 @@ pub enum OutputFormat {
 
 pub fn parse() -> Result<Cli, Failure> {
     Cli::try_parse().map_err(|err| match err.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let _ = err.print();
             Failure::new(
-                if err.use_stderr() { Status::Usage } else { Status::Ok },
+                if err.use_stderr() {
+                    Status::Usage
+                } else {
+                    Status::Ok
+                },
                 String::new(),
             )
         }
@@ -124,7 +130,9 @@ mod tests {
 
     #[test]
     fn local_port_defaults_to_the_stolen_port() {
-        let Command::Steal(args) = parse_args(&["steal", "--pid", "7", "--port", "8080"]).unwrap().command;
+        let Command::Steal(args) = parse_args(&["steal", "--pid", "7", "--port", "8080"])
+            .unwrap()
+            .command;
         assert_eq!(args.local.local_port, None);
         assert_eq!(args.local.local_host, "127.0.0.1");
         assert_eq!(args.link.agent, "http://127.0.0.1:7420");

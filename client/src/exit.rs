@@ -45,7 +45,9 @@ impl Failure {
         match status.code() {
             Code::NotFound => Self::new(Status::TargetNotFound, message),
             Code::AlreadyExists => Self::new(Status::Conflict, message),
-            Code::PermissionDenied | Code::Unauthenticated => Self::new(Status::PermissionDenied, message),
+            Code::PermissionDenied | Code::Unauthenticated => {
+                Self::new(Status::PermissionDenied, message)
+            }
             Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
                 Self::new(Status::Rejected, message)
             }
@@ -53,7 +55,10 @@ impl Failure {
                 Status::AgentUnreachable,
                 format!("the remocal agent at {agent} is unavailable: {message}"),
             ),
-            code => Self::new(Status::Unexpected, format!("the agent at {agent} failed ({code:?}): {message}")),
+            code => Self::new(
+                Status::Unexpected,
+                format!("the agent at {agent} failed ({code:?}): {message}"),
+            ),
         }
     }
 
@@ -84,7 +89,11 @@ mod tests {
         for (code, expected) in cases {
             let failure = Failure::from_status(&tonic::Status::new(code, "why"), agent);
             assert_eq!(failure.status, expected, "{code:?}");
-            assert!(failure.message.contains("why"), "{code:?}: {}", failure.message);
+            assert!(
+                failure.message.contains("why"),
+                "{code:?}: {}",
+                failure.message
+            );
         }
     }
 }

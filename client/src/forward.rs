@@ -51,10 +51,16 @@ pub async fn serve(
     printer: Printer,
 ) {
     let id = connection.connection_id;
-    let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((local.host.as_str(), local.port))).await;
+    let connected = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect((local.host.as_str(), local.port)),
+    )
+    .await;
     let mut stream = match connected {
         Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => return reject(&requests, &connection, &local, &err.to_string(), printer).await,
+        Ok(Err(err)) => {
+            return reject(&requests, &connection, &local, &err.to_string(), printer).await;
+        }
         Err(_) => return reject(&requests, &connection, &local, "timed out", printer).await,
     };
     let _ = stream.set_nodelay(true);
@@ -68,7 +74,10 @@ pub async fn serve(
     let mut downstream = match agent.connection(ReceiverStream::new(outgoing)).await {
         Ok(response) => response.into_inner(),
         Err(status) => {
-            printer.warning(&format!("connection {id} could not be picked up: {}", status.message()));
+            printer.warning(&format!(
+                "connection {id} could not be picked up: {}",
+                status.message()
+            ));
             return reset(&stream);
         }
     };
@@ -109,7 +118,10 @@ async fn reject(
 /// A side of the connection failed: the whole connection is reset.
 struct Failed;
 
-async fn local_to_agent(mut read: ReadHalf<'_>, upstream: mpsc::Sender<ConnectionUpstream>) -> Result<(), Failed> {
+async fn local_to_agent(
+    mut read: ReadHalf<'_>,
+    upstream: mpsc::Sender<ConnectionUpstream>,
+) -> Result<(), Failed> {
     let mut buffer = BytesMut::with_capacity(CHUNK);
     loop {
         buffer.reserve(CHUNK);

@@ -20,7 +20,9 @@ fn main() -> ExitCode {
     raise_fd_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
-        Err(err) => return Failure::unexpected(format!("cannot start the async runtime: {err}")).report(),
+        Err(err) => {
+            return Failure::unexpected(format!("cannot start the async runtime: {err}")).report();
+        }
     };
     let result = runtime.block_on(async {
         match cli.command {

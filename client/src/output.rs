@@ -14,7 +14,10 @@ pub struct Printer {
 impl Printer {
     pub fn ready(&self, mode: &str, ready: &Ready, local: &str) {
         match self.format {
-            OutputFormat::Text => println!("ready {mode} {} port={} -> {local}", ready.target, ready.port),
+            OutputFormat::Text => println!(
+                "ready {mode} {} port={} -> {local}",
+                ready.target, ready.port
+            ),
             OutputFormat::Json => println!(
                 "{}",
                 json!({"event": "ready", "mode": mode, "target": ready.target, "port": ready.port,
@@ -46,7 +49,11 @@ impl Printer {
         }
         match self.format {
             OutputFormat::Text => {
-                let error = if closed.error.is_empty() { String::new() } else { format!(" error=\"{}\"", closed.error) };
+                let error = if closed.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" error=\"{}\"", closed.error)
+                };
                 println!(
                     "closed {} from_remote={}B to_remote={}B{error}",
                     closed.connection_id, closed.bytes_from_remote, closed.bytes_to_remote

@@ -7,6 +7,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Ipv4Tuple,
@@ -15,7 +16,6 @@ use aya_ebpf::{
     helpers::{bpf_sk_assign, bpf_skc_lookup_tcp},
     macros::classifier,
     programs::TcContext,
-    EbpfContext as _,
 };
 use aya_log_ebpf::warn;
 use remocal_agent_common::{Counter, PortKey};
@@ -56,7 +56,10 @@ fn steal(ctx: &TcContext, packet: &TcpPacket) {
         }
     } else {
         bump(Counter::LookupsFailed);
-        warn!(ctx, "sk_assign to the steal listener of port {} failed: {}", key.port, assigned);
+        warn!(
+            ctx,
+            "sk_assign to the steal listener of port {} failed: {}", key.port, assigned
+        );
     }
 }
 

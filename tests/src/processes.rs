@@ -34,7 +34,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     assert!(
         path.is_file(),
-        "{} not found: run `cargo build --workspace --exclude remocal-ebpf --bins` first \
+        "{} not found: run `cargo xtask test`, or `cargo build -p remocal-agent -p remocal` first \
          (or point REMOCAL_BIN_DIR at the directory holding remocal-agent and remocal)",
         path.display()
     );

@@ -228,18 +228,33 @@ async fn a_new_connection_reusing_a_time_wait_four_tuple_is_still_stolen() {
         socket
             .bind((std::net::Ipv4Addr::UNSPECIFIED, source_port).into())
             .unwrap();
-        let mut stream = timeout(Duration::from_secs(5), socket.connect(scenario.pod(0).v4(80)))
+        let mut stream = timeout(
+            Duration::from_secs(5),
+            socket.connect(scenario.pod(0).v4(80)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("attempt {attempt}: the SYN reusing the 4-tuple went unanswered")
+        })
+        .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             .await
-            .unwrap_or_else(|_| panic!("attempt {attempt}: the SYN reusing the 4-tuple went unanswered"))
             .unwrap();
-        stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
         let mut response = String::new();
         timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
             .await
             .unwrap()
             .unwrap();
-        assert!(response.ends_with("local"), "attempt {attempt} got {response:?}");
+        assert!(
+            response.ends_with("local"),
+            "attempt {attempt} got {response:?}"
+        );
     }
     assert_eq!(local.accepted(), 3);
-    assert_eq!(pod_server.accepted(), 0, "no reused 4-tuple slipped through to the pod");
+    assert_eq!(
+        pod_server.accepted(),
+        0,
+        "no reused 4-tuple slipped through to the pod"
+    );
 }

@@ -49,7 +49,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     run::require_root("cargo xtask demo")?;
     setup::ensure()?;
     step("building remocal");
-    run::checked(run::cargo().args(["build", "--package", "remocal-agent", "--package", "remocal"]))?;
+    run::checked(run::cargo().args([
+        "build",
+        "--package",
+        "remocal-agent",
+        "--package",
+        "remocal",
+    ]))?;
     let bin = run::workspace_root().join("target/debug");
     let me = std::env::current_exe().context("cannot find the xtask binary")?;
     ctrlc::set_handler(|| {
@@ -67,21 +73,40 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 }
 
 fn show(options: &Options, bin: &Path, me: &Path) -> anyhow::Result<()> {
-    step(&format!("creating a node ({NODE}) and a pod ({POD}) in network namespaces"));
+    step(&format!(
+        "creating a node ({NODE}) and a pod ({POD}) in network namespaces"
+    ));
     create_topology()?;
 
-    step(&format!("the pod runs its own HTTP server on {POD_V4}:80 and [{POD_V6}]:80"));
-    spawn(Command::new("ip").args(["netns", "exec", POD]).arg(me).args(["demo-http", "--bind", "[::]:80", "--body", POD_BODY]))?;
+    step(&format!(
+        "the pod runs its own HTTP server on {POD_V4}:80 and [{POD_V6}]:80"
+    ));
+    spawn(
+        Command::new("ip")
+            .args(["netns", "exec", POD])
+            .arg(me)
+            .args(["demo-http", "--bind", "[::]:80", "--body", POD_BODY]),
+    )?;
 
     let agent = format!("127.0.0.1:{}", options.agent_port);
     if TcpListener::bind(&agent).is_err() {
-        bail!("{agent} is taken: is a remocal-agent already running? Stop it, or pass --agent-port");
+        bail!(
+            "{agent} is taken: is a remocal-agent already running? Stop it, or pass --agent-port"
+        );
     }
     let agent_log = run::workspace_root().join("target/demo-agent.log");
-    step(&format!("starting remocal-agent on the node (gRPC {agent}, log {})", agent_log.display()));
+    step(&format!(
+        "starting remocal-agent on the node (gRPC {agent}, log {})",
+        agent_log.display()
+    ));
     let log = std::fs::File::create(&agent_log).context("cannot create the agent log")?;
-    spawn(Command::new(bin.join("remocal-agent")).args(["--grpc-listen", &agent]).stderr(log))?;
-    wait_for_port(&agent).with_context(|| format!("the agent did not start: see {}", agent_log.display()))?;
+    spawn(
+        Command::new(bin.join("remocal-agent"))
+            .args(["--grpc-listen", &agent])
+            .stderr(log),
+    )?;
+    wait_for_port(&agent)
+        .with_context(|| format!("the agent did not start: see {}", agent_log.display()))?;
 
     let local = format!("127.0.0.1:{}", options.local_port);
     step(&format!("your local process: an HTTP server on {local}"));
@@ -94,9 +119,22 @@ fn show(options: &Options, bin: &Path, me: &Path) -> anyhow::Result<()> {
 
     let agent_url = format!("http://{agent}");
     let mut steal = Command::new(bin.join("remocal"));
-    steal.args(["steal", "--netns", &format!("/var/run/netns/{POD}"), "--port", "80"]);
-    steal.args(["--local-port", &options.local_port.to_string(), "--agent", &agent_url, "-v"]);
-    step(&format!("{}", run::describe(&steal).replace(&bin.display().to_string(), "").trim_start_matches('/')));
+    steal.args([
+        "steal",
+        "--netns",
+        &format!("/var/run/netns/{POD}"),
+        "--port",
+        "80",
+    ]);
+    steal.args([
+        "--local-port",
+        &options.local_port.to_string(),
+        "--agent",
+        &agent_url,
+        "-v",
+    ]);
+    let shown = run::describe(&steal);
+    step(shown.strip_prefix(&format!("{}/", bin.display())).unwrap_or(&shown));
     let mut remocal = spawn(steal.stdout(Stdio::piped()))?;
     wait_for_ready(&mut remocal)?;
 
@@ -119,19 +157,63 @@ fn create_topology() -> anyhow::Result<()> {
         ip(&["netns", "add", ns])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
     }
-    ip(&["link", "add", "veth-pod", "netns", NODE, "type", "veth", "peer", "name", "eth0", "netns", POD])?;
-    ip(&["-n", NODE, "addr", "add", "198.18.0.1/24", "dev", "veth-pod"])?;
-    ip(&["-n", NODE, "addr", "add", "fd72:656d::1/64", "dev", "veth-pod", "nodad"])?;
-    ip(&["-n", POD, "addr", "add", &format!("{POD_V4}/24"), "dev", "eth0"])?;
-    ip(&["-n", POD, "addr", "add", &format!("{POD_V6}/64"), "dev", "eth0", "nodad"])?;
+    ip(&[
+        "link", "add", "veth-pod", "netns", NODE, "type", "veth", "peer", "name", "eth0", "netns",
+        POD,
+    ])?;
+    ip(&[
+        "-n",
+        NODE,
+        "addr",
+        "add",
+        "198.18.0.1/24",
+        "dev",
+        "veth-pod",
+    ])?;
+    ip(&[
+        "-n",
+        NODE,
+        "addr",
+        "add",
+        "fd72:656d::1/64",
+        "dev",
+        "veth-pod",
+        "nodad",
+    ])?;
+    ip(&[
+        "-n",
+        POD,
+        "addr",
+        "add",
+        &format!("{POD_V4}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        POD,
+        "addr",
+        "add",
+        &format!("{POD_V6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
     ip(&["-n", NODE, "link", "set", "veth-pod", "up"])?;
     ip(&["-n", POD, "link", "set", "eth0", "up"])
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new("ip").args(args).output().context("cannot run ip (install iproute2)")?;
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run ip (install iproute2)")?;
     if !output.status.success() {
-        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -157,7 +239,11 @@ impl Drop for Cleanup {
 }
 
 fn cleanup() {
-    let children = std::mem::take(&mut *CHILDREN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+    let children = std::mem::take(
+        &mut *CHILDREN
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    );
     for pid in children.iter().rev() {
         // SAFETY: plain kill(2) on a pid we started.
         unsafe { libc::kill(*pid as libc::pid_t, libc::SIGTERM) };
@@ -200,7 +286,9 @@ fn wait_for_ready(remocal: &mut Child) -> anyhow::Result<()> {
     });
     ready_seen
         .recv_timeout(Duration::from_secs(20))
-        .map_err(|_| anyhow::anyhow!("remocal did not become ready within 20 s (its errors are above)"))
+        .map_err(|_| {
+            anyhow::anyhow!("remocal did not become ready within 20 s (its errors are above)")
+        })
 }
 
 fn expect(when: &str, url: &str, body: &str) -> anyhow::Result<()> {
@@ -214,11 +302,27 @@ fn expect(when: &str, url: &str, body: &str) -> anyhow::Result<()> {
 
 fn curl(url: &str) -> String {
     let output = Command::new("ip")
-        .args(["netns", "exec", NODE, "curl", "--silent", "--show-error", "--max-time", "5", "--globoff", url])
+        .args([
+            "netns",
+            "exec",
+            NODE,
+            "curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "5",
+            "--globoff",
+            url,
+        ])
         .output();
     match output {
-        Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).trim().to_string(),
-        Ok(output) => format!("(no answer: {})", String::from_utf8_lossy(&output.stderr).trim()),
+        Ok(output) if output.status.success() => {
+            String::from_utf8_lossy(&output.stdout).trim().to_string()
+        }
+        Ok(output) => format!(
+            "(no answer: {})",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
         Err(err) => format!("(cannot run curl: {err})"),
     }
 }
@@ -234,7 +338,10 @@ fn wait_for_port(addr: &str) -> anyhow::Result<()> {
     bail!("nothing listens on {addr} after 20 s")
 }
 
-fn wait_with_timeout(child: &mut Child, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+fn wait_with_timeout(
+    child: &mut Child,
+    limit: Duration,
+) -> anyhow::Result<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait()? {
@@ -256,4 +363,3 @@ fn free_port() -> u16 {
 fn step(message: &str) {
     println!("==> {message}");
 }
-

@@ -18,7 +18,8 @@ pub struct Options {
 }
 
 pub fn serve(options: &Options) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(options.bind).with_context(|| format!("cannot listen on {}", options.bind))?;
+    let listener = TcpListener::bind(options.bind)
+        .with_context(|| format!("cannot listen on {}", options.bind))?;
     let body = format!("{}\n", options.body);
     for stream in listener.incoming().flatten() {
         let body = body.clone();

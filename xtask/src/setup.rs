@@ -23,20 +23,39 @@ pub fn ensure() -> anyhow::Result<()> {
 }
 
 fn nightly_with_rust_src() -> anyhow::Result<()> {
-    let toolchains = run::output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    let toolchains =
+        run::output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if toolchains.lines().any(|line| line.starts_with("nightly")) {
         eprintln!("ok: nightly toolchain");
     } else {
         eprintln!("installing: nightly toolchain (builds the eBPF programs)");
-        run::checked(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run::checked(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let components = run::output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .unwrap_or_default();
+    let components = run::output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
     if components.lines().any(|line| line.starts_with("rust-src")) {
         eprintln!("ok: rust-src for nightly");
     } else {
         eprintln!("installing: rust-src for nightly (eBPF builds core from source)");
-        run::checked(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run::checked(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     Ok(())
 }
@@ -52,7 +71,11 @@ fn debian_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("installing: Debian packages {}", missing.join(" "));
-    run::checked(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run::checked(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     run::checked(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -74,7 +97,13 @@ fn bpf_linker() -> anyhow::Result<()> {
     eprintln!("installing: bpf-linker built against LLVM 22 (about a minute)");
     run::checked(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
 }

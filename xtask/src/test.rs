@@ -12,7 +12,13 @@ pub fn run(test_args: &[String]) -> anyhow::Result<()> {
     run::require_root("cargo xtask test")?;
     setup::ensure()?;
     eprintln!("==> build");
-    run::checked(run::cargo().args(["build", "--package", "remocal-agent", "--package", "remocal"]))?;
+    run::checked(run::cargo().args([
+        "build",
+        "--package",
+        "remocal-agent",
+        "--package",
+        "remocal",
+    ]))?;
     eprintln!("==> demo (smoke: the README's first command keeps working)");
     demo::run(&demo::Options::smoke())?;
     eprintln!("==> unit and end-to-end tests");
@@ -21,7 +27,10 @@ pub fn run(test_args: &[String]) -> anyhow::Result<()> {
         .args(["test", "--workspace", "--exclude", "remocal-ebpf", "--"])
         .args(test_args);
     eprintln!("  $ {}", run::describe(&cargo));
-    let mut child = cargo.stdout(Stdio::piped()).spawn().context("cannot run cargo test")?;
+    let mut child = cargo
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
     let totals = tally(child.stdout.take().context("cargo test's stdout")?);
     let status = child.wait()?;
     // One closing line for the whole run: cargo prints one per test binary.
@@ -58,7 +67,12 @@ fn tally(stdout: impl std::io::Read) -> Totals {
 fn count(result: &str, label: &str) -> u64 {
     result
         .split(';')
-        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label))
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label)
+        })
         .and_then(|number| number.trim().parse().ok())
         .unwrap_or(0)
 }

@@ -32,8 +32,7 @@ use crate::netns::{Netns, NsId};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/remocal"));
 
-const PRIVILEGE_HINT: &str =
-    "run remocal-agent as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) on Linux 6.6 or newer";
+const PRIVILEGE_HINT: &str = "run remocal-agent as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) on Linux 6.6 or newer";
 
 pub struct EbpfRedirector {
     runtime: Handle,
@@ -107,20 +106,26 @@ impl Attachment {
         let interfaces = target
             .run_in(|| attach_everywhere(program))
             .map_err(|err| RedirectError::kernel(format!("entering {target} failed"), err))??;
-        socket_lookup(&mut ebpf)?
-            .attach(target)
-            .map_err(|err| RedirectError::kernel(format!("attaching the socket lookup program to {target} failed"), err))?;
+        socket_lookup(&mut ebpf)?.attach(target).map_err(|err| {
+            RedirectError::kernel(
+                format!("attaching the socket lookup program to {target} failed"),
+                err,
+            )
+        })?;
         info!(%target, interfaces = %interfaces.join(","), "steal programs attached (tcx ingress, sk_lookup)");
-        let map = ebpf
-            .take_map(STEAL_LISTENERS_MAP)
-            .ok_or_else(|| RedirectError::kernel("the eBPF object has no listener map", STEAL_LISTENERS_MAP))?;
+        let map = ebpf.take_map(STEAL_LISTENERS_MAP).ok_or_else(|| {
+            RedirectError::kernel("the eBPF object has no listener map", STEAL_LISTENERS_MAP)
+        })?;
         let listeners = SockHash::try_from(map)
             .map_err(|err| RedirectError::kernel("the listener map has the wrong type", err))?;
         let counters = ebpf
             .take_map(COUNTERS_MAP)
-            .ok_or_else(|| RedirectError::kernel("the eBPF object has no counter map", COUNTERS_MAP))
+            .ok_or_else(|| {
+                RedirectError::kernel("the eBPF object has no counter map", COUNTERS_MAP)
+            })
             .and_then(|map| {
-                PerCpuArray::try_from(map).map_err(|err| RedirectError::kernel("the counter map has the wrong type", err))
+                PerCpuArray::try_from(map)
+                    .map_err(|err| RedirectError::kernel("the counter map has the wrong type", err))
             })?;
         Ok(Self {
             target: target.to_string(),
@@ -178,8 +183,12 @@ impl Drop for StolenPort {
 /// The logger must exist before the programs load (it owns the log map they
 /// reference) and must be drained for as long as they run.
 fn load() -> Result<(Ebpf, EbpfLogger<&'static dyn log::Log>), RedirectError> {
-    let mut ebpf = Ebpf::load(EBPF_OBJECT)
-        .map_err(|err| RedirectError::kernel(format!("loading the eBPF object failed ({PRIVILEGE_HINT})"), err))?;
+    let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|err| {
+        RedirectError::kernel(
+            format!("loading the eBPF object failed ({PRIVILEGE_HINT})"),
+            err,
+        )
+    })?;
     let logger = EbpfLogger::init(&mut ebpf)
         .map_err(|err| RedirectError::kernel("setting up eBPF logging failed", err))?;
     Ok((ebpf, logger))
@@ -193,7 +202,9 @@ fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {
 
 fn socket_lookup(ebpf: &mut Ebpf) -> Result<&mut SkLookup, RedirectError> {
     let program: &mut SkLookup = program(ebpf, STEAL_LOOKUP_PROGRAM)?;
-    program.load().map_err(|err| refused(STEAL_LOOKUP_PROGRAM, err))?;
+    program
+        .load()
+        .map_err(|err| refused(STEAL_LOOKUP_PROGRAM, err))?;
     Ok(program)
 }
 
@@ -208,7 +219,10 @@ where
 }
 
 fn refused(name: &str, err: ProgramError) -> RedirectError {
-    RedirectError::kernel(format!("the kernel refused the program {name} ({PRIVILEGE_HINT})"), err)
+    RedirectError::kernel(
+        format!("the kernel refused the program {name} ({PRIVILEGE_HINT})"),
+        err,
+    )
 }
 
 /// Runs inside the target namespace: interface names resolve there.
@@ -226,8 +240,17 @@ fn attach_everywhere(program: &mut SchedClassifier) -> Result<Vec<String>, Redir
     }
     for name in &interfaces {
         program
-            .attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-            .map_err(|err| RedirectError::kernel(format!("attaching to {name} with tcx failed ({PRIVILEGE_HINT})"), err))?;
+            .attach_with_options(
+                name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|err| {
+                RedirectError::kernel(
+                    format!("attaching to {name} with tcx failed ({PRIVILEGE_HINT})"),
+                    err,
+                )
+            })?;
     }
     Ok(interfaces)
 }
@@ -235,7 +258,8 @@ fn attach_everywhere(program: &mut SchedClassifier) -> Result<Vec<String>, Redir
 async fn drain_logs(logger: EbpfLogger<&'static dyn log::Log>) {
     // SAFETY: the logger owns its ring buffer fd, which stays open for as long
     // as the AsyncFd owns the logger.
-    let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
     let mut logger = match registered {
         Ok(logger) => logger,
         Err(err) => return warn!(%err, "eBPF log messages will not be shown"),

@@ -17,7 +17,10 @@ pub fn steal_listener() -> io::Result<TcpListener> {
         Ok(socket) => socket,
         Err(_) => {
             let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-            socket.bind(&SockAddr::from(std::net::SocketAddr::from(([0, 0, 0, 0], 0))))?;
+            socket.bind(&SockAddr::from(std::net::SocketAddr::from((
+                [0, 0, 0, 0],
+                0,
+            ))))?;
             socket
         }
     };
