@@ -30,14 +30,18 @@ pub enum Counter {
     /// Listener lookups the socket-lookup program answered with a steal
     /// listener: mostly new connections reusing a TIME_WAIT 4-tuple.
     LookupsAnswered = 3,
+    /// Capture records of mirrored traffic that did not fit in the ring
+    /// buffer: the affected mirrored connections have lost data.
+    CaptureDropped = 4,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 4] = [
+    pub const ALL: [Counter; 5] = [
         Counter::PacketsSeen,
         Counter::ConnectionsRedirected,
         Counter::LookupsFailed,
         Counter::LookupsAnswered,
+        Counter::CaptureDropped,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 }
@@ -53,3 +57,50 @@ pub const STEAL_LISTENERS_MAP: &str = "STEAL_LISTENERS";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// How many ports one target namespace can have stolen at once.
 pub const MAX_STOLEN_PORTS: u32 = 1024;
+
+/// TCP flags a capture record carries (the TCP header's own bits).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// Start of every record in the mirror ring buffer; `len` payload bytes
+/// follow. One record per segment, GRO/GSO segments of up to
+/// [`CAPTURE_MAX`] bytes included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureHeader {
+    /// Addresses in network byte order; IPv4 uses the first word only.
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    /// Ports in host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// Sequence number of the first payload byte (or of the flag), host order.
+    pub seq: u32,
+    /// Payload bytes following this header (the record may be longer: it
+    /// is reserved in a few fixed sizes).
+    pub len: u32,
+    /// SYN, FIN or RST for a control record (then `len` is 0), 0 for data.
+    pub flags: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u16,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data; the explicit padding field leaves no implicit padding.
+unsafe impl aya::Pod for CaptureHeader {}
+
+/// The largest segment payload captured whole; a larger one (BIG TCP) is
+/// counted as dropped, so its connection is reported as lossy.
+pub const CAPTURE_MAX: usize = 65536;
+/// Default size of the mirror ring buffer: room for bursts while userspace
+/// catches up; a power of two, as the kernel requires.
+pub const DEFAULT_CAPTURE_BUFFER: u32 = 16 << 20;
+
+/// Name of the mirror classifier.
+pub const MIRROR_PROGRAM: &str = "remocal_mirror";
+/// Name of the set of mirrored ports.
+pub const MIRROR_PORTS_MAP: &str = "MIRROR_PORTS";
+/// Name of the ring buffer carrying capture records.
+pub const MIRROR_EVENTS_MAP: &str = "MIRROR_EVENTS";

@@ -14,7 +14,7 @@ use crate::{
     netns::TargetError,
     proxy,
     redirect::RedirectError,
-    session::{AttachError, OpenError, Sessions},
+    session::{AttachError, OpenError, Pending, Sessions},
 };
 
 /// How long a new call may take to send its first message.
@@ -97,15 +97,26 @@ impl agent_server::Agent for AgentService {
                 ));
             }
         };
-        let (stream, live) = self
+        let (pending, live) = self
             .sessions
             .attach(&attach.session_id, attach.connection_id)
             .map_err(|err: AttachError| Status::not_found(err.to_string()))?;
-        let (downstream, receiver) = mpsc::channel(DOWNSTREAM_QUEUE);
-        tokio::spawn(async move {
-            let outcome = proxy::pipe(stream, upstream, downstream, live.ended()).await;
-            live.connection_closed(attach.connection_id, outcome);
-        });
+        let receiver = match pending {
+            Pending::Stolen(stream) => {
+                let (downstream, receiver) = mpsc::channel(DOWNSTREAM_QUEUE);
+                tokio::spawn(async move {
+                    let outcome = proxy::pipe(stream, upstream, downstream, live.ended()).await;
+                    live.connection_closed(attach.connection_id, outcome);
+                });
+                receiver
+            }
+            Pending::Mirrored(receiver) => {
+                // A copy is read-only: whatever the client sends is drained
+                // so the call's flow control never stalls.
+                tokio::spawn(async move { while let Ok(Some(_)) = upstream.message().await {} });
+                receiver
+            }
+        };
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }

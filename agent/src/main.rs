@@ -3,6 +3,7 @@
 //! to remocal clients over gRPC.
 mod grpc;
 mod logging;
+mod mirror;
 mod netns;
 mod proxy;
 mod redirect;
@@ -17,7 +18,11 @@ use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
-use crate::{logging::LogFormat, redirect::EbpfRedirector, session::Sessions};
+use crate::{
+    logging::LogFormat,
+    redirect::EbpfRedirector,
+    session::{Sessions, Settings},
+};
 
 /// How long connections may take to close cleanly once the agent is told to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -31,6 +36,15 @@ struct Cli {
     /// Address of the gRPC server remocal clients connect to.
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], remocal_proto::DEFAULT_GRPC_PORT)))]
     grpc_listen: SocketAddr,
+    /// Bytes of the kernel's capture ring buffer per target namespace (a power
+    /// of two, at least 4096). When mirrored traffic outruns it, the affected
+    /// mirrored connections are cut off and reported, never stitched.
+    #[arg(long, default_value_t = remocal_agent_common::DEFAULT_CAPTURE_BUFFER, value_parser = capture_buffer)]
+    capture_buffer: u32,
+    /// Bytes one mirrored connection may hold while the developer's local
+    /// process reads slowly; beyond that the copy is cut off and reported.
+    #[arg(long, default_value_t = 8 << 20)]
+    mirror_flow_limit: usize,
     /// Log line format (filter with RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -42,9 +56,12 @@ async fn main() -> anyhow::Result<()> {
     logging::init(cli.log_format);
     raise_fd_limit();
 
-    let redirector = EbpfRedirector::new(tokio::runtime::Handle::current())
+    let redirector = EbpfRedirector::new(tokio::runtime::Handle::current(), cli.capture_buffer)
         .context("the agent cannot use eBPF on this node")?;
-    let sessions = Sessions::new(Arc::new(redirector));
+    let settings = Settings {
+        mirror_flow_limit: cli.mirror_flow_limit,
+    };
+    let sessions = Sessions::new(Arc::new(redirector), settings);
     let listener = tokio::net::TcpListener::bind(cli.grpc_listen)
         .await
         .with_context(|| {
@@ -96,4 +113,16 @@ fn raise_fd_limit() {
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
+}
+
+fn capture_buffer(value: &str) -> Result<u32, String> {
+    let bytes: u32 = value
+        .parse()
+        .map_err(|_| format!("{value} is not a number of bytes"))?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err(format!(
+            "{bytes} must be a power of two of at least 4096 (e.g. 16777216)"
+        ));
+    }
+    Ok(bytes)
 }

@@ -13,8 +13,8 @@ use std::{
 };
 
 use remocal_proto::v1::{
-    ConnectionClosed, Mode, NewConnection, OpenSession, Ready, SessionEnded, SessionEvent,
-    SessionRequest, Warning, session_event, session_request, target,
+    ConnectionClosed, ConnectionDownstream, Mode, NewConnection, OpenSession, Ready, SessionEnded,
+    SessionEvent, SessionRequest, Warning, session_event, session_request, target,
 };
 use tokio::{net::TcpStream, sync::mpsc};
 use tokio_util::sync::CancellationToken;
@@ -22,10 +22,17 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::{
+    mirror,
     netns::{Netns, NsId, TargetError, TargetSpec},
     proxy::{self, Outcome},
-    redirect::{RedirectError, Redirection, Redirector},
+    redirect::{RedirectError, Redirection, Redirector, Tap},
 };
+
+/// What the kernel side set up for a session.
+enum Redirected {
+    Steal(Redirection),
+    Mirror(Tap),
+}
 
 /// A client that never picks up an announced connection must not leave the
 /// remote side hanging forever.
@@ -73,7 +80,7 @@ pub struct Sessions {
     claims: Mutex<HashMap<(NsId, u16), Holder>>,
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
     next_session: AtomicU64,
-    next_connection: AtomicU64,
+    settings: Settings,
     shutdown: CancellationToken,
 }
 
@@ -82,10 +89,25 @@ struct Holder {
     since: Instant,
 }
 
+/// Limits that operators tune.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Bytes a mirrored connection may hold while its local side is slow.
+    pub mirror_flow_limit: usize,
+}
+
+/// A connection announced to the client and waiting for its data call.
+pub enum Pending {
+    Stolen(TcpStream),
+    /// The copy of a mirrored connection, already flowing into this queue.
+    Mirrored(mpsc::Receiver<Result<ConnectionDownstream, Status>>),
+}
+
 /// The part of a session that connection calls reach by session id.
 pub struct LiveSession {
     id: String,
-    pending: Mutex<HashMap<u64, TcpStream>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_connection: AtomicU64,
     /// Taken when the session ends, so the client's event stream ends with
     /// it even while connection tasks still hold the session.
     events: Mutex<Option<mpsc::Sender<Result<SessionEvent, Status>>>>,
@@ -93,13 +115,13 @@ pub struct LiveSession {
 }
 
 impl Sessions {
-    pub fn new(redirector: Arc<dyn Redirector>) -> Arc<Self> {
+    pub fn new(redirector: Arc<dyn Redirector>, settings: Settings) -> Arc<Self> {
         Arc::new(Self {
             redirector,
             claims: Mutex::default(),
             live: Mutex::default(),
             next_session: AtomicU64::new(1),
-            next_connection: AtomicU64::new(1),
+            settings,
             shutdown: CancellationToken::new(),
         })
     }
@@ -112,9 +134,10 @@ impl Sessions {
         peer: String,
         requests: Streaming<SessionRequest>,
     ) -> Result<Events, OpenError> {
-        if open.mode != Mode::Steal as i32 {
-            return Err(OpenError::UnsupportedMode(open.mode));
-        }
+        let mode = Mode::try_from(open.mode)
+            .ok()
+            .filter(|mode| *mode != Mode::Unspecified)
+            .ok_or(OpenError::UnsupportedMode(open.mode))?;
         let port = u16::try_from(open.port)
             .ok()
             .filter(|port| *port != 0)
@@ -134,14 +157,22 @@ impl Sessions {
         } else {
             open.client
         };
-        let claim = self.claim(
-            &netns,
-            port,
-            format!("{client} connected from {peer} (session {id})"),
-        )?;
+        // Several developers may mirror one port; only a steal is exclusive.
+        let claim = (mode == Mode::Steal)
+            .then(|| {
+                self.claim(
+                    &netns,
+                    port,
+                    format!("{client} connected from {peer} (session {id})"),
+                )
+            })
+            .transpose()?;
         let redirector = self.redirector.clone();
         let (netns, redirection) = blocking(move || {
-            let redirection = redirector.steal(&netns, port);
+            let redirection = match mode {
+                Mode::Mirror => redirector.mirror(&netns, port).map(Redirected::Mirror),
+                _ => redirector.steal(&netns, port).map(Redirected::Steal),
+            };
             (netns, redirection)
         })
         .await;
@@ -151,6 +182,7 @@ impl Sessions {
         let live = Arc::new(LiveSession {
             id: id.clone(),
             pending: Mutex::default(),
+            next_connection: AtomicU64::new(1),
             events: Mutex::new(Some(events)),
             ended: CancellationToken::new(),
         });
@@ -163,8 +195,27 @@ impl Sessions {
             .lock()
             .expect("live lock")
             .insert(id.clone(), live.clone());
-        info!(session = %id, target = %netns, port, %client, "steal session started");
-        tokio::spawn(self.clone().run(live, redirection, claim, requests));
+        info!(session = %id, target = %netns, port, %client, ?mode, "session started");
+        let sessions = self.clone();
+        tokio::spawn(async move {
+            let reason = match redirection {
+                Redirected::Steal(redirection) => {
+                    sessions.steal(&live, redirection, requests).await
+                }
+                Redirected::Mirror(tap) => {
+                    let shutdown = sessions.shutdown.clone();
+                    mirror::run(
+                        &live,
+                        tap,
+                        requests,
+                        shutdown,
+                        sessions.settings.mirror_flow_limit,
+                    )
+                    .await
+                }
+            };
+            sessions.end(live, reason, claim);
+        });
         Ok(receiver)
     }
 
@@ -174,7 +225,7 @@ impl Sessions {
         &self,
         session_id: &str,
         connection_id: u64,
-    ) -> Result<(TcpStream, Arc<LiveSession>), AttachError> {
+    ) -> Result<(Pending, Arc<LiveSession>), AttachError> {
         let live = self
             .live
             .lock()
@@ -182,13 +233,10 @@ impl Sessions {
             .get(session_id)
             .cloned()
             .ok_or_else(|| AttachError::NoSession(session_id.to_string()))?;
-        let stream = live
-            .pending
-            .lock()
-            .expect("pending lock")
-            .remove(&connection_id)
+        let pending = live
+            .take_pending(connection_id)
             .ok_or(AttachError::NoConnection(connection_id))?;
-        Ok((stream, live))
+        Ok((pending, live))
     }
 
     /// Ends every session (their clients are told why) and waits briefly for
@@ -233,16 +281,17 @@ impl Sessions {
         })
     }
 
-    async fn run(
-        self: Arc<Self>,
-        live: Arc<LiveSession>,
+    /// The steal loop: accepts what the kernel hands the listener and
+    /// announces it, until the session ends for the returned reason.
+    async fn steal(
+        &self,
+        live: &Arc<LiveSession>,
         redirection: Redirection,
-        claim: Claim,
         mut requests: Streaming<SessionRequest>,
-    ) {
+    ) -> &'static str {
         let Redirection { listener, active } = redirection;
         let Some(events) = live.sender() else {
-            return;
+            return "the client stopped listening";
         };
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,
@@ -250,14 +299,13 @@ impl Sessions {
                 let _ = events.try_send(Err(Status::internal(format!(
                     "cannot watch the steal listener: {err}"
                 ))));
-                drop(events);
-                return self.end(live, "internal error", claim);
+                return "internal error";
             }
         };
         let reason = loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, source)) => self.announce(&live, &events, stream, source).await,
+                    Ok((stream, source)) => self.announce(live, &events, stream, source).await,
                     Err(err) => {
                         // Typically out of file descriptors: back off instead of spinning.
                         warn!(session = %live.id, %err, "accepting a stolen connection failed");
@@ -265,14 +313,8 @@ impl Sessions {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                request = requests.message() => match request {
-                    Ok(Some(SessionRequest { kind: Some(session_request::Kind::Close(_)) })) => break "closed by the client",
-                    Ok(Some(SessionRequest { kind: Some(session_request::Kind::Reject(reject)) })) => {
-                        live.reject(reject.connection_id, &reject.reason);
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => break "the client ended the call",
-                    Err(_) => break "the link to the client broke",
+                request = requests.message() => if let Some(reason) = live.handle(request) {
+                    break reason;
                 },
                 () = events.closed() => break "the client stopped listening",
                 () = self.shutdown.cancelled() => break "the agent is shutting down",
@@ -282,14 +324,15 @@ impl Sessions {
         // here on reaches the pod; only then close what we already took.
         drop(active);
         close_backlog(listener);
-        drop(events);
-        self.end(live, reason, claim);
+        reason
     }
 
-    fn end(&self, live: Arc<LiveSession>, reason: &str, claim: Claim) {
+    fn end(&self, live: Arc<LiveSession>, reason: &str, claim: Option<Claim>) {
         live.ended.cancel();
-        for (_, mut stream) in live.pending.lock().expect("pending lock").drain() {
-            tokio::spawn(async move { proxy::close_gracefully(&mut stream).await });
+        for (_, pending) in live.pending.lock().expect("pending lock").drain() {
+            if let Pending::Stolen(mut stream) = pending {
+                tokio::spawn(async move { proxy::close_gracefully(&mut stream).await });
+            }
         }
         self.live.lock().expect("live lock").remove(&live.id);
         drop(claim);
@@ -297,7 +340,7 @@ impl Sessions {
             reason: reason.to_string(),
         }));
         live.events.lock().expect("events lock").take();
-        info!(session = %live.id, reason, "steal session ended");
+        info!(session = %live.id, reason, "session ended");
     }
 
     async fn announce(
@@ -313,11 +356,7 @@ impl Sessions {
             Err(err) => return debug!(%err, "a stolen connection closed before it was announced"),
         };
         let source = canonical(source);
-        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        live.pending
-            .lock()
-            .expect("pending lock")
-            .insert(id, stream);
+        let id = live.park(Pending::Stolen(stream));
         debug!(session = %live.id, connection = id, %source, %destination, "stolen connection");
         let event = session_event::Kind::Connection(NewConnection {
             connection_id: id,
@@ -335,10 +374,8 @@ impl Sessions {
         let live = live.clone();
         tokio::spawn(async move {
             tokio::time::sleep(ATTACH_TIMEOUT).await;
-            if live.take_pending(id).is_some_and(|stream| {
+            if let Some(Pending::Stolen(stream)) = live.take_pending(id) {
                 proxy::reset(&stream);
-                true
-            }) {
                 live.warn(format!("connection {id} was reset: the client did not pick it up within {ATTACH_TIMEOUT:?}"));
             }
         });
@@ -359,30 +396,59 @@ impl LiveSession {
         }));
     }
 
-    fn sender(&self) -> Option<mpsc::Sender<Result<SessionEvent, Status>>> {
+    pub fn sender(&self) -> Option<mpsc::Sender<Result<SessionEvent, Status>>> {
         self.events.lock().expect("events lock").clone()
     }
 
     /// Queues an event unless the queue is full: informational events must
     /// never block the data path.
-    fn emit(&self, kind: session_event::Kind) {
+    pub fn emit(&self, kind: session_event::Kind) {
         if let Some(events) = self.events.lock().expect("events lock").as_ref() {
             let _ = events.try_send(Ok(SessionEvent { kind: Some(kind) }));
         }
     }
 
-    fn take_pending(&self, id: u64) -> Option<TcpStream> {
+    /// Keeps an announced connection until its data call picks it up, under
+    /// a new connection id.
+    pub fn park(&self, pending: Pending) -> u64 {
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .insert(id, pending);
+        id
+    }
+
+    pub fn take_pending(&self, id: u64) -> Option<Pending> {
         self.pending.lock().expect("pending lock").remove(&id)
     }
 
+    /// Applies a client request; `Some(reason)` when it ends the session.
+    pub fn handle(&self, request: Result<Option<SessionRequest>, Status>) -> Option<&'static str> {
+        match request {
+            Ok(Some(SessionRequest {
+                kind: Some(session_request::Kind::Close(_)),
+            })) => Some("closed by the client"),
+            Ok(Some(SessionRequest {
+                kind: Some(session_request::Kind::Reject(reject)),
+            })) => {
+                self.reject(reject.connection_id, &reject.reason);
+                None
+            }
+            Ok(Some(_)) => None,
+            Ok(None) => Some("the client ended the call"),
+            Err(_) => Some("the link to the client broke"),
+        }
+    }
+
     fn reject(&self, id: u64, reason: &str) {
-        if let Some(stream) = self.take_pending(id) {
-            debug!(session = %self.id, connection = id, reason, "client rejected a connection; resetting it");
+        debug!(session = %self.id, connection = id, reason, "client rejected a connection");
+        if let Some(Pending::Stolen(stream)) = self.take_pending(id) {
             proxy::reset(&stream);
         }
     }
 
-    fn warn(&self, message: String) {
+    pub fn warn(&self, message: String) {
         self.emit(session_event::Kind::Warning(Warning { message }));
     }
 }

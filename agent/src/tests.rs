@@ -65,7 +65,12 @@ impl Harness {
     async fn start() -> Self {
         let redirector = LoopbackRedirector::default();
         let active = redirector.active.clone();
-        let sessions = Sessions::new(Arc::new(redirector));
+        let sessions = Sessions::new(
+            Arc::new(redirector),
+            crate::session::Settings {
+                mirror_flow_limit: 1 << 20,
+            },
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(

@@ -21,14 +21,18 @@ pub struct Cli {
 pub enum Command {
     /// Take over new connections to a port of the target: they reach your
     /// local process instead of the pod's until you stop (Ctrl-C).
-    Steal(StealArgs),
+    Steal(SessionArgs),
+    /// Get a read-only copy of every new connection to a port of the target:
+    /// the pod keeps serving them; your local process receives what the
+    /// remote clients send, and its answers are discarded.
+    Mirror(SessionArgs),
 }
 
 #[derive(Args)]
-pub struct StealArgs {
+pub struct SessionArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// The target's TCP port whose new connections are stolen.
+    /// The target's TCP port whose new connections are stolen or mirrored.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
     #[command(flatten)]
@@ -130,11 +134,14 @@ mod tests {
 
     #[test]
     fn local_port_defaults_to_the_stolen_port() {
-        let Command::Steal(args) = parse_args(&["steal", "--pid", "7", "--port", "8080"])
-            .unwrap()
-            .command;
-        assert_eq!(args.local.local_port, None);
-        assert_eq!(args.local.local_host, "127.0.0.1");
-        assert_eq!(args.link.agent, "http://127.0.0.1:7420");
+        for mode in ["steal", "mirror"] {
+            let (Command::Steal(args) | Command::Mirror(args)) =
+                parse_args(&[mode, "--pid", "7", "--port", "8080"])
+                    .unwrap()
+                    .command;
+            assert_eq!(args.local.local_port, None);
+            assert_eq!(args.local.local_host, "127.0.0.1");
+            assert_eq!(args.link.agent, "http://127.0.0.1:7420");
+        }
     }
 }

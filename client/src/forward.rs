@@ -1,11 +1,13 @@
-//! One stolen connection on the developer's side: a local TCP connection to
-//! the developer's process, and a gRPC stream to the agent. FIN and reset
-//! travel as such; each direction reads only as fast as the other end takes.
+//! One stolen or mirrored connection on the developer's side: a local TCP
+//! connection to the developer's process, and a gRPC stream to the agent.
+//! FIN and reset travel as such; each direction reads only as fast as the
+//! other end takes. A mirrored connection only flows toward the local
+//! process; what it answers is read and dropped.
 use std::{fmt, time::Duration};
 
 use bytes::BytesMut;
 use remocal_proto::v1::{
-    Attach, ConnectionDownstream, ConnectionUpstream, NewConnection, RejectConnection, Reset,
+    Attach, ConnectionDownstream, ConnectionUpstream, Mode, NewConnection, RejectConnection, Reset,
     SessionRequest, connection_downstream, connection_upstream, session_request,
 };
 use socket2::SockRef;
@@ -18,12 +20,15 @@ use tokio::{
     sync::mpsc,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
+use tonic::{Code, Streaming};
 
 use crate::{agent_link::Agent, output::Printer};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CHUNK: usize = 64 * 1024;
+/// How long a mirrored connection waits for the local process's answer after
+/// the remote side finished.
+const LINGER: Duration = Duration::from_secs(5);
 
 /// Where the developer's process listens.
 #[derive(Clone, Debug)]
@@ -49,6 +54,7 @@ pub async fn serve(
     local: Local,
     requests: mpsc::Sender<SessionRequest>,
     printer: Printer,
+    mode: Mode,
 ) {
     let id = connection.connection_id;
     let connected = tokio::time::timeout(
@@ -85,12 +91,32 @@ pub async fn serve(
     let failed = {
         let (read, write) = stream.split();
         let weak = upstream.downgrade();
-        tokio::try_join!(
-            local_to_agent(read, upstream),
-            agent_to_local(&mut downstream, write, weak)
-        )
-        .is_err()
+        if mode == Mode::Mirror {
+            let copy = agent_to_local(&mut downstream, write, weak, printer, id);
+            let drain = discard(read);
+            tokio::pin!(copy, drain);
+            let mut drained = false;
+            let failed = loop {
+                tokio::select! {
+                    copied = &mut copy => break copied.is_err(),
+                    () = &mut drain, if !drained => drained = true,
+                }
+            };
+            drop(upstream);
+            if !failed && !drained {
+                // Let the local process finish its answer before we close.
+                let _ = tokio::time::timeout(LINGER, drain).await;
+            }
+            failed
+        } else {
+            tokio::try_join!(
+                local_to_agent(read, upstream),
+                agent_to_local(&mut downstream, write, weak, printer, id)
+            )
+            .is_err()
+        }
     };
+
     if failed {
         reset(&stream);
     }
@@ -146,14 +172,25 @@ async fn agent_to_local(
     downstream: &mut Streaming<ConnectionDownstream>,
     mut write: WriteHalf<'_>,
     upstream: mpsc::WeakSender<ConnectionUpstream>,
+    printer: Printer,
+    id: u64,
 ) -> Result<(), Failed> {
     loop {
         let kind = match downstream.message().await {
             Ok(Some(ConnectionDownstream { kind: Some(kind) })) => kind,
             Ok(Some(ConnectionDownstream { kind: None })) => continue,
             Ok(None) => return Ok(()),
-            // The agent reports a remote reset or the end of the session.
-            Err(_) => return Err(Failed),
+            // The agent reports a remote reset, the end of the session, or
+            // a mirrored copy that can no longer be exact.
+            Err(status) => {
+                if matches!(status.code(), Code::DataLoss | Code::ResourceExhausted) {
+                    printer.warning(&format!(
+                        "connection {id} was cut off: {}",
+                        status.message()
+                    ));
+                }
+                return Err(Failed);
+            }
         };
         let written = match kind {
             connection_downstream::Kind::Data(data) => write.write_all(&data).await,
@@ -164,6 +201,17 @@ async fn agent_to_local(
                 let _ = upstream.send(reset_frame()).await;
             }
             return Err(Failed);
+        }
+    }
+}
+
+/// Reads and drops what the local process sends (its answers to a mirrored
+/// request), so it never blocks on a full socket.
+async fn discard(mut read: ReadHalf<'_>) {
+    let mut sink = vec![0u8; CHUNK];
+    while let Ok(n) = read.read(&mut sink).await {
+        if n == 0 {
+            break;
         }
     }
 }

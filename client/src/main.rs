@@ -6,9 +6,11 @@ mod cli;
 mod exit;
 mod forward;
 mod output;
-mod steal;
+mod session;
 
 use std::process::ExitCode;
+
+use remocal_proto::v1::Mode;
 
 use crate::{cli::Command, exit::Failure};
 
@@ -26,7 +28,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Steal(args) => steal::run(args).await,
+            Command::Steal(args) => session::run(args, Mode::Steal).await,
+            Command::Mirror(args) => session::run(args, Mode::Mirror).await,
         }
     });
     // Connections still draining must not keep a finished session alive.

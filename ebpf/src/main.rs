@@ -5,6 +5,7 @@
 
 mod counters;
 mod listeners;
+mod mirror;
 mod packet;
 mod steal;
 mod steal_lookup;

@@ -3,15 +3,16 @@
 //! listener with `bpf_sk_assign`; a packet of any connection that already has
 //! a socket (the pod's own connections opened before the steal, and stolen
 //! connections after their session ended) keeps its way. Nothing is dropped:
-//! every path ends in `TC_ACT_OK`.
+//! every path ends in `TCX_NEXT`, so the programs after ours (the mirror, a
+//! CNI's own) still see every packet.
 use core::mem::size_of;
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Ipv4Tuple,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Ipv6Tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Ipv6Tuple, tcx_action_base::TCX_NEXT,
     },
     helpers::{bpf_sk_assign, bpf_skc_lookup_tcp},
     macros::classifier,
@@ -23,7 +24,7 @@ use remocal_agent_common::{Counter, PortKey};
 use crate::{
     counters::bump,
     listeners::{lookup_listener, release},
-    packet::{Addresses, TcpPacket, parse_tcp},
+    packet::{TcpPacket, parse_tcp},
 };
 
 #[classifier]
@@ -32,7 +33,7 @@ pub fn remocal_steal(ctx: TcContext) -> i32 {
     if let Some(packet) = parse_tcp(&ctx) {
         steal(&ctx, &packet);
     }
-    TC_ACT_OK
+    TCX_NEXT
 }
 
 #[inline(always)]
@@ -74,25 +75,22 @@ fn belongs_to_existing_connection(ctx: &TcContext, packet: &TcpPacket) -> bool {
     // considers undefined, such as the unused part of the union.
     // SAFETY: all-zero is a valid bpf_sock_tuple.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = match packet.addresses {
-        Addresses::V4 { saddr, daddr } => {
-            tuple.__bindgen_anon_1.ipv4 = Ipv4Tuple {
-                saddr,
-                daddr,
-                sport: packet.sport,
-                dport: packet.dport,
-            };
-            size_of::<Ipv4Tuple>()
-        }
-        Addresses::V6 { saddr, daddr } => {
-            tuple.__bindgen_anon_1.ipv6 = Ipv6Tuple {
-                saddr,
-                daddr,
-                sport: packet.sport,
-                dport: packet.dport,
-            };
-            size_of::<Ipv6Tuple>()
-        }
+    let size = if packet.ipv6 {
+        tuple.__bindgen_anon_1.ipv6 = Ipv6Tuple {
+            saddr: packet.saddr,
+            daddr: packet.daddr,
+            sport: packet.sport,
+            dport: packet.dport,
+        };
+        size_of::<Ipv6Tuple>()
+    } else {
+        tuple.__bindgen_anon_1.ipv4 = Ipv4Tuple {
+            saddr: packet.saddr[0],
+            daddr: packet.daddr[0],
+            sport: packet.sport,
+            dport: packet.dport,
+        };
+        size_of::<Ipv4Tuple>()
     };
     // SAFETY: the tuple lives on our stack for the duration of the call.
     let sk = unsafe {

@@ -134,7 +134,11 @@ fn show(options: &Options, bin: &Path, me: &Path) -> anyhow::Result<()> {
         "-v",
     ]);
     let shown = run::describe(&steal);
-    step(shown.strip_prefix(&format!("{}/", bin.display())).unwrap_or(&shown));
+    step(
+        shown
+            .strip_prefix(&format!("{}/", bin.display()))
+            .unwrap_or(&shown),
+    );
     let mut remocal = spawn(steal.stdout(Stdio::piped()))?;
     wait_for_ready(&mut remocal)?;
 

@@ -1,6 +1,7 @@
-//! The real redirection: remocal's tc classifier attached with tcx to every
+//! The real redirection: remocal's tc classifiers attached with tcx to every
 //! interface of a target namespace, steering new connections of a stolen port
-//! to our listener through a sock hash.
+//! to our listener through a sock hash, and copying connections of a mirrored
+//! port into a ring buffer.
 //!
 //! One copy of the programs and maps is loaded per target namespace (an
 //! [`Attachment`]), shared by that namespace's sessions and dropped with the
@@ -13,8 +14,8 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
-    maps::{MapData, PerCpuArray, SockHash},
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{
         LinkOrder, Program, ProgramError, SchedClassifier, SkLookup, TcAttachType,
         tc::TcAttachOptions,
@@ -22,12 +23,17 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use remocal_agent_common::{
-    COUNTERS_MAP, Counter, PortKey, STEAL_LISTENERS_MAP, STEAL_LOOKUP_PROGRAM, STEAL_PROGRAM,
+    COUNTERS_MAP, Counter, MIRROR_EVENTS_MAP, MIRROR_PORTS_MAP, MIRROR_PROGRAM, PortKey,
+    STEAL_LISTENERS_MAP, STEAL_LOOKUP_PROGRAM, STEAL_PROGRAM,
 };
 use tokio::{io::unix::AsyncFd, runtime::Handle, task::JoinHandle};
 use tracing::{info, warn};
 
-use super::{ActiveRedirection, RedirectError, Redirection, Redirector, listener::steal_listener};
+use super::{
+    ActiveRedirection, RedirectError, Redirection, Redirector, Tap,
+    capture_ring::{self, Taps},
+    listener::steal_listener,
+};
 use crate::netns::{Netns, NsId};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/remocal"));
@@ -36,6 +42,8 @@ const PRIVILEGE_HINT: &str = "run remocal-agent as root (it needs CAP_BPF, CAP_N
 
 pub struct EbpfRedirector {
     runtime: Handle,
+    /// Bytes of each namespace's capture ring buffer.
+    capture_buffer: u32,
     attachments: Mutex<HashMap<NsId, Weak<Attachment>>>,
 }
 
@@ -43,12 +51,12 @@ impl EbpfRedirector {
     /// Loads the programs once through the verifier, so a missing capability
     /// or an unsuitable kernel is reported when the agent starts rather than
     /// at a developer's first session.
-    pub fn new(runtime: Handle) -> Result<Self, RedirectError> {
-        let (mut ebpf, _logger) = load()?;
-        classifier(&mut ebpf)?;
-        socket_lookup(&mut ebpf)?;
+    pub fn new(runtime: Handle, capture_buffer: u32) -> Result<Self, RedirectError> {
+        let (mut ebpf, _logger) = load(capture_buffer)?;
+        load_programs(&mut ebpf)?;
         Ok(Self {
             runtime,
+            capture_buffer,
             attachments: Mutex::default(),
         })
     }
@@ -59,7 +67,7 @@ impl EbpfRedirector {
         if let Some(existing) = attachments.get(&target.id()).and_then(Weak::upgrade) {
             return Ok(existing);
         }
-        let attachment = Arc::new(Attachment::new(target, &self.runtime)?);
+        let attachment = Arc::new(Attachment::new(target, &self.runtime, self.capture_buffer)?);
         attachments.insert(target.id(), Arc::downgrade(&attachment));
         Ok(attachment)
     }
@@ -86,74 +94,109 @@ impl Redirector for EbpfRedirector {
             active: ActiveRedirection::new(StolenPort { attachment, port }),
         })
     }
+
+    fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError> {
+        let attachment = self.attachment_for(target)?;
+        let (id, captures, lost) = attachment.taps.add(port);
+        let mirrored = MirroredPort {
+            attachment,
+            id,
+            port,
+        };
+        mirrored
+            .attachment
+            .mirror_ports
+            .lock()
+            .expect("mirror ports lock")
+            .insert(PortKey { port }, 1, 0)
+            .map_err(|err| RedirectError::kernel("registering the mirrored port failed", err))?;
+        Ok(Tap {
+            captures,
+            lost,
+            active: ActiveRedirection::new(mirrored),
+        })
+    }
 }
 
 /// The programs and maps serving one target namespace.
 struct Attachment {
     target: String,
     listeners: Mutex<SockHash<MapData, PortKey>>,
-    counters: PerCpuArray<MapData, u64>,
+    mirror_ports: Mutex<BpfHashMap<MapData, PortKey, u8>>,
+    taps: Arc<Taps>,
+    counters: Arc<PerCpuArray<MapData, u64>>,
     /// Owns the programs and, through them, the tcx links.
     _ebpf: Ebpf,
     log_drain: JoinHandle<()>,
+    capture_reader: JoinHandle<()>,
 }
 
 impl Attachment {
-    fn new(target: &Netns, runtime: &Handle) -> Result<Self, RedirectError> {
-        let (mut ebpf, logger) = load()?;
+    fn new(target: &Netns, runtime: &Handle, capture_buffer: u32) -> Result<Self, RedirectError> {
+        let (mut ebpf, logger) = load(capture_buffer)?;
         let log_drain = runtime.spawn(drain_logs(logger));
-        let program = classifier(&mut ebpf)?;
+        load_programs(&mut ebpf)?;
         let interfaces = target
-            .run_in(|| attach_everywhere(program))
+            .run_in(|| attach_classifiers(&mut ebpf))
             .map_err(|err| RedirectError::kernel(format!("entering {target} failed"), err))??;
-        socket_lookup(&mut ebpf)?.attach(target).map_err(|err| {
-            RedirectError::kernel(
-                format!("attaching the socket lookup program to {target} failed"),
-                err,
-            )
-        })?;
-        info!(%target, interfaces = %interfaces.join(","), "steal programs attached (tcx ingress, sk_lookup)");
-        let map = ebpf.take_map(STEAL_LISTENERS_MAP).ok_or_else(|| {
-            RedirectError::kernel("the eBPF object has no listener map", STEAL_LISTENERS_MAP)
-        })?;
-        let listeners = SockHash::try_from(map)
-            .map_err(|err| RedirectError::kernel("the listener map has the wrong type", err))?;
-        let counters = ebpf
-            .take_map(COUNTERS_MAP)
-            .ok_or_else(|| {
-                RedirectError::kernel("the eBPF object has no counter map", COUNTERS_MAP)
-            })
-            .and_then(|map| {
-                PerCpuArray::try_from(map)
-                    .map_err(|err| RedirectError::kernel("the counter map has the wrong type", err))
+        program::<SkLookup>(&mut ebpf, STEAL_LOOKUP_PROGRAM)?
+            .attach(target)
+            .map_err(|err| {
+                RedirectError::kernel(
+                    format!("attaching the socket lookup program to {target} failed"),
+                    err,
+                )
             })?;
+        info!(%target, interfaces = %interfaces.join(","), "programs attached (tcx ingress, sk_lookup)");
+        let listeners = SockHash::try_from(take_map(&mut ebpf, STEAL_LISTENERS_MAP)?)
+            .map_err(|err| RedirectError::kernel("the listener map has the wrong type", err))?;
+        let mirror_ports = BpfHashMap::try_from(take_map(&mut ebpf, MIRROR_PORTS_MAP)?)
+            .map_err(|err| RedirectError::kernel("the mirror port map has the wrong type", err))?;
+        let ring = RingBuf::try_from(take_map(&mut ebpf, MIRROR_EVENTS_MAP)?)
+            .map_err(|err| RedirectError::kernel("the capture ring has the wrong type", err))?;
+        let counters = Arc::new(
+            PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)
+                .map_err(|err| RedirectError::kernel("the counter map has the wrong type", err))?,
+        );
+        let taps = Arc::new(Taps::default());
+        let capture_reader =
+            runtime.spawn(capture_ring::read(ring, counters.clone(), taps.clone()));
         Ok(Self {
             target: target.to_string(),
             listeners: Mutex::new(listeners),
+            mirror_ports: Mutex::new(mirror_ports),
+            taps,
             counters,
             _ebpf: ebpf,
             log_drain,
+            capture_reader,
         })
     }
 
-    /// A counter summed over CPUs (0 if the map cannot be read).
     fn total(&self, counter: Counter) -> u64 {
-        self.counters
-            .get(&(counter as u32), 0)
-            .map_or(0, |per_cpu| per_cpu.iter().sum())
+        total(&self.counters, counter)
     }
+}
+
+/// A counter summed over CPUs (0 if the map cannot be read).
+pub(super) fn total(counters: &PerCpuArray<MapData, u64>, counter: Counter) -> u64 {
+    counters
+        .get(&(counter as u32), 0)
+        .map_or(0, |per_cpu| per_cpu.iter().sum())
 }
 
 impl Drop for Attachment {
     fn drop(&mut self) {
         self.log_drain.abort();
+        self.capture_reader.abort();
         info!(
             target = %self.target,
             packets = self.total(Counter::PacketsSeen),
             redirected = self.total(Counter::ConnectionsRedirected),
             lookups_failed = self.total(Counter::LookupsFailed),
             lookups_answered = self.total(Counter::LookupsAnswered),
-            "steal programs detached"
+            captures_dropped = self.total(Counter::CaptureDropped),
+            "programs detached"
         );
     }
 }
@@ -180,32 +223,61 @@ impl Drop for StolenPort {
     }
 }
 
+/// Stops the copies for one mirror session; the port stays in the kernel's
+/// set while other sessions mirror it.
+struct MirroredPort {
+    attachment: Arc<Attachment>,
+    id: u64,
+    port: u16,
+}
+
+impl Drop for MirroredPort {
+    fn drop(&mut self) {
+        if self.attachment.taps.remove(self.id) {
+            let removed = self
+                .attachment
+                .mirror_ports
+                .lock()
+                .expect("mirror ports lock")
+                .remove(&PortKey { port: self.port });
+            if let Err(err) = removed {
+                warn!(target = %self.attachment.target, port = self.port, %err, "removing the mirrored port failed");
+            }
+        }
+    }
+}
+
 /// The logger must exist before the programs load (it owns the log map they
 /// reference) and must be drained for as long as they run.
-fn load() -> Result<(Ebpf, EbpfLogger<&'static dyn log::Log>), RedirectError> {
-    let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|err| {
-        RedirectError::kernel(
-            format!("loading the eBPF object failed ({PRIVILEGE_HINT})"),
-            err,
-        )
-    })?;
+fn load(capture_buffer: u32) -> Result<(Ebpf, EbpfLogger<&'static dyn log::Log>), RedirectError> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(MIRROR_EVENTS_MAP, capture_buffer)
+        .load(EBPF_OBJECT)
+        .map_err(|err| {
+            RedirectError::kernel(
+                format!("loading the eBPF object failed ({PRIVILEGE_HINT})"),
+                err,
+            )
+        })?;
     let logger = EbpfLogger::init(&mut ebpf)
         .map_err(|err| RedirectError::kernel("setting up eBPF logging failed", err))?;
     Ok((ebpf, logger))
 }
 
-fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, RedirectError> {
-    let program: &mut SchedClassifier = program(ebpf, STEAL_PROGRAM)?;
-    program.load().map_err(|err| refused(STEAL_PROGRAM, err))?;
-    Ok(program)
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
+    for name in [STEAL_PROGRAM, MIRROR_PROGRAM] {
+        program::<SchedClassifier>(ebpf, name)?
+            .load()
+            .map_err(|err| refused(name, err))?;
+    }
+    program::<SkLookup>(ebpf, STEAL_LOOKUP_PROGRAM)?
+        .load()
+        .map_err(|err| refused(STEAL_LOOKUP_PROGRAM, err))
 }
 
-fn socket_lookup(ebpf: &mut Ebpf) -> Result<&mut SkLookup, RedirectError> {
-    let program: &mut SkLookup = program(ebpf, STEAL_LOOKUP_PROGRAM)?;
-    program
-        .load()
-        .map_err(|err| refused(STEAL_LOOKUP_PROGRAM, err))?;
-    Ok(program)
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map, RedirectError> {
+    ebpf.take_map(name)
+        .ok_or_else(|| RedirectError::kernel("the eBPF object lacks a map", name))
 }
 
 fn program<'e, P>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut P, RedirectError>
@@ -225,8 +297,9 @@ fn refused(name: &str, err: ProgramError) -> RedirectError {
     )
 }
 
-/// Runs inside the target namespace: interface names resolve there.
-fn attach_everywhere(program: &mut SchedClassifier) -> Result<Vec<String>, RedirectError> {
+/// Runs inside the target namespace: interface names resolve there. The
+/// mirror comes first so that it sees every packet the steal program sees.
+fn attach_classifiers(ebpf: &mut Ebpf) -> Result<Vec<String>, RedirectError> {
     let interfaces: Vec<String> = nix::net::if_::if_nameindex()
         .map_err(|err| RedirectError::kernel("listing the target's interfaces failed", err))?
         .iter()
@@ -238,19 +311,24 @@ fn attach_everywhere(program: &mut SchedClassifier) -> Result<Vec<String>, Redir
             target: "the target namespace".into(),
         });
     }
-    for name in &interfaces {
-        program
-            .attach_with_options(
-                name,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|err| {
-                RedirectError::kernel(
-                    format!("attaching to {name} with tcx failed ({PRIVILEGE_HINT})"),
-                    err,
+    for program_name in [MIRROR_PROGRAM, STEAL_PROGRAM] {
+        let program = program::<SchedClassifier>(ebpf, program_name)?;
+        for name in &interfaces {
+            program
+                .attach_with_options(
+                    name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-            })?;
+                .map_err(|err| {
+                    RedirectError::kernel(
+                        format!(
+                            "attaching {program_name} to {name} with tcx failed ({PRIVILEGE_HINT})"
+                        ),
+                        err,
+                    )
+                })?;
+        }
     }
     Ok(interfaces)
 }

@@ -1,18 +1,37 @@
 //! The kernel-facing half of a steal, behind a small trait so the session and
 //! proxy logic can be tested in-process against a plain loopback listener.
+mod capture_ring;
 mod ebpf;
 mod listener;
 
-use std::net::TcpListener;
+use std::{
+    net::TcpListener,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 pub use ebpf::EbpfRedirector;
 
-use crate::netns::Netns;
+use tokio::sync::mpsc;
+
+use crate::{mirror::Capture, netns::Netns};
 
 /// Something that can send new connections for a port of a target to a
 /// listener of ours.
 pub trait Redirector: Send + Sync + 'static {
     fn steal(&self, target: &Netns, port: u16) -> Result<Redirection, RedirectError>;
+    /// Starts copying the connections to `port` of `target`; copies arrive on
+    /// the tap until it is dropped.
+    fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError>;
+}
+
+/// Copies of a mirrored port's incoming segments, in capture order.
+pub struct Tap {
+    pub captures: mpsc::Receiver<Capture>,
+    /// Grows whenever a capture meant for this tap was lost (the kernel's
+    /// ring or this tap's queue was full): connections with a gap are then
+    /// incomplete for good.
+    pub lost: Arc<AtomicU64>,
+    pub active: ActiveRedirection,
 }
 
 /// An active redirection. New connections arrive on `listener` until `active`
@@ -67,6 +86,8 @@ pub mod loopback {
     pub struct LoopbackRedirector {
         /// Addresses of the listeners whose redirection is still active.
         pub active: Arc<Mutex<Vec<std::net::SocketAddr>>>,
+        /// Where tests inject captures for mirror sessions.
+        pub taps: Arc<Mutex<Vec<mpsc::Sender<Capture>>>>,
     }
 
     struct Undo(Arc<Mutex<Vec<std::net::SocketAddr>>>, std::net::SocketAddr);
@@ -78,6 +99,16 @@ pub mod loopback {
     }
 
     impl Redirector for LoopbackRedirector {
+        fn mirror(&self, _target: &Netns, _port: u16) -> Result<Tap, RedirectError> {
+            let (captures, receiver) = mpsc::channel(1024);
+            self.taps.lock().unwrap().push(captures);
+            Ok(Tap {
+                captures: receiver,
+                lost: Arc::default(),
+                active: ActiveRedirection::new(()),
+            })
+        }
+
         fn steal(&self, _target: &Netns, _port: u16) -> Result<Redirection, RedirectError> {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             listener.set_nonblocking(true).unwrap();

@@ -1,6 +1,7 @@
-//! `remocal steal`: one session on the agent, one forwarded connection per
-//! stolen connection, and a clean end on Ctrl-C or SIGTERM: the agent
-//! confirms the redirection is gone before we exit.
+//! `remocal steal` and `remocal mirror`: one session on the agent, one
+//! forwarded connection per stolen or mirrored connection, and a clean end
+//! on Ctrl-C or SIGTERM: the agent confirms the redirection is gone before
+//! we exit.
 use std::time::Duration;
 
 use remocal_proto::v1::{
@@ -13,7 +14,7 @@ use tonic::Streaming;
 
 use crate::{
     agent_link,
-    cli::StealArgs,
+    cli::SessionArgs,
     exit::Failure,
     forward::{self, Local},
     output::Printer,
@@ -22,7 +23,7 @@ use crate::{
 /// How long we wait for the agent to confirm the end of the session.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn run(args: StealArgs) -> Result<(), Failure> {
+pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
     let printer = Printer {
         format: args.link.output,
         verbose: args.link.verbose,
@@ -43,7 +44,7 @@ pub async fn run(args: StealArgs) -> Result<(), Failure> {
     let open = OpenSession {
         target: Some(Target { kind: Some(target) }),
         port: args.port.into(),
-        mode: Mode::Steal as i32,
+        mode: mode as i32,
         client: whoami(),
     };
     let _ = requests.try_send(request(session_request::Kind::Open(open)));
@@ -60,7 +61,12 @@ pub async fn run(args: StealArgs) -> Result<(), Failure> {
         Ok(_) => return Err(Failure::unexpected("the agent did not confirm the session")),
         Err(status) => return Err(Failure::from_status(&status, &agent_url)),
     };
-    printer.ready("steal", &ready, &local.to_string());
+    let mode_name = if mode == Mode::Mirror {
+        "mirror"
+    } else {
+        "steal"
+    };
+    printer.ready(mode_name, &ready, &local.to_string());
 
     let mut stop = Box::pin(stop_requested());
     loop {
@@ -71,7 +77,7 @@ pub async fn run(args: StealArgs) -> Result<(), Failure> {
                         printer.connection(&connection);
                         tokio::spawn(forward::serve(
                             agent.clone(), ready.session_id.clone(), connection,
-                            local.clone(), requests.clone(), printer,
+                            local.clone(), requests.clone(), printer, mode,
                         ));
                     }
                     session_event::Kind::Closed(closed) => printer.closed(&closed),

@@ -1,0 +1,300 @@
+//! The mirror loop of one session: captures in, one ordered byte stream per
+//! remote connection out. Connections already open when the session starts
+//! are skipped (their beginning is gone; a copy starting mid-request would
+//! only confuse the local process): a connection is mirrored from its SYN.
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use remocal_proto::v1::{
+    ConnectionClosed, ConnectionDownstream, Eof, NewConnection, SessionRequest,
+    connection_downstream, session_event,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use super::{Capture, Flow, reassembly::Reassembler};
+use crate::{
+    redirect::Tap,
+    session::{LiveSession, Pending},
+};
+
+/// Messages queued toward one client stream; one slot is always kept free
+/// for the final status, so an ending is never lost to a full queue.
+const DOWNSTREAM_QUEUE: usize = 64;
+/// Largest data message: chunks of captured payload are merged up to this.
+const MESSAGE: usize = 64 * 1024;
+/// How often held data is retried, losses checked and idle flows expired.
+const TICK: Duration = Duration::from_millis(50);
+/// A connection without any capture for this long is closed (its FIN or RST
+/// may have been lost with the capture).
+const IDLE: Duration = Duration::from_secs(300);
+
+type Downstream = mpsc::Sender<Result<ConnectionDownstream, Status>>;
+
+struct MirroredFlow {
+    id: u64,
+    reassembler: Reassembler,
+    downstream: Downstream,
+    /// In-order bytes waiting for room in the client's queue.
+    outbox: VecDeque<Bytes>,
+    outbox_bytes: usize,
+    last_capture: Instant,
+    /// A capture was lost since this flow started: any hole is now final.
+    suspect: bool,
+}
+
+/// Why a mirrored connection stops before its natural end.
+enum Cut {
+    Lost,
+    TooSlow(usize),
+    Reset,
+    SessionEnded,
+    Idle,
+}
+
+impl Cut {
+    fn status(&self) -> Status {
+        match self {
+            Cut::Lost => Status::data_loss(
+                "part of this connection was not captured (the capture buffer overran); the copy ends here rather than skip bytes",
+            ),
+            Cut::TooSlow(held) => Status::resource_exhausted(format!(
+                "the local process fell {held} bytes behind; this mirrored connection was cut off to bound the agent's memory"
+            )),
+            Cut::Reset => Status::aborted("the remote client reset the connection"),
+            Cut::SessionEnded => Status::unavailable("the session ended"),
+            Cut::Idle => Status::deadline_exceeded("the connection was idle too long"),
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Cut::Lost => "data lost in capture",
+            Cut::TooSlow(_) => "local side too slow",
+            Cut::Reset => "remote reset",
+            Cut::SessionEnded => "session ended",
+            Cut::Idle => "idle",
+        }
+    }
+}
+
+/// Runs until the session ends; returns why.
+pub async fn run(
+    live: &Arc<LiveSession>,
+    mut tap: Tap,
+    mut requests: Streaming<SessionRequest>,
+    shutdown: CancellationToken,
+    flow_limit: usize,
+) -> &'static str {
+    let Some(events) = live.sender() else {
+        return "the client stopped listening";
+    };
+    let mut mirror = Mirror {
+        live: live.clone(),
+        flows: HashMap::new(),
+        flow_limit,
+        lost_seen: tap.lost.load(Ordering::Relaxed),
+    };
+    let mut tick = tokio::time::interval(TICK);
+    let reason = loop {
+        tokio::select! {
+            capture = tap.captures.recv() => match capture {
+                Some(capture) => mirror.capture(capture, &events).await,
+                None => break "the capture stopped",
+            },
+            _ = tick.tick() => mirror.maintain(tap.lost.load(Ordering::Relaxed)),
+            request = requests.message() => if let Some(reason) = live.handle(request) {
+                break reason;
+            },
+            () = events.closed() => break "the client stopped listening",
+            () = shutdown.cancelled() => break "the agent is shutting down",
+        }
+    };
+    drop(tap.active);
+    for flow in mirror.flows.keys().copied().collect::<Vec<_>>() {
+        mirror.cut(&flow, Cut::SessionEnded);
+    }
+    reason
+}
+
+struct Mirror {
+    live: Arc<LiveSession>,
+    flows: HashMap<Flow, MirroredFlow>,
+    flow_limit: usize,
+    lost_seen: u64,
+}
+
+impl Mirror {
+    async fn capture(
+        &mut self,
+        capture: Capture,
+        events: &mpsc::Sender<Result<remocal_proto::v1::SessionEvent, Status>>,
+    ) {
+        let flow = capture.flow();
+        match capture {
+            Capture::Syn { isn, .. } => {
+                if self.flows.contains_key(&flow) {
+                    return; // a retransmitted SYN
+                }
+                let (downstream, receiver) = mpsc::channel(DOWNSTREAM_QUEUE);
+                let id = self.live.park(Pending::Mirrored(receiver));
+                self.flows.insert(
+                    flow,
+                    MirroredFlow {
+                        id,
+                        reassembler: Reassembler::new(isn, self.flow_limit),
+                        downstream,
+                        outbox: VecDeque::new(),
+                        outbox_bytes: 0,
+                        last_capture: Instant::now(),
+                        suspect: false,
+                    },
+                );
+                let announced = session_event::Kind::Connection(NewConnection {
+                    connection_id: id,
+                    source: flow.source.to_string(),
+                    destination: flow.destination.to_string(),
+                });
+                // Awaited: a client reading events slowly slows the capture
+                // (its queue then overflows and is reported), not memory.
+                let _ = events
+                    .send(Ok(remocal_proto::v1::SessionEvent {
+                        kind: Some(announced),
+                    }))
+                    .await;
+            }
+            Capture::Data { seq, payload, .. } => {
+                let Some(state) = self.flows.get_mut(&flow) else {
+                    return; // not mirrored from its start
+                };
+                state.last_capture = Instant::now();
+                if state.reassembler.segment(seq, payload).is_err() {
+                    let held = state.reassembler.held() + state.outbox_bytes;
+                    return self.cut(&flow, Cut::TooSlow(held));
+                }
+                self.pump(&flow);
+            }
+            Capture::Fin { seq, .. } => {
+                if let Some(state) = self.flows.get_mut(&flow) {
+                    state.last_capture = Instant::now();
+                    state.reassembler.fin(seq);
+                    self.pump(&flow);
+                }
+            }
+            Capture::Rst { .. } => {
+                if self.flows.contains_key(&flow) {
+                    self.cut(&flow, Cut::Reset);
+                }
+            }
+        }
+    }
+
+    /// Periodic work: retry held data, act on losses, expire idle flows.
+    fn maintain(&mut self, lost: u64) {
+        if lost != self.lost_seen {
+            self.lost_seen = lost;
+            for state in self.flows.values_mut() {
+                state.suspect = true;
+            }
+        }
+        let flows: Vec<Flow> = self.flows.keys().copied().collect();
+        for flow in flows {
+            if self
+                .flows
+                .get(&flow)
+                .is_some_and(|state| state.last_capture.elapsed() > IDLE)
+            {
+                self.cut(&flow, Cut::Idle);
+            } else {
+                self.pump(&flow);
+            }
+        }
+    }
+
+    /// Moves in-order bytes toward the client as far as its queue allows,
+    /// ends the stream after the FIN, and cuts a flow whose gap can no
+    /// longer fill or whose backlog outgrew its limit.
+    fn pump(&mut self, flow: &Flow) {
+        let Some(state) = self.flows.get_mut(flow) else {
+            return;
+        };
+        if state.downstream.is_closed() {
+            // The client rejected it or went away: nobody wants this copy.
+            let id = state.id;
+            self.flows.remove(flow);
+            self.live.take_pending(id);
+            return;
+        }
+        for chunk in state.reassembler.take_ready() {
+            state.outbox_bytes += chunk.len();
+            state.outbox.push_back(chunk);
+        }
+        while state.downstream.capacity() > 1 && !state.outbox.is_empty() {
+            let message = merge(&mut state.outbox, &mut state.outbox_bytes);
+            let frame = connection_downstream::Kind::Data(message);
+            let _ = state
+                .downstream
+                .try_send(Ok(ConnectionDownstream { kind: Some(frame) }));
+        }
+        let held = state.reassembler.held() + state.outbox_bytes;
+        if state.suspect && state.reassembler.hole().is_some() {
+            return self.cut(flow, Cut::Lost);
+        }
+        if held > self.flow_limit {
+            return self.cut(flow, Cut::TooSlow(held));
+        }
+        if state.reassembler.finished() && state.outbox.is_empty() {
+            let eof = connection_downstream::Kind::Eof(Eof {});
+            let _ = state
+                .downstream
+                .try_send(Ok(ConnectionDownstream { kind: Some(eof) }));
+            self.close(flow, String::new());
+        }
+    }
+
+    fn cut(&mut self, flow: &Flow, cut: Cut) {
+        if let Some(state) = self.flows.get(flow) {
+            let _ = state.downstream.try_send(Err(cut.status()));
+        }
+        self.close(flow, cut.reason().to_string());
+    }
+
+    fn close(&mut self, flow: &Flow, error: String) {
+        if let Some(state) = self.flows.remove(flow) {
+            self.live
+                .emit(session_event::Kind::Closed(ConnectionClosed {
+                    connection_id: state.id,
+                    bytes_from_remote: state.reassembler.delivered(),
+                    bytes_to_remote: 0,
+                    error,
+                }));
+        }
+    }
+}
+
+/// Joins queued chunks into one message of at most [`MESSAGE`] bytes.
+fn merge(outbox: &mut VecDeque<Bytes>, outbox_bytes: &mut usize) -> Bytes {
+    let first = outbox.pop_front().expect("a non-empty outbox");
+    *outbox_bytes -= first.len();
+    if outbox
+        .front()
+        .is_none_or(|next| first.len() + next.len() > MESSAGE)
+    {
+        return first;
+    }
+    let mut message = BytesMut::from(first.as_ref());
+    while let Some(next) = outbox.front() {
+        if message.len() + next.len() > MESSAGE {
+            break;
+        }
+        let next = outbox.pop_front().expect("checked above");
+        *outbox_bytes -= next.len();
+        message.extend_from_slice(&next);
+    }
+    message.freeze()
+}
