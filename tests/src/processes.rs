@@ -198,9 +198,17 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent and returns once its gRPC port accepts connections.
     pub async fn start() -> Agent {
+        Agent::start_with(&[]).await
+    }
+
+    /// The same, with extra command line arguments.
+    pub async fn start_with(args: &[&str]) -> Agent {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut command = Command::new(binary("remocal-agent"));
-        command.arg("--grpc-listen").arg(addr.to_string());
+        command
+            .arg("--grpc-listen")
+            .arg(addr.to_string())
+            .args(args);
         let mut process = Process::spawn("remocal-agent", command);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -262,6 +270,13 @@ impl Steal {
     pub fn new(agent_url: &str) -> Steal {
         Steal {
             args: vec!["steal".into(), "--agent".into(), agent_url.into()],
+        }
+    }
+
+    /// `remocal mirror --agent URL`: the same command line otherwise.
+    pub fn mirror(agent_url: &str) -> Steal {
+        Steal {
+            args: vec!["mirror".into(), "--agent".into(), agent_url.into()],
         }
     }
 

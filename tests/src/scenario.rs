@@ -28,6 +28,11 @@ impl Scenario {
     /// `pods` pods, each running an HTTP server answering [`POD_BODY`] on every port in
     /// `ports`, and a started agent.
     pub async fn start(pods: usize, ports: &[u16]) -> Scenario {
+        Scenario::start_with(pods, ports, &[]).await
+    }
+
+    /// The same, with extra arguments for the agent.
+    pub async fn start_with(pods: usize, ports: &[u16], agent_args: &[&str]) -> Scenario {
         let topology = Topology::new(pods);
         let mut pod_servers = Vec::new();
         for (index, pod) in topology.pods.iter().enumerate() {
@@ -37,7 +42,7 @@ impl Scenario {
                 pod_servers.push((index, port, server));
             }
         }
-        let agent = Agent::start().await;
+        let agent = Agent::start_with(agent_args).await;
         Scenario {
             agent,
             pod_servers,
@@ -69,6 +74,14 @@ impl Scenario {
     /// `remocal steal --netns <pod> --port PORT --local-port <local>` against this agent.
     pub fn steal(&self, pod: usize, port: u16, local: &TcpServer) -> Steal {
         Steal::new(&self.agent.url())
+            .target(&self.pod_target(pod))
+            .port(port)
+            .local_port(local.port())
+    }
+
+    /// `remocal mirror --netns <pod> --port PORT --local-port <local>` against this agent.
+    pub fn mirror(&self, pod: usize, port: u16, local: &TcpServer) -> Steal {
+        Steal::mirror(&self.agent.url())
             .target(&self.pod_target(pod))
             .port(port)
             .local_port(local.port())

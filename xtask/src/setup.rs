@@ -13,6 +13,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "bpftool",
+    // Packet loss on the path in the mirror tests (the kernel here has no netem).
+    "nftables",
 ];
 
 pub fn ensure() -> anyhow::Result<()> {

@@ -30,9 +30,11 @@ const DOWNSTREAM_QUEUE: usize = 64;
 const MESSAGE: usize = 64 * 1024;
 /// How often held data is retried, losses checked and idle flows expired.
 const TICK: Duration = Duration::from_millis(50);
-/// A connection without any capture for this long is closed (its FIN or RST
-/// may have been lost with the capture).
+/// A connection without any capture for this long is closed.
 const IDLE: Duration = Duration::from_secs(300);
+/// After a capture was lost, a connection quiet for this long may have lost
+/// its last bytes or its FIN: it is cut rather than left hanging.
+const QUIET_AFTER_LOSS: Duration = Duration::from_secs(2);
 
 type Downstream = mpsc::Sender<Result<ConnectionDownstream, Status>>;
 
@@ -204,12 +206,14 @@ impl Mirror {
         }
         let flows: Vec<Flow> = self.flows.keys().copied().collect();
         for flow in flows {
-            if self
-                .flows
-                .get(&flow)
-                .is_some_and(|state| state.last_capture.elapsed() > IDLE)
-            {
+            let Some(state) = self.flows.get(&flow) else {
+                continue;
+            };
+            let quiet = state.last_capture.elapsed();
+            if quiet > IDLE {
                 self.cut(&flow, Cut::Idle);
+            } else if state.suspect && quiet > QUIET_AFTER_LOSS {
+                self.cut(&flow, Cut::Lost);
             } else {
                 self.pump(&flow);
             }
