@@ -21,7 +21,12 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming, transport::Channel};
 
-use crate::{grpc::AgentService, redirect::loopback::LoopbackRedirector, session::Sessions};
+use crate::{
+    grpc::AgentService,
+    mirror::{Capture, Flow},
+    redirect::loopback::LoopbackRedirector,
+    session::Sessions,
+};
 
 /// A network namespace other than ours (a sleeping `unshare -n` child), so
 /// the target checks pass; needs root, like the rest of the agent.
@@ -58,6 +63,7 @@ impl Drop for OtherNamespace {
 struct Harness {
     client: AgentClient<Channel>,
     active: Arc<Mutex<Vec<SocketAddr>>>,
+    taps: Arc<Mutex<Vec<mpsc::Sender<Capture>>>>,
     netns: OtherNamespace,
 }
 
@@ -65,6 +71,7 @@ impl Harness {
     async fn start() -> Self {
         let redirector = LoopbackRedirector::default();
         let active = redirector.active.clone();
+        let taps = redirector.taps.clone();
         let sessions = Sessions::new(
             Arc::new(redirector),
             crate::session::Settings {
@@ -84,6 +91,7 @@ impl Harness {
         Self {
             client,
             active,
+            taps,
             netns: OtherNamespace::new(),
         }
     }
@@ -97,11 +105,20 @@ impl Harness {
         target: Option<Target>,
         port: u32,
     ) -> Result<Session, tonic::Status> {
+        self.open_mode(target, port, Mode::Steal).await
+    }
+
+    async fn open_mode(
+        &mut self,
+        target: Option<Target>,
+        port: u32,
+        mode: Mode,
+    ) -> Result<Session, tonic::Status> {
         let (requests, outgoing) = mpsc::channel(16);
         let open = OpenSession {
             target,
             port,
-            mode: Mode::Steal as i32,
+            mode: mode as i32,
             client: "tester@laptop".into(),
         };
         requests
@@ -118,12 +135,16 @@ impl Harness {
         let Some(session_event::Kind::Ready(ready)) = next(&mut events).await else {
             panic!("no ready event");
         };
-        let listener = *self
-            .active
-            .lock()
-            .unwrap()
-            .last()
-            .expect("an active redirection");
+        // A mirror has no listener: its connections come from the tap.
+        let listener = match mode {
+            Mode::Mirror => SocketAddr::from(([0, 0, 0, 0], 0)),
+            _ => *self
+                .active
+                .lock()
+                .unwrap()
+                .last()
+                .expect("an active redirection"),
+        };
         Ok(Session {
             id: ready.session_id,
             requests,
@@ -428,4 +449,67 @@ async fn a_stalled_connection_does_not_stall_another() {
     assert_eq!(received, pattern(1 << 20, 3));
     writer.await.unwrap();
     flood.abort();
+}
+
+#[tokio::test]
+async fn a_mirrored_connection_arrives_in_order_and_ends_with_its_fin() {
+    let mut harness = Harness::start().await;
+    let mut session = harness
+        .open_mode(Some(harness.netns.target()), 80, Mode::Mirror)
+        .await
+        .unwrap();
+    let tap = harness.taps.lock().unwrap().last().unwrap().clone();
+    let flow = Flow {
+        source: "198.18.0.1:40000".parse().unwrap(),
+        destination: "198.18.0.2:80".parse().unwrap(),
+    };
+    let isn = u32::MAX - 2; // the stream wraps the sequence space
+    let data = pattern(10_000, 5);
+    let seq = |offset: usize| isn.wrapping_add(1).wrapping_add(offset as u32);
+    tap.send(Capture::Syn { flow, isn }).await.unwrap();
+    let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await else {
+        panic!("no connection event");
+    };
+    assert_eq!(announced.source, "198.18.0.1:40000");
+    // Out of order, with a duplicate: the copy is still in order and exact.
+    for (from, to) in [(4000, 10_000), (0, 5000), (0, 3000)] {
+        let payload = data[from..to].to_vec().into();
+        tap.send(Capture::Data {
+            flow,
+            seq: seq(from),
+            payload,
+        })
+        .await
+        .unwrap();
+    }
+    tap.send(Capture::Fin {
+        flow,
+        seq: seq(data.len()),
+    })
+    .await
+    .unwrap();
+
+    let (upstream, outgoing) = mpsc::channel(1);
+    let attach = Attach {
+        session_id: session.id.clone(),
+        connection_id: announced.connection_id,
+    };
+    upstream
+        .send(frame(connection_upstream::Kind::Attach(attach)))
+        .await
+        .unwrap();
+    let downstream = harness
+        .client
+        .connection(ReceiverStream::new(outgoing))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut connection = Connection {
+        id: announced.connection_id,
+        upstream: Some(upstream),
+        downstream,
+    };
+    let (received, eof) = connection.receive(data.len() + 1).await;
+    assert_eq!(received, data);
+    assert!(eof, "the FIN ends the copy");
 }

@@ -20,7 +20,7 @@ use tokio::{
     sync::mpsc,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Streaming};
+use tonic::Streaming;
 
 use crate::{agent_link::Agent, output::Printer};
 
@@ -92,7 +92,7 @@ pub async fn serve(
         let (read, write) = stream.split();
         let weak = upstream.downgrade();
         if mode == Mode::Mirror {
-            let copy = agent_to_local(&mut downstream, write, weak, printer, id);
+            let copy = agent_to_local(&mut downstream, write, weak);
             let drain = discard(read);
             tokio::pin!(copy, drain);
             let mut drained = false;
@@ -111,7 +111,7 @@ pub async fn serve(
         } else {
             tokio::try_join!(
                 local_to_agent(read, upstream),
-                agent_to_local(&mut downstream, write, weak, printer, id)
+                agent_to_local(&mut downstream, write, weak)
             )
             .is_err()
         }
@@ -172,8 +172,6 @@ async fn agent_to_local(
     downstream: &mut Streaming<ConnectionDownstream>,
     mut write: WriteHalf<'_>,
     upstream: mpsc::WeakSender<ConnectionUpstream>,
-    printer: Printer,
-    id: u64,
 ) -> Result<(), Failed> {
     loop {
         let kind = match downstream.message().await {
@@ -181,16 +179,9 @@ async fn agent_to_local(
             Ok(Some(ConnectionDownstream { kind: None })) => continue,
             Ok(None) => return Ok(()),
             // The agent reports a remote reset, the end of the session, or
-            // a mirrored copy that can no longer be exact.
-            Err(status) => {
-                if matches!(status.code(), Code::DataLoss | Code::ResourceExhausted) {
-                    printer.warning(&format!(
-                        "connection {id} was cut off: {}",
-                        status.message()
-                    ));
-                }
-                return Err(Failed);
-            }
+            // a mirrored copy that can no longer be exact (the session's
+            // event stream says why).
+            Err(_) => return Err(Failed),
         };
         let written = match kind {
             connection_downstream::Kind::Data(data) => write.write_all(&data).await,

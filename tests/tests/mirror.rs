@@ -297,3 +297,56 @@ async fn mirroring_a_stolen_port_copies_the_stolen_connections() {
     assert_eq!(stealer.accepted(), 5, "the steal still answered");
     assert_eq!(pod.accepted(), 0, "the pod got nothing while stolen");
 }
+
+/// A connection already open when mirroring starts is skipped: its beginning is
+/// gone, and a copy starting mid-stream would only confuse the local process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_open_before_the_mirror_are_skipped() {
+    let scenario = Scenario::start(1, &[]).await;
+    let _pod = TcpServer::in_netns(&scenario.pod(0).netns, PORT, servers::echo);
+    let (local, copies) = recording_local();
+    let mut early = scenario
+        .node()
+        .connect(scenario.pod(0).v4(PORT))
+        .await
+        .unwrap();
+    let _mirror = scenario.mirror(0, PORT, &local).start().await;
+
+    early.write_all(&request(1, 10_000)).await.unwrap();
+    early.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    early.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(
+        answer,
+        request(1, 10_000),
+        "the pod served the early connection"
+    );
+    run_workload(&scenario, &[(2, 10_000)]).await;
+    let copies = wait_for_copies(&copies, 1, Duration::from_secs(30)).await;
+    sleep(Duration::from_millis(300)).await;
+    assert_complete(&copies, &[(2, 10_000)], "the local process");
+}
+
+/// A local process that stops reading must not grow the agent's memory: past its
+/// limit the copy is cut off and reported, while the pod serves the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_process_that_stops_reading_has_its_copy_cut_off() {
+    let scenario = Scenario::start_with(1, &[], &["--mirror-flow-limit", "1048576"]).await;
+    let _pod = TcpServer::in_netns(&scenario.pod(0).netns, PORT, servers::echo);
+    let stalled = TcpServer::local(|stream: tokio::net::TcpStream| async move {
+        sleep(Duration::from_secs(60)).await;
+        drop(stream);
+    });
+    let mirror = scenario.mirror(0, PORT, &stalled).start().await;
+
+    run_workload(&scenario, &[(1, 32 << 20)]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !mirror.stderr().contains("cut off") && Instant::now() < deadline {
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        mirror.stderr().contains("fell") && mirror.stderr().contains("cut off"),
+        "remocal reports the slow local process: {}",
+        mirror.stderr()
+    );
+}

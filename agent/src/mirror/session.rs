@@ -263,7 +263,15 @@ impl Mirror {
 
     fn cut(&mut self, flow: &Flow, cut: Cut) {
         if let Some(state) = self.flows.get(flow) {
-            let _ = state.downstream.try_send(Err(cut.status()));
+            let status = cut.status();
+            if matches!(cut, Cut::Lost | Cut::TooSlow(_)) {
+                self.live.warn(format!(
+                    "connection {} was cut off: {}",
+                    state.id,
+                    status.message()
+                ));
+            }
+            let _ = state.downstream.try_send(Err(status));
         }
         self.close(flow, cut.reason().to_string());
     }
