@@ -350,3 +350,22 @@ async fn a_local_process_that_stops_reading_has_its_copy_cut_off() {
         mirror.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_and_a_steal_on_different_ports_of_one_pod_coexist() {
+    let scenario = Scenario::start(1, &[80]).await;
+    let _pod = TcpServer::in_netns(&scenario.pod(0).netns, PORT, servers::echo);
+    let stealer = TcpServer::local(|s| servers::http(s, "stolen"));
+    let _steal = scenario.steal(0, 80, &stealer).start().await;
+    let (local, copies) = recording_local();
+    let _mirror = scenario.mirror(0, PORT, &local).start().await;
+
+    assert_eq!(scenario.curl(scenario.pod(0).v4(80)).await, "stolen");
+    run_workload(&scenario, &[(3, 50_000)]).await;
+    assert_complete(
+        &wait_for_copies(&copies, 1, Duration::from_secs(30)).await,
+        &[(3, 50_000)],
+        "the mirror",
+    );
+    assert_eq!(scenario.curl(scenario.pod(0).v6(80)).await, "stolen");
+}
