@@ -43,7 +43,7 @@ struct Cli {
     capture_buffer: u32,
     /// Bytes one mirrored connection may hold while the developer's local
     /// process reads slowly; beyond that the copy is cut off and reported.
-    #[arg(long, default_value_t = 8 << 20)]
+    #[arg(long, default_value_t = 32 << 20)]
     mirror_flow_limit: usize,
     /// Log line format (filter with RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

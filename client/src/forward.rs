@@ -88,35 +88,19 @@ pub async fn serve(
         }
     };
 
-    let failed = {
+    let failed = if mode == Mode::Mirror {
+        // A copy is read-only: nothing goes upstream.
+        drop(upstream);
+        copy_to_local(&mut downstream, &mut stream).await
+    } else {
         let (read, write) = stream.split();
         let weak = upstream.downgrade();
-        if mode == Mode::Mirror {
-            let copy = agent_to_local(&mut downstream, write, weak);
-            let drain = discard(read);
-            tokio::pin!(copy, drain);
-            let mut drained = false;
-            let failed = loop {
-                tokio::select! {
-                    copied = &mut copy => break copied.is_err(),
-                    () = &mut drain, if !drained => drained = true,
-                }
-            };
-            drop(upstream);
-            if !failed && !drained {
-                // Let the local process finish its answer before we close.
-                let _ = tokio::time::timeout(LINGER, drain).await;
-            }
-            failed
-        } else {
-            tokio::try_join!(
-                local_to_agent(read, upstream),
-                agent_to_local(&mut downstream, write, weak)
-            )
-            .is_err()
-        }
+        tokio::try_join!(
+            local_to_agent(read, upstream),
+            agent_to_local(&mut downstream, write, Some(weak))
+        )
+        .is_err()
     };
-
     if failed {
         reset(&stream);
     }
@@ -171,7 +155,8 @@ async fn local_to_agent(
 async fn agent_to_local(
     downstream: &mut Streaming<ConnectionDownstream>,
     mut write: WriteHalf<'_>,
-    upstream: mpsc::WeakSender<ConnectionUpstream>,
+    // Where to report a local failure; a mirrored copy has nobody to tell.
+    upstream: Option<mpsc::WeakSender<ConnectionUpstream>>,
 ) -> Result<(), Failed> {
     loop {
         let kind = match downstream.message().await {
@@ -188,12 +173,36 @@ async fn agent_to_local(
             connection_downstream::Kind::Eof(_) => write.shutdown().await,
         };
         if written.is_err() {
-            if let Some(upstream) = upstream.upgrade() {
+            if let Some(upstream) = upstream.as_ref().and_then(mpsc::WeakSender::upgrade) {
                 let _ = upstream.send(reset_frame()).await;
             }
             return Err(Failed);
         }
     }
+}
+
+/// Writes a mirrored connection's bytes to the local process while dropping
+/// its answers; true if the copy ended in failure.
+async fn copy_to_local(
+    downstream: &mut Streaming<ConnectionDownstream>,
+    stream: &mut TcpStream,
+) -> bool {
+    let (read, write) = stream.split();
+    let copy = agent_to_local(downstream, write, None);
+    let drain = discard(read);
+    tokio::pin!(copy, drain);
+    let mut drained = false;
+    let failed = loop {
+        tokio::select! {
+            copied = &mut copy => break copied.is_err(),
+            () = &mut drain, if !drained => drained = true,
+        }
+    };
+    if !failed && !drained {
+        // Let the local process finish its answer before we close.
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+    failed
 }
 
 /// Reads and drops what the local process sends (its answers to a mirrored

@@ -13,6 +13,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, sleep, timeout};
 
 const PORT: u16 = 7000;
+/// A copy cannot slow the remote sender down, so a burst larger than the agent's
+/// buffers is cut off by design (tested below). The tests that expect complete
+/// copies of bursts (a 50 MiB upload into a debug build on a busy CI machine) give
+/// the agent room for the whole burst.
+const ROOM_FOR_THE_BURST: &[&str] = &[
+    "--capture-buffer",
+    "134217728",
+    "--mirror-flow-limit",
+    "134217728",
+];
 
 /// What the local process received on one mirrored connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,7 +147,7 @@ fn assert_complete(copies: &[Copy], connections: &[(u64, usize)], who: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_connection_arrives_byte_exact_while_the_pod_answers_them() {
-    let scenario = Scenario::start(1, &[]).await;
+    let scenario = Scenario::start_with(1, &[], ROOM_FOR_THE_BURST).await;
     let pod = TcpServer::in_netns(&scenario.pod(0).netns, PORT, servers::echo);
     let (local, copies) = recording_local();
     let _mirror = scenario.mirror(0, PORT, &local).start().await;
@@ -155,7 +165,7 @@ async fn every_connection_arrives_byte_exact_while_the_pod_answers_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_mirror_sessions_on_one_port_both_get_complete_copies() {
-    let scenario = Scenario::start(1, &[]).await;
+    let scenario = Scenario::start_with(1, &[], ROOM_FOR_THE_BURST).await;
     let _pod = TcpServer::in_netns(&scenario.pod(0).netns, PORT, servers::echo);
     let (first_local, first) = recording_local();
     let (second_local, second) = recording_local();
@@ -182,7 +192,7 @@ async fn two_mirror_sessions_on_one_port_both_get_complete_copies() {
 /// holes, late fills and out-of-order segments: the copies must still be exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_stay_byte_exact_with_packet_loss_on_the_path() {
-    let scenario = Scenario::start(1, &[]).await;
+    let scenario = Scenario::start_with(1, &[], ROOM_FOR_THE_BURST).await;
     let _pod = TcpServer::in_netns(&scenario.pod(0).netns, PORT, servers::echo);
     let nft = |rule: &str| {
         let status = scenario

@@ -15,8 +15,9 @@ use tracing::warn;
 use super::ebpf::total;
 use crate::mirror::Capture;
 
-/// Captures queued per mirror session before it counts as falling behind.
-const TAP_QUEUE: usize = 8192;
+/// Captures queued per mirror session before it counts as falling behind:
+/// a 50 MiB burst of MTU-sized segments is ~36k captures.
+const TAP_QUEUE: usize = 65536;
 
 #[derive(Default)]
 pub struct Taps {
