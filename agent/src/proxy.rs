@@ -58,9 +58,12 @@ pub async fn pipe(
         let (read, write) = stream.split();
         let to_client = remote_to_client(read, &downstream, &mut outcome.bytes_from_remote);
         let to_remote = client_to_remote(&mut upstream, write, &mut outcome.bytes_to_remote);
+        // Biased: when the session ends, the client's calls break right
+        // after; the end of the session must win that race.
         tokio::select! {
-            result = async { tokio::try_join!(to_client, to_remote) } => Some(result.map(|_| ())),
+            biased;
             () = session_ended.cancelled() => None,
+            result = async { tokio::try_join!(to_client, to_remote) } => Some(result.map(|_| ())),
         }
     };
     let Some(result) = result else {
@@ -84,8 +87,11 @@ pub async fn pipe(
             reset(&stream);
             outcome.error = "local side reset the connection".into();
         }
+        // The client vanished (its link broke): that ends the session, whose
+        // connections close cleanly. Only an explicit reset from the local
+        // side becomes a reset.
         Err(Ended::ClientGone) => {
-            reset(&stream);
+            close_gracefully(&mut stream).await;
             outcome.error = "client went away".into();
         }
     }

@@ -163,28 +163,29 @@ impl Harness {
         };
         assert_eq!(announced.source, remote.local_addr().unwrap().to_string());
         assert_eq!(announced.destination, session.listener.to_string());
+        let connection = self.attach(session, announced.connection_id).await;
+        (remote, connection)
+    }
+
+    /// Opens the data call for an announced connection, as the client does.
+    async fn attach(&mut self, session: &Session, connection_id: u64) -> Connection {
         let (upstream, outgoing) = mpsc::channel(16);
-        upstream
-            .send(frame(connection_upstream::Kind::Attach(Attach {
-                session_id: session.id.clone(),
-                connection_id: announced.connection_id,
-            })))
-            .await
-            .unwrap();
+        let attach = connection_upstream::Kind::Attach(Attach {
+            session_id: session.id.clone(),
+            connection_id,
+        });
+        upstream.send(frame(attach)).await.unwrap();
         let downstream = self
             .client
             .connection(ReceiverStream::new(outgoing))
             .await
             .unwrap()
             .into_inner();
-        (
-            remote,
-            Connection {
-                id: announced.connection_id,
-                upstream: Some(upstream),
-                downstream,
-            },
-        )
+        Connection {
+            id: connection_id,
+            upstream: Some(upstream),
+            downstream,
+        }
     }
 }
 
@@ -489,26 +490,7 @@ async fn a_mirrored_connection_arrives_in_order_and_ends_with_its_fin() {
     .await
     .unwrap();
 
-    let (upstream, outgoing) = mpsc::channel(1);
-    let attach = Attach {
-        session_id: session.id.clone(),
-        connection_id: announced.connection_id,
-    };
-    upstream
-        .send(frame(connection_upstream::Kind::Attach(attach)))
-        .await
-        .unwrap();
-    let downstream = harness
-        .client
-        .connection(ReceiverStream::new(outgoing))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut connection = Connection {
-        id: announced.connection_id,
-        upstream: Some(upstream),
-        downstream,
-    };
+    let mut connection = harness.attach(&session, announced.connection_id).await;
     let (received, eof) = connection.receive(data.len() + 1).await;
     assert_eq!(received, data);
     assert!(eof, "the FIN ends the copy");

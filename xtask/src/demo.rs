@@ -49,13 +49,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     run::require_root("cargo xtask demo")?;
     setup::ensure()?;
     step("building remocal");
-    run::checked(run::cargo().args([
-        "build",
-        "--package",
-        "remocal-agent",
-        "--package",
-        "remocal",
-    ]))?;
+    run::build_binaries()?;
     let bin = run::workspace_root().join("target/debug");
     let me = std::env::current_exe().context("cannot find the xtask binary")?;
     ctrlc::set_handler(|| {
@@ -158,64 +152,30 @@ fn show(options: &Options, bin: &Path, me: &Path) -> anyhow::Result<()> {
 fn create_topology() -> anyhow::Result<()> {
     delete_namespaces();
     for ns in [NODE, POD] {
-        ip(&["netns", "add", ns])?;
-        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&format!("netns add {ns}"))?;
+        ip(&format!("-n {ns} link set lo up"))?;
     }
-    ip(&[
-        "link", "add", "veth-pod", "netns", NODE, "type", "veth", "peer", "name", "eth0", "netns",
-        POD,
-    ])?;
-    ip(&[
-        "-n",
-        NODE,
-        "addr",
-        "add",
-        "198.18.0.1/24",
-        "dev",
-        "veth-pod",
-    ])?;
-    ip(&[
-        "-n",
-        NODE,
-        "addr",
-        "add",
-        "fd72:656d::1/64",
-        "dev",
-        "veth-pod",
-        "nodad",
-    ])?;
-    ip(&[
-        "-n",
-        POD,
-        "addr",
-        "add",
-        &format!("{POD_V4}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&[
-        "-n",
-        POD,
-        "addr",
-        "add",
-        &format!("{POD_V6}/64"),
-        "dev",
-        "eth0",
-        "nodad",
-    ])?;
-    ip(&["-n", NODE, "link", "set", "veth-pod", "up"])?;
-    ip(&["-n", POD, "link", "set", "eth0", "up"])
+    ip(&format!(
+        "link add veth-pod netns {NODE} type veth peer name eth0 netns {POD}"
+    ))?;
+    ip(&format!("-n {NODE} addr add 198.18.0.1/24 dev veth-pod"))?;
+    ip(&format!(
+        "-n {NODE} addr add fd72:656d::1/64 dev veth-pod nodad"
+    ))?;
+    ip(&format!("-n {POD} addr add {POD_V4}/24 dev eth0"))?;
+    ip(&format!("-n {POD} addr add {POD_V6}/64 dev eth0 nodad"))?;
+    ip(&format!("-n {NODE} link set veth-pod up"))?;
+    ip(&format!("-n {POD} link set eth0 up"))
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+fn ip(args: &str) -> anyhow::Result<()> {
     let output = Command::new("ip")
-        .args(args)
+        .args(args.split_whitespace())
         .output()
         .context("cannot run ip (install iproute2)")?;
     if !output.status.success() {
         bail!(
-            "ip {} failed: {}",
-            args.join(" "),
+            "ip {args} failed: {}",
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }

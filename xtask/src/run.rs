@@ -38,6 +38,17 @@ pub fn cargo() -> Command {
     command
 }
 
+/// The two binaries users run (the agent's build also builds the eBPF programs).
+pub fn build_binaries() -> anyhow::Result<()> {
+    checked(cargo().args([
+        "build",
+        "--package",
+        "remocal-agent",
+        "--package",
+        "remocal",
+    ]))
+}
+
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -11,14 +11,7 @@ use crate::{demo, run, setup};
 pub fn run(test_args: &[String]) -> anyhow::Result<()> {
     run::require_root("cargo xtask test")?;
     setup::ensure()?;
-    eprintln!("==> build");
-    run::checked(run::cargo().args([
-        "build",
-        "--package",
-        "remocal-agent",
-        "--package",
-        "remocal",
-    ]))?;
+    // The demo builds the binaries the end-to-end tests run.
     eprintln!("==> demo (smoke: the README's first command keeps working)");
     demo::run(&demo::Options::smoke())?;
     eprintln!("==> unit and end-to-end tests");
