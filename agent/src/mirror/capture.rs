@@ -66,6 +66,14 @@ impl Capture {
         })
     }
 
+    /// Payload bytes this capture holds in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Capture::Data { payload, .. } => payload.len(),
+            _ => 0,
+        }
+    }
+
     pub fn flow(&self) -> Flow {
         match self {
             Capture::Syn { flow, .. }

@@ -105,7 +105,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(TICK);
     let reason = loop {
         tokio::select! {
-            capture = tap.captures.recv() => match capture {
+            capture = tap.next() => match capture {
                 Some(capture) => mirror.capture(capture, &events).await,
                 None => break "the capture stopped",
             },

@@ -4,7 +4,7 @@
 //! exactly like a capture the kernel could not fit in the ring.
 use std::sync::{
     Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicU64, AtomicUsize, Ordering},
 };
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -15,9 +15,10 @@ use tracing::warn;
 use super::ebpf::total;
 use crate::mirror::Capture;
 
-/// Captures queued per mirror session before it counts as falling behind:
-/// a 50 MiB burst of MTU-sized segments is ~36k captures.
+/// Captures, and payload bytes, queued per mirror session before it counts
+/// as falling behind (a 50 MiB burst of MTU-sized segments is ~36k captures).
 const TAP_QUEUE: usize = 65536;
+const TAP_BYTES: usize = 128 << 20;
 
 #[derive(Default)]
 pub struct Taps {
@@ -29,21 +30,32 @@ struct TapEntry {
     id: u64,
     port: u16,
     captures: mpsc::Sender<Capture>,
+    queued: Arc<AtomicUsize>,
     lost: Arc<AtomicU64>,
 }
 
 impl Taps {
-    pub fn add(&self, port: u16) -> (u64, mpsc::Receiver<Capture>, Arc<AtomicU64>) {
+    pub fn add(
+        &self,
+        port: u16,
+    ) -> (
+        u64,
+        mpsc::Receiver<Capture>,
+        Arc<AtomicUsize>,
+        Arc<AtomicU64>,
+    ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (captures, receiver) = mpsc::channel(TAP_QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
         let lost = Arc::new(AtomicU64::new(0));
         self.entries.lock().expect("taps lock").push(TapEntry {
             id,
             port,
             captures,
+            queued: queued.clone(),
             lost: lost.clone(),
         });
-        (id, receiver, lost)
+        (id, receiver, queued, lost)
     }
 
     /// True when no tap is left on the removed tap's port.
@@ -65,7 +77,12 @@ impl Taps {
             .iter()
             .filter(|entry| entry.port == port)
         {
-            if entry.captures.try_send(capture.clone()).is_err() {
+            let bytes = capture.bytes();
+            // Counted before sending, so the session can never take away
+            // bytes that were not added yet.
+            let queued = entry.queued.fetch_add(bytes, Ordering::Relaxed);
+            if queued + bytes > TAP_BYTES || entry.captures.try_send(capture.clone()).is_err() {
+                entry.queued.fetch_sub(bytes, Ordering::Relaxed);
                 entry.lost.fetch_add(1, Ordering::Relaxed);
             }
         }

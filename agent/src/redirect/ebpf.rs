@@ -97,7 +97,7 @@ impl Redirector for EbpfRedirector {
 
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError> {
         let attachment = self.attachment_for(target)?;
-        let (id, captures, lost) = attachment.taps.add(port);
+        let (id, captures, queued, lost) = attachment.taps.add(port);
         let mirrored = MirroredPort {
             attachment,
             id,
@@ -110,11 +110,12 @@ impl Redirector for EbpfRedirector {
             .expect("mirror ports lock")
             .insert(PortKey { port }, 1, 0)
             .map_err(|err| RedirectError::kernel("registering the mirrored port failed", err))?;
-        Ok(Tap {
+        Ok(Tap::new(
             captures,
+            queued,
             lost,
-            active: ActiveRedirection::new(mirrored),
-        })
+            ActiveRedirection::new(mirrored),
+        ))
     }
 }
 

@@ -6,7 +6,10 @@ mod listener;
 
 use std::{
     net::TcpListener,
-    sync::{Arc, atomic::AtomicU64},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 pub use ebpf::EbpfRedirector;
@@ -26,7 +29,10 @@ pub trait Redirector: Send + Sync + 'static {
 
 /// Copies of a mirrored port's incoming segments, in capture order.
 pub struct Tap {
-    pub captures: mpsc::Receiver<Capture>,
+    captures: mpsc::Receiver<Capture>,
+    /// Payload bytes queued in `captures`: the producer adds, `next` takes
+    /// away, so the queue is bounded in memory and not just in count.
+    queued: Arc<AtomicUsize>,
     /// Grows whenever a capture meant for this tap was lost (the kernel's
     /// ring or this tap's queue was full): connections with a gap are then
     /// incomplete for good.
@@ -40,6 +46,34 @@ pub struct Tap {
 pub struct Redirection {
     pub listener: TcpListener,
     pub active: ActiveRedirection,
+}
+
+impl Tap {
+    pub fn new(
+        captures: mpsc::Receiver<Capture>,
+        queued: Arc<AtomicUsize>,
+        lost: Arc<AtomicU64>,
+        active: ActiveRedirection,
+    ) -> Self {
+        Self {
+            captures,
+            queued,
+            lost,
+            active,
+        }
+    }
+
+    /// The next capture; None once the capture stopped.
+    pub async fn next(&mut self) -> Option<Capture> {
+        let capture = self.captures.recv().await?;
+        let bytes = capture.bytes();
+        let _ = self
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                Some(queued.saturating_sub(bytes))
+            });
+        Some(capture)
+    }
 }
 
 /// Undoes the redirection when dropped (crash or not: the kernel objects
@@ -102,11 +136,12 @@ pub mod loopback {
         fn mirror(&self, _target: &Netns, _port: u16) -> Result<Tap, RedirectError> {
             let (captures, receiver) = mpsc::channel(1024);
             self.taps.lock().unwrap().push(captures);
-            Ok(Tap {
-                captures: receiver,
-                lost: Arc::default(),
-                active: ActiveRedirection::new(()),
-            })
+            Ok(Tap::new(
+                receiver,
+                Arc::default(),
+                Arc::default(),
+                ActiveRedirection::new(()),
+            ))
         }
 
         fn steal(&self, _target: &Netns, _port: u16) -> Result<Redirection, RedirectError> {
