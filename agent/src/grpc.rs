@@ -78,7 +78,11 @@ impl agent_server::Agent for AgentService {
             .sessions
             .open(open, peer, requests)
             .await
-            .map_err(open_status)?;
+            .map_err(|err| {
+                let status = open_status(err);
+                self.sessions.metrics().session_error(status.code());
+                status
+            })?;
         Ok(Response::new(ReceiverStream::new(events)))
     }
 

@@ -3,6 +3,7 @@
 //! to remocal clients over gRPC.
 mod grpc;
 mod logging;
+mod metrics;
 mod mirror;
 mod netns;
 mod proxy;
@@ -20,6 +21,7 @@ use tracing::info;
 
 use crate::{
     logging::LogFormat,
+    metrics::Metrics,
     redirect::EbpfRedirector,
     session::{Sessions, Settings},
 };
@@ -36,6 +38,9 @@ struct Cli {
     /// Address of the gRPC server remocal clients connect to.
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], remocal_proto::DEFAULT_GRPC_PORT)))]
     grpc_listen: SocketAddr,
+    /// Address of the metrics server (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], 9420)))]
+    metrics_listen: SocketAddr,
     /// Bytes of the kernel's capture ring buffer per target namespace (a power
     /// of two, at least 4096). When mirrored traffic outruns it, the affected
     /// mirrored connections are cut off and reported, never stitched.
@@ -61,7 +66,15 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings {
         mirror_flow_limit: cli.mirror_flow_limit,
     };
-    let sessions = Sessions::new(Arc::new(redirector), settings);
+    let metrics = Arc::new(Metrics::default());
+    let registry = metrics::registry(&metrics, Box::new(redirector.kernel_counters()));
+    let sessions = Sessions::new(Arc::new(redirector), settings, metrics);
+    metrics::serve(cli.metrics_listen, registry).await.with_context(|| {
+        format!(
+            "cannot serve metrics on {}: is another remocal-agent running? Choose another address with --metrics-listen",
+            cli.metrics_listen
+        )
+    })?;
     let listener = tokio::net::TcpListener::bind(cli.grpc_listen)
         .await
         .with_context(|| {
@@ -70,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
                 cli.grpc_listen
             )
         })?;
-    info!(grpc = %cli.grpc_listen, version = env!("CARGO_PKG_VERSION"), "remocal-agent ready");
+    info!(grpc = %cli.grpc_listen, metrics = %cli.metrics_listen, version = env!("CARGO_PKG_VERSION"), "remocal-agent ready");
 
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = grpc::server()

@@ -22,6 +22,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::{
+    metrics::{self, Metrics},
     mirror,
     netns::{Netns, NsId, TargetError, TargetSpec},
     proxy::{self, Outcome},
@@ -81,6 +82,7 @@ pub struct Sessions {
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
     next_session: AtomicU64,
     settings: Settings,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
 
@@ -106,6 +108,8 @@ pub enum Pending {
 /// The part of a session that connection calls reach by session id.
 pub struct LiveSession {
     id: String,
+    mode: metrics::Mode,
+    metrics: Arc<Metrics>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_connection: AtomicU64,
     /// Taken when the session ends, so the client's event stream ends with
@@ -115,15 +119,24 @@ pub struct LiveSession {
 }
 
 impl Sessions {
-    pub fn new(redirector: Arc<dyn Redirector>, settings: Settings) -> Arc<Self> {
+    pub fn new(
+        redirector: Arc<dyn Redirector>,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             redirector,
+            metrics,
             claims: Mutex::default(),
             live: Mutex::default(),
             next_session: AtomicU64::new(1),
             settings,
             shutdown: CancellationToken::new(),
         })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Validates, claims and redirects; on success the session runs until
@@ -181,6 +194,12 @@ impl Sessions {
         let (events, receiver) = mpsc::channel(EVENT_QUEUE);
         let live = Arc::new(LiveSession {
             id: id.clone(),
+            mode: if mode == Mode::Mirror {
+                metrics::Mode::mirror
+            } else {
+                metrics::Mode::steal
+            },
+            metrics: self.metrics.clone(),
             pending: Mutex::default(),
             next_connection: AtomicU64::new(1),
             events: Mutex::new(Some(events)),
@@ -195,6 +214,10 @@ impl Sessions {
             .lock()
             .expect("live lock")
             .insert(id.clone(), live.clone());
+        self.metrics
+            .sessions_active
+            .get_or_create(&metrics::ModeLabels { mode: live.mode })
+            .inc();
         info!(session = %id, target = %netns, port, %client, ?mode, "session started");
         let sessions = self.clone();
         tokio::spawn(async move {
@@ -329,11 +352,18 @@ impl Sessions {
 
     fn end(&self, live: Arc<LiveSession>, reason: &str, claim: Option<Claim>) {
         live.ended.cancel();
-        for (_, pending) in live.pending.lock().expect("pending lock").drain() {
+        let pending: Vec<(u64, Pending)> =
+            live.pending.lock().expect("pending lock").drain().collect();
+        for (id, pending) in pending {
             if let Pending::Stolen(mut stream) = pending {
+                live.never_served(id, "session ended");
                 tokio::spawn(async move { proxy::close_gracefully(&mut stream).await });
             }
         }
+        self.metrics
+            .sessions_active
+            .get_or_create(&metrics::ModeLabels { mode: live.mode })
+            .dec();
         self.live.lock().expect("live lock").remove(&live.id);
         drop(claim);
         live.emit(session_event::Kind::Ended(SessionEnded {
@@ -376,6 +406,7 @@ impl Sessions {
             tokio::time::sleep(ATTACH_TIMEOUT).await;
             if let Some(Pending::Stolen(stream)) = live.take_pending(id) {
                 proxy::reset(&stream);
+                live.never_served(id, "not picked up");
                 live.warn(format!("connection {id} was reset: the client did not pick it up within {ATTACH_TIMEOUT:?}"));
             }
         });
@@ -383,11 +414,20 @@ impl Sessions {
 }
 
 impl LiveSession {
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn ended(&self) -> CancellationToken {
         self.ended.clone()
     }
 
     pub fn connection_closed(&self, connection_id: u64, outcome: Outcome) {
+        self.metrics.connection_closed(
+            self.mode,
+            outcome.bytes_from_remote,
+            outcome.bytes_to_remote,
+        );
         self.emit(session_event::Kind::Closed(ConnectionClosed {
             connection_id,
             bytes_from_remote: outcome.bytes_from_remote,
@@ -411,6 +451,7 @@ impl LiveSession {
     /// Keeps an announced connection until its data call picks it up, under
     /// a new connection id.
     pub fn park(&self, pending: Pending) -> u64 {
+        self.metrics.connection_opened(self.mode);
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         self.pending
             .lock()
@@ -445,7 +486,20 @@ impl LiveSession {
         debug!(session = %self.id, connection = id, reason, "client rejected a connection");
         if let Some(Pending::Stolen(stream)) = self.take_pending(id) {
             proxy::reset(&stream);
+            self.never_served(id, "rejected by the client");
         }
+    }
+
+    /// Accounts for an announced connection that ends before a data call
+    /// carried it.
+    fn never_served(&self, id: u64, why: &str) {
+        self.connection_closed(
+            id,
+            Outcome {
+                error: why.to_string(),
+                ..Outcome::default()
+            },
+        );
     }
 
     pub fn warn(&self, message: String) {

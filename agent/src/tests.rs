@@ -77,6 +77,7 @@ impl Harness {
             crate::session::Settings {
                 mirror_flow_limit: 1 << 20,
             },
+            Arc::default(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -157,9 +158,13 @@ impl Harness {
     /// announces it and the test attaches a data stream to it.
     async fn stolen(&mut self, session: &mut Session) -> (TcpStream, Connection) {
         let remote = TcpStream::connect(session.listener).await.unwrap();
-        let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await
-        else {
-            panic!("no connection event");
+        // Earlier connections may report their end first.
+        let announced = loop {
+            match next(&mut session.events).await {
+                Some(session_event::Kind::Connection(announced)) => break announced,
+                Some(session_event::Kind::Closed(_)) => {}
+                other => panic!("expected a connection event, got {other:?}"),
+            }
         };
         assert_eq!(announced.source, remote.local_addr().unwrap().to_string());
         assert_eq!(announced.destination, session.listener.to_string());

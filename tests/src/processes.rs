@@ -193,6 +193,7 @@ impl Drop for Process {
 pub struct Agent {
     process: Process,
     addr: SocketAddr,
+    metrics: SocketAddr,
 }
 
 impl Agent {
@@ -204,10 +205,13 @@ impl Agent {
     /// The same, with extra command line arguments.
     pub async fn start_with(args: &[&str]) -> Agent {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut command = Command::new(binary("remocal-agent"));
         command
             .arg("--grpc-listen")
             .arg(addr.to_string())
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
             .args(args);
         let mut process = Process::spawn("remocal-agent", command);
         let deadline = Instant::now() + START_TIMEOUT;
@@ -229,7 +233,16 @@ impl Agent {
             }
             sleep(Duration::from_millis(50)).await;
         }
-        Agent { process, addr }
+        Agent {
+            process,
+            addr,
+            metrics,
+        }
+    }
+
+    /// Where the agent serves `/metrics`, `/healthz` and `/readyz`.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
     }
 
     /// The `--agent` value that reaches this agent.

@@ -32,6 +32,9 @@ pub struct Options {
     /// Port the demo's "local process" listens on.
     #[arg(long, default_value_t = 18080)]
     local_port: u16,
+    /// Port of the demo agent's metrics server (on 127.0.0.1).
+    #[arg(long, default_value_t = 9420)]
+    metrics_port: u16,
 }
 
 impl Options {
@@ -41,6 +44,7 @@ impl Options {
         Self {
             agent_port: free_port(),
             local_port: free_port(),
+            metrics_port: free_port(),
         }
     }
 }
@@ -94,9 +98,10 @@ fn show(options: &Options, bin: &Path, me: &Path) -> anyhow::Result<()> {
         agent_log.display()
     ));
     let log = std::fs::File::create(&agent_log).context("cannot create the agent log")?;
+    let metrics = format!("127.0.0.1:{}", options.metrics_port);
     spawn(
         Command::new(bin.join("remocal-agent"))
-            .args(["--grpc-listen", &agent])
+            .args(["--grpc-listen", &agent, "--metrics-listen", &metrics])
             .stderr(log),
     )?;
     wait_for_port(&agent)

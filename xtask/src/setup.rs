@@ -15,6 +15,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     // Packet loss on the path in the mirror tests (the kernel here has no netem).
     "nftables",
+    // The metrics tests scrape the agent with a real Prometheus and promtool.
+    "prometheus",
 ];
 
 pub fn ensure() -> anyhow::Result<()> {

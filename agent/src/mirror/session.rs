@@ -10,8 +10,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use remocal_proto::v1::{
-    ConnectionClosed, ConnectionDownstream, Eof, NewConnection, SessionRequest,
-    connection_downstream, session_event,
+    ConnectionDownstream, Eof, NewConnection, SessionRequest, connection_downstream, session_event,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +18,7 @@ use tonic::{Status, Streaming};
 
 use super::{Capture, Flow, reassembly::Reassembler};
 use crate::{
+    proxy::Outcome,
     redirect::Tap,
     session::{LiveSession, Pending},
 };
@@ -230,9 +230,8 @@ impl Mirror {
         if state.downstream.is_closed() {
             // The client rejected it or went away: nobody wants this copy.
             let id = state.id;
-            self.flows.remove(flow);
             self.live.take_pending(id);
-            return;
+            return self.close(flow, "nobody wanted the copy".into());
         }
         for chunk in state.reassembler.take_ready() {
             state.outbox_bytes += chunk.len();
@@ -264,6 +263,9 @@ impl Mirror {
     fn cut(&mut self, flow: &Flow, cut: Cut) {
         if let Some(state) = self.flows.get(flow) {
             let status = cut.status();
+            if let (Cut::Lost, Some((_, missing))) = (&cut, state.reassembler.hole()) {
+                self.live.metrics().mirror_lost_bytes_total.inc_by(missing);
+            }
             if matches!(cut, Cut::Lost | Cut::TooSlow(_)) {
                 self.live.warn(format!(
                     "connection {} was cut off: {}",
@@ -278,13 +280,12 @@ impl Mirror {
 
     fn close(&mut self, flow: &Flow, error: String) {
         if let Some(state) = self.flows.remove(flow) {
-            self.live
-                .emit(session_event::Kind::Closed(ConnectionClosed {
-                    connection_id: state.id,
-                    bytes_from_remote: state.reassembler.delivered(),
-                    bytes_to_remote: 0,
-                    error,
-                }));
+            let outcome = Outcome {
+                bytes_from_remote: state.reassembler.delivered(),
+                bytes_to_remote: 0,
+                error,
+            };
+            self.live.connection_closed(state.id, outcome);
         }
     }
 }

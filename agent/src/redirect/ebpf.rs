@@ -22,6 +22,11 @@ use aya::{
     },
 };
 use aya_log::EbpfLogger;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter},
+};
 use remocal_agent_common::{
     COUNTERS_MAP, Counter, MIRROR_EVENTS_MAP, MIRROR_PORTS_MAP, MIRROR_PROGRAM, PortKey,
     STEAL_LISTENERS_MAP, STEAL_LOOKUP_PROGRAM, STEAL_PROGRAM,
@@ -44,7 +49,16 @@ pub struct EbpfRedirector {
     runtime: Handle,
     /// Bytes of each namespace's capture ring buffer.
     capture_buffer: u32,
+    shared: Arc<Shared>,
+}
+
+/// What the metrics collector reads too.
+#[derive(Default)]
+struct Shared {
     attachments: Mutex<HashMap<NsId, Weak<Attachment>>>,
+    /// Counter totals of attachments already gone, so that the exported
+    /// counters never go down when a namespace is detached.
+    retired: Mutex<[u64; Counter::ALL.len()]>,
 }
 
 impl EbpfRedirector {
@@ -57,17 +71,28 @@ impl EbpfRedirector {
         Ok(Self {
             runtime,
             capture_buffer,
-            attachments: Mutex::default(),
+            shared: Arc::default(),
         })
     }
 
+    /// The kernel's per-CPU counters, summed over CPUs and namespaces, for
+    /// the metrics endpoint.
+    pub fn kernel_counters(&self) -> KernelCounters {
+        KernelCounters(self.shared.clone())
+    }
+
     fn attachment_for(&self, target: &Netns) -> Result<Arc<Attachment>, RedirectError> {
-        let mut attachments = self.attachments.lock().expect("attachments lock");
+        let mut attachments = self.shared.attachments.lock().expect("attachments lock");
         attachments.retain(|_, attachment| attachment.strong_count() > 0);
         if let Some(existing) = attachments.get(&target.id()).and_then(Weak::upgrade) {
             return Ok(existing);
         }
-        let attachment = Arc::new(Attachment::new(target, &self.runtime, self.capture_buffer)?);
+        let attachment = Arc::new(Attachment::new(
+            target,
+            &self.runtime,
+            self.capture_buffer,
+            self.shared.clone(),
+        )?);
         attachments.insert(target.id(), Arc::downgrade(&attachment));
         Ok(attachment)
     }
@@ -130,10 +155,16 @@ struct Attachment {
     _ebpf: Ebpf,
     log_drain: JoinHandle<()>,
     capture_reader: JoinHandle<()>,
+    shared: Arc<Shared>,
 }
 
 impl Attachment {
-    fn new(target: &Netns, runtime: &Handle, capture_buffer: u32) -> Result<Self, RedirectError> {
+    fn new(
+        target: &Netns,
+        runtime: &Handle,
+        capture_buffer: u32,
+        shared: Arc<Shared>,
+    ) -> Result<Self, RedirectError> {
         let (mut ebpf, logger) = load(capture_buffer)?;
         let log_drain = runtime.spawn(drain_logs(logger));
         load_programs(&mut ebpf)?;
@@ -171,6 +202,7 @@ impl Attachment {
             _ebpf: ebpf,
             log_drain,
             capture_reader,
+            shared,
         })
     }
 
@@ -190,6 +222,11 @@ impl Drop for Attachment {
     fn drop(&mut self) {
         self.log_drain.abort();
         self.capture_reader.abort();
+        let mut retired = self.shared.retired.lock().expect("retired lock");
+        for (total, counter) in retired.iter_mut().zip(Counter::ALL) {
+            *total += self.total(counter);
+        }
+        drop(retired);
         info!(
             target = %self.target,
             packets = self.total(Counter::PacketsSeen),
@@ -221,6 +258,59 @@ impl Drop for StolenPort {
             // The kernel drops a closed socket from the map by itself.
             warn!(target = %self.attachment.target, port = self.port, %err, "removing the steal listener failed");
         }
+    }
+}
+
+/// Exports the kernel's counters as `remocal_ebpf_packets_total{program,verdict}`.
+pub struct KernelCounters(Arc<Shared>);
+
+impl std::fmt::Debug for KernelCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCounters")
+    }
+}
+
+impl KernelCounters {
+    fn totals(&self) -> [u64; Counter::ALL.len()] {
+        let mut totals = *self.0.retired.lock().expect("retired lock");
+        let live: Vec<Arc<Attachment>> = self
+            .0
+            .attachments
+            .lock()
+            .expect("attachments lock")
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for attachment in live {
+            for (total, counter) in totals.iter_mut().zip(Counter::ALL) {
+                *total += attachment.total(counter);
+            }
+        }
+        totals
+    }
+}
+
+impl Collector for KernelCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let totals = self.totals();
+        let mut family = encoder.encode_descriptor(
+            "ebpf_packets",
+            "What the eBPF programs did, by program and verdict",
+            None,
+            MetricType::Counter,
+        )?;
+        for (counter, total) in Counter::ALL.into_iter().zip(totals) {
+            let (program, verdict) = match counter {
+                Counter::PacketsSeen => (STEAL_PROGRAM, "seen"),
+                Counter::ConnectionsRedirected => (STEAL_PROGRAM, "redirected"),
+                Counter::LookupsFailed => (STEAL_PROGRAM, "lookup_failed"),
+                Counter::LookupsAnswered => (STEAL_LOOKUP_PROGRAM, "redirected"),
+                Counter::CaptureDropped => (MIRROR_PROGRAM, "dropped"),
+            };
+            let labels = [("program", program), ("verdict", verdict)];
+            ConstCounter::new(total).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,242 @@
+//! What operators scrape: `/metrics` (OpenMetrics text, which Prometheus
+//! reads natively), `/healthz` and `/readyz`. Labels are bounded sets (mode,
+//! direction, reason, program, verdict): nothing per connection or per
+//! client address, so cardinality cannot grow with traffic.
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Router,
+    http::{HeaderMap, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+use tracing::warn;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Mode {
+    steal,
+    mirror,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    /// Sent by the remote client (toward the pod, or the local process).
+    from_remote,
+    /// Sent back to the remote client.
+    to_remote,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    pub mode: Mode,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub mode: Mode,
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// A gRPC status code name: a small fixed set.
+    pub reason: String,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub sessions_active: Family<ModeLabels, Gauge>,
+    pub connections_total: Family<ModeLabels, Counter>,
+    pub connections_active: Family<ModeLabels, Gauge>,
+    pub bytes_total: Family<TrafficLabels, Counter>,
+    pub mirror_lost_bytes_total: Counter,
+    pub session_errors_total: Family<ReasonLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn connection_opened(&self, mode: Mode) {
+        let labels = ModeLabels { mode };
+        self.connections_total.get_or_create(&labels).inc();
+        self.connections_active.get_or_create(&labels).inc();
+    }
+
+    pub fn connection_closed(&self, mode: Mode, from_remote: u64, to_remote: u64) {
+        self.connections_active
+            .get_or_create(&ModeLabels { mode })
+            .dec();
+        for (direction, bytes) in [
+            (Direction::from_remote, from_remote),
+            (Direction::to_remote, to_remote),
+        ] {
+            self.bytes_total
+                .get_or_create(&TrafficLabels { mode, direction })
+                .inc_by(bytes);
+        }
+    }
+
+    pub fn session_error(&self, code: tonic::Code) {
+        let reason = format!("{code:?}");
+        self.session_errors_total
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+}
+
+/// The registry: our metrics, the kernel's counters (read at scrape time),
+/// and the build.
+pub fn registry(metrics: &Metrics, kernel: Box<dyn Collector>) -> Registry {
+    let mut registry = Registry::with_prefix("remocal");
+    registry.register(
+        "sessions_active",
+        "Sessions running",
+        metrics.sessions_active.clone(),
+    );
+    registry.register(
+        "connections",
+        "Connections stolen or mirrored",
+        metrics.connections_total.clone(),
+    );
+    registry.register(
+        "connections_active",
+        "Connections being served",
+        metrics.connections_active.clone(),
+    );
+    registry.register(
+        "bytes",
+        "Bytes carried for stolen and mirrored connections",
+        metrics.bytes_total.clone(),
+    );
+    registry.register(
+        "mirror_lost_bytes",
+        "Bytes of mirrored connections that were not captured (their copies were cut off)",
+        metrics.mirror_lost_bytes_total.clone(),
+    );
+    registry.register(
+        "session_errors",
+        "Session requests refused or failed, by gRPC status",
+        metrics.session_errors_total.clone(),
+    );
+    registry.register(
+        "build",
+        "The agent's version",
+        Info::new(vec![(
+            "version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        )]),
+    );
+    registry.register_collector(kernel);
+    registry
+}
+
+/// Serves the registry; an address already taken is an error at start-up.
+pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let registry = Arc::new(registry);
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move |headers: HeaderMap| {
+                let registry = registry.clone();
+                async move { scrape(&registry, &headers) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        // Ready once serving: the eBPF programs were verified before this starts.
+        .route("/readyz", get(|| async { "ready\n" }));
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            warn!(%err, "the metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic
+/// Prometheus text format for everyone else (curl, promtool, older tools).
+fn scrape(registry: &Registry, headers: &HeaderMap) -> impl IntoResponse + use<> {
+    let mut body = String::new();
+    if let Err(err) = prometheus_client::encoding::text::encode(&mut body, registry) {
+        warn!(%err, "encoding metrics failed");
+    }
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            prometheus_text(&body),
+        )
+    }
+}
+
+/// OpenMetrics text differs from the Prometheus text format in its metadata:
+/// families are named without their `_total`/`_info` suffix, `info` is a
+/// type of its own, and the exposition ends with `# EOF`.
+fn prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // HELP comes before TYPE, but only TYPE tells the suffix.
+    let mut help = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (suffix, kind) = match kind {
+                "counter" => ("_total", "counter"),
+                "info" => ("_info", "gauge"),
+                other => ("", other),
+            };
+            if let Some((_, text)) = help.take().filter(|(helped, _)| *helped == name) {
+                out.push_str(&format!("# HELP {name}{suffix} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_metadata_becomes_prometheus_text() {
+        let openmetrics = "# HELP remocal_connections Connections.\n# TYPE remocal_connections counter\n\
+                           remocal_connections_total{mode=\"steal\"} 3\n# HELP remocal_build The version.\n\
+                           # TYPE remocal_build info\nremocal_build_info{version=\"0.1.0\"} 1\n# EOF\n";
+        assert_eq!(
+            prometheus_text(openmetrics),
+            "# HELP remocal_connections_total Connections.\n# TYPE remocal_connections_total counter\n\
+             remocal_connections_total{mode=\"steal\"} 3\n# HELP remocal_build_info The version.\n\
+             # TYPE remocal_build_info gauge\nremocal_build_info{version=\"0.1.0\"} 1\n"
+        );
+    }
+}
