@@ -10,7 +10,8 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use remocal_proto::v1::{
-    ConnectionDownstream, Eof, NewConnection, SessionRequest, connection_downstream, session_event,
+    ConnectionDownstream, Eof, NewConnection, SessionEvent, SessionRequest, connection_downstream,
+    session_event,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -135,7 +136,7 @@ impl Mirror {
     async fn capture(
         &mut self,
         capture: Capture,
-        events: &mpsc::Sender<Result<remocal_proto::v1::SessionEvent, Status>>,
+        events: &mpsc::Sender<Result<SessionEvent, Status>>,
     ) {
         let flow = capture.flow();
         match capture {
@@ -165,7 +166,7 @@ impl Mirror {
                 // Awaited: a client reading events slowly slows the capture
                 // (its queue then overflows and is reported), not memory.
                 let _ = events
-                    .send(Ok(remocal_proto::v1::SessionEvent {
+                    .send(Ok(SessionEvent {
                         kind: Some(announced),
                     }))
                     .await;
