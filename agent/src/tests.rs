@@ -405,22 +405,20 @@ async fn rejected_and_reset_connections_reset_the_remote() {
         })
         .await
         .unwrap();
-    let mut buf = [0u8; 1];
-    let read = tokio::time::timeout(Duration::from_secs(5), remote.read(&mut buf))
-        .await
-        .unwrap();
-    assert_eq!(
-        read.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset)
-    );
+    assert_reset(&mut remote).await;
 
     let (mut remote, connection) = harness.stolen(&mut session).await;
     connection
         .send(connection_upstream::Kind::Reset(Default::default()))
         .await;
+    assert_reset(&mut remote).await;
+}
+
+async fn assert_reset(remote: &mut TcpStream) {
+    let mut buf = [0u8; 1];
     let read = tokio::time::timeout(Duration::from_secs(5), remote.read(&mut buf))
         .await
-        .unwrap();
+        .expect("the remote hears back within 5 s");
     assert_eq!(
         read.map_err(|e| e.kind()),
         Err(std::io::ErrorKind::ConnectionReset)

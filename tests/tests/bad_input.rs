@@ -75,58 +75,49 @@ async fn a_steal_without_a_target_is_a_usage_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_netns_path_is_target_not_found() {
     let scenario = Scenario::start(1, &[80]).await;
-    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
     let missing = format!("/var/run/netns/{}-missing", scenario.pod(0).netns.name());
-    let finished = Steal::new(&scenario.agent.url())
-        .target(&Target::Netns(missing.clone().into()))
-        .port(80)
-        .local_port(local.port())
-        .run_to_exit()
-        .await;
-    assert_refused(&finished, 4);
-    assert!(
-        finished.stderr.contains(&missing),
-        "the message should name {missing}; {finished:#?}"
-    );
-    assert_untouched(&scenario, 80).await;
+    let target = Target::Netns(missing.clone().into());
+    refused_steal(&scenario, &scenario.agent.url(), &target, 4, &missing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_pid_is_target_not_found() {
     let scenario = Scenario::start(1, &[80]).await;
-    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
     let pid = unused_pid();
-    let finished = Steal::new(&scenario.agent.url())
-        .target(&Target::Pid(pid))
-        .port(80)
-        .local_port(local.port())
-        .run_to_exit()
-        .await;
-    assert_refused(&finished, 4);
-    assert!(
-        finished.stderr.contains(&pid.to_string()),
-        "the message should name PID {pid}; {finished:#?}"
-    );
-    assert_untouched(&scenario, 80).await;
+    refused_steal(
+        &scenario,
+        &scenario.agent.url(),
+        &Target::Pid(pid),
+        4,
+        &pid.to_string(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_agent_is_reported_with_its_address() {
     let scenario = Scenario::start(1, &[80]).await;
-    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
     let nobody = format!("127.0.0.1:{}", free_port());
-    let finished = Steal::new(&format!("http://{nobody}"))
-        .target(&scenario.pod_target(0))
+    let target = scenario.pod_target(0);
+    refused_steal(&scenario, &format!("http://{nobody}"), &target, 3, &nobody).await;
+}
+
+/// A steal that must be refused with `code`, its message naming `named`, and
+/// leave the pod's port untouched.
+async fn refused_steal(scenario: &Scenario, agent: &str, target: &Target, code: i32, named: &str) {
+    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
+    let finished = Steal::new(agent)
+        .target(target)
         .port(80)
         .local_port(local.port())
         .run_to_exit()
         .await;
-    assert_refused(&finished, 3);
+    assert_refused(&finished, code);
     assert!(
-        finished.stderr.contains(&nobody),
-        "the message should name {nobody}; {finished:#?}"
+        finished.stderr.contains(named),
+        "the message should name {named}; {finished:#?}"
     );
-    assert_untouched(&scenario, 80).await;
+    assert_untouched(scenario, 80).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
