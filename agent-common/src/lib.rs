@@ -104,3 +104,42 @@ pub const MIRROR_PROGRAM: &str = "remocal_mirror";
 pub const MIRROR_PORTS_MAP: &str = "MIRROR_PORTS";
 /// Name of the ring buffer carrying capture records.
 pub const MIRROR_EVENTS_MAP: &str = "MIRROR_EVENTS";
+
+/// A socket's own view of its connection, the key of the flow statistics.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Network byte order; an IPv4 socket uses the first word only (an IPv6
+    /// socket carrying IPv4 keeps its ::ffff:a.b.c.d form).
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// TCP statistics of one connection, refreshed by the sock_ops program at
+/// every RTT sample and state change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Smoothed round-trip time, microseconds.
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data without padding.
+unsafe impl aya::Pod for FlowKey {}
+#[cfg(feature = "user")]
+// SAFETY: plain old data without padding.
+unsafe impl aya::Pod for FlowStats {}
+
+/// Name of the sock_ops program.
+pub const FLOW_PROGRAM: &str = "remocal_flows";
+/// Name of the flow statistics map.
+pub const FLOW_STATS_MAP: &str = "FLOW_STATS";
+/// Name of the global holding the target namespace's cookie.
+pub const TARGET_NETNS_COOKIE: &str = "TARGET_NETNS_COOKIE";

@@ -13,7 +13,13 @@ use axum::{
 use prometheus_client::{
     collector::Collector,
     encoding::{EncodeLabelSet, EncodeLabelValue},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
     registry::Registry,
 };
 use tracing::warn;
@@ -51,7 +57,6 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
-#[derive(Default)]
 pub struct Metrics {
     pub sessions_active: Family<ModeLabels, Gauge>,
     pub connections_total: Family<ModeLabels, Counter>,
@@ -59,6 +64,22 @@ pub struct Metrics {
     pub bytes_total: Family<TrafficLabels, Counter>,
     pub mirror_lost_bytes_total: Counter,
     pub session_errors_total: Family<ReasonLabels, Counter>,
+    pub flow_rtt_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            sessions_active: Family::default(),
+            connections_total: Family::default(),
+            connections_active: Family::default(),
+            bytes_total: Family::default(),
+            mirror_lost_bytes_total: Counter::default(),
+            session_errors_total: Family::default(),
+            // 50 µs to ~1.6 s: from a pod next door to a remote region.
+            flow_rtt_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
+        }
+    }
 }
 
 impl Metrics {
@@ -123,6 +144,11 @@ pub fn registry(metrics: &Metrics, kernel: Box<dyn Collector>) -> Registry {
         "session_errors",
         "Session requests refused or failed, by gRPC status",
         metrics.session_errors_total.clone(),
+    );
+    registry.register(
+        "flow_rtt_seconds",
+        "Smoothed TCP round-trip time of stolen and mirrored connections when they close (from sock_ops)",
+        metrics.flow_rtt_seconds.clone(),
     );
     registry.register(
         "build",

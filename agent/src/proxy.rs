@@ -37,6 +37,9 @@ pub struct Outcome {
     pub bytes_to_remote: u64,
     /// Empty when both sides closed normally.
     pub error: String,
+    /// The connection's addresses as its socket in the target sees them
+    /// (local, remote): the key of its TCP statistics.
+    pub sockets: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 enum Ended {
@@ -53,7 +56,10 @@ pub async fn pipe(
     downstream: Downstream,
     session_ended: CancellationToken,
 ) -> Outcome {
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome {
+        sockets: stream.local_addr().ok().zip(stream.peer_addr().ok()),
+        ..Outcome::default()
+    };
     let result = {
         let (read, write) = stream.split();
         let to_client = remote_to_client(read, &downstream, &mut outcome.bytes_from_remote);

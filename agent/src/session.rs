@@ -110,6 +110,9 @@ pub struct LiveSession {
     id: String,
     mode: metrics::Mode,
     metrics: Arc<Metrics>,
+    /// For the kernel's TCP statistics of this session's connections.
+    redirector: Arc<dyn Redirector>,
+    target: NsId,
     pending: Mutex<HashMap<u64, Pending>>,
     next_connection: AtomicU64,
     /// Taken when the session ends, so the client's event stream ends with
@@ -200,6 +203,8 @@ impl Sessions {
                 metrics::Mode::steal
             },
             metrics: self.metrics.clone(),
+            redirector: self.redirector.clone(),
+            target: netns.id(),
             pending: Mutex::default(),
             next_connection: AtomicU64::new(1),
             events: Mutex::new(Some(events)),
@@ -428,11 +433,34 @@ impl LiveSession {
             outcome.bytes_from_remote,
             outcome.bytes_to_remote,
         );
+        let mut stats = outcome
+            .sockets
+            .and_then(|(local, remote)| self.redirector.flow_stats(self.target, local, remote));
+        // The kernel counts each FIN as a byte of sequence space; a stolen
+        // connection that closed normally exchanged one each way.
+        if let Some(stats) = stats
+            .as_mut()
+            .filter(|_| self.mode == metrics::Mode::steal && outcome.error.is_empty())
+        {
+            stats.bytes_received = stats.bytes_received.saturating_sub(1);
+            stats.bytes_acked = stats.bytes_acked.saturating_sub(1);
+        }
+        if let Some(stats) = stats.filter(|stats| stats.srtt_us > 0) {
+            self.metrics
+                .flow_rtt_seconds
+                .observe(f64::from(stats.srtt_us) / 1e6);
+        }
         self.emit(session_event::Kind::Closed(ConnectionClosed {
             connection_id,
             bytes_from_remote: outcome.bytes_from_remote,
             bytes_to_remote: outcome.bytes_to_remote,
             error: outcome.error,
+            stats: stats.map(|stats| remocal_proto::v1::FlowStats {
+                srtt_us: stats.srtt_us,
+                retransmits: stats.total_retrans,
+                bytes_acked: stats.bytes_acked,
+                bytes_received: stats.bytes_received,
+            }),
         }));
     }
 

@@ -54,8 +54,14 @@ impl Printer {
                 } else {
                     format!(" error=\"{}\"", closed.error)
                 };
+                let stats = closed.stats.as_ref().map_or(String::new(), |stats| {
+                    format!(
+                        " rtt={}us retransmits={} received={}B acked={}B",
+                        stats.srtt_us, stats.retransmits, stats.bytes_received, stats.bytes_acked
+                    )
+                });
                 println!(
-                    "closed {} from_remote={}B to_remote={}B{error}",
+                    "closed {} from_remote={}B to_remote={}B{stats}{error}",
                     closed.connection_id, closed.bytes_from_remote, closed.bytes_to_remote
                 );
             }
@@ -63,7 +69,9 @@ impl Printer {
                 "{}",
                 json!({"event": "closed", "id": closed.connection_id,
                        "bytes_from_remote": closed.bytes_from_remote,
-                       "bytes_to_remote": closed.bytes_to_remote, "error": closed.error})
+                       "bytes_to_remote": closed.bytes_to_remote, "error": closed.error,
+                       "rtt_us": closed.stats.as_ref().map(|s| s.srtt_us),
+                       "retransmits": closed.stats.as_ref().map(|s| s.retransmits)})
             ),
         }
     }

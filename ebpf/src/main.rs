@@ -4,6 +4,7 @@
 #![no_main]
 
 mod counters;
+mod flows;
 mod listeners;
 mod mirror;
 mod packet;

@@ -423,4 +423,10 @@ impl Client {
     pub fn stderr(&self) -> String {
         self.process.stderr.text()
     }
+
+    /// Everything printed on stdout so far (the `ready` line, and with -v the
+    /// connection lines).
+    pub fn stdout(&self) -> String {
+        self.process.stdout.text()
+    }
 }

@@ -285,6 +285,8 @@ impl Mirror {
                 bytes_from_remote: state.reassembler.delivered(),
                 bytes_to_remote: 0,
                 error,
+                // The pod's own socket of this connection.
+                sockets: Some((flow.destination, flow.source)),
             };
             self.live.connection_closed(state.id, outcome);
         }

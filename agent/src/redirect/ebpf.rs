@@ -9,6 +9,7 @@
 //! agent exits, even by SIGKILL, the kernel detaches everything at once.
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     os::fd::AsRawFd as _,
     sync::{Arc, Mutex, Weak},
 };
@@ -17,8 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{
-        LinkOrder, Program, ProgramError, SchedClassifier, SkLookup, TcAttachType,
-        tc::TcAttachOptions,
+        CgroupAttachMode, LinkOrder, Program, ProgramError, SchedClassifier, SkLookup, SockOps,
+        TcAttachType, tc::TcAttachOptions,
     },
 };
 use aya_log::EbpfLogger;
@@ -28,8 +29,9 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter},
 };
 use remocal_agent_common::{
-    COUNTERS_MAP, Counter, MIRROR_EVENTS_MAP, MIRROR_PORTS_MAP, MIRROR_PROGRAM, PortKey,
-    STEAL_LISTENERS_MAP, STEAL_LOOKUP_PROGRAM, STEAL_PROGRAM,
+    COUNTERS_MAP, Counter, FLOW_PROGRAM, FLOW_STATS_MAP, FlowKey, FlowStats, MIRROR_EVENTS_MAP,
+    MIRROR_PORTS_MAP, MIRROR_PROGRAM, PortKey, STEAL_LISTENERS_MAP, STEAL_LOOKUP_PROGRAM,
+    STEAL_PROGRAM, TARGET_NETNS_COOKIE,
 };
 use tokio::{io::unix::AsyncFd, runtime::Handle, task::JoinHandle};
 use tracing::{info, warn};
@@ -66,7 +68,7 @@ impl EbpfRedirector {
     /// or an unsuitable kernel is reported when the agent starts rather than
     /// at a developer's first session.
     pub fn new(runtime: Handle, capture_buffer: u32) -> Result<Self, RedirectError> {
-        let (mut ebpf, _logger) = load(capture_buffer)?;
+        let (mut ebpf, _logger) = load(capture_buffer, 0)?;
         load_programs(&mut ebpf)?;
         Ok(Self {
             runtime,
@@ -120,6 +122,20 @@ impl Redirector for EbpfRedirector {
         })
     }
 
+    fn flow_stats(&self, target: NsId, local: SocketAddr, remote: SocketAddr) -> Option<FlowStats> {
+        let attachment = self
+            .shared
+            .attachments
+            .lock()
+            .expect("attachments lock")
+            .get(&target)
+            .and_then(Weak::upgrade)?;
+        // A dual-stack socket sees an IPv4 peer as ::ffff:a.b.c.d.
+        [(local, remote), (mapped(local), mapped(remote))]
+            .into_iter()
+            .find_map(|(local, remote)| attachment.flows.get(&flow_key(local, remote), 0).ok())
+    }
+
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError> {
         let attachment = self.attachment_for(target)?;
         let (id, captures, queued, lost) = attachment.taps.add(port);
@@ -149,6 +165,7 @@ struct Attachment {
     target: String,
     listeners: Mutex<SockHash<MapData, PortKey>>,
     mirror_ports: Mutex<BpfHashMap<MapData, PortKey, u8>>,
+    flows: BpfHashMap<MapData, FlowKey, FlowStats>,
     taps: Arc<Taps>,
     counters: Arc<PerCpuArray<MapData, u64>>,
     /// Owns the programs and, through them, the tcx links.
@@ -165,7 +182,16 @@ impl Attachment {
         capture_buffer: u32,
         shared: Arc<Shared>,
     ) -> Result<Self, RedirectError> {
-        let (mut ebpf, logger) = load(capture_buffer)?;
+        let cookie = target
+            .run_in(netns_cookie)
+            .and_then(|cookie| cookie)
+            .map_err(|err| {
+                RedirectError::kernel(
+                    format!("reading the namespace cookie of {target} failed"),
+                    err,
+                )
+            })?;
+        let (mut ebpf, logger) = load(capture_buffer, cookie)?;
         let log_drain = runtime.spawn(drain_logs(logger));
         load_programs(&mut ebpf)?;
         let interfaces = target
@@ -179,7 +205,19 @@ impl Attachment {
                     err,
                 )
             })?;
-        info!(%target, interfaces = %interfaces.join(","), "programs attached (tcx ingress, sk_lookup)");
+        let cgroup = cgroup_root()?;
+        program::<SockOps>(&mut ebpf, FLOW_PROGRAM)?
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|err| {
+                RedirectError::kernel(
+                    "attaching the flow statistics program to the cgroup root failed",
+                    err,
+                )
+            })?;
+        info!(%target, interfaces = %interfaces.join(","), "programs attached (tcx ingress, sk_lookup, sock_ops)");
+        let flows = BpfHashMap::try_from(take_map(&mut ebpf, FLOW_STATS_MAP)?).map_err(|err| {
+            RedirectError::kernel("the flow statistics map has the wrong type", err)
+        })?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, STEAL_LISTENERS_MAP)?)
             .map_err(|err| RedirectError::kernel("the listener map has the wrong type", err))?;
         let mirror_ports = BpfHashMap::try_from(take_map(&mut ebpf, MIRROR_PORTS_MAP)?)
@@ -197,6 +235,7 @@ impl Attachment {
             target: target.to_string(),
             listeners: Mutex::new(listeners),
             mirror_ports: Mutex::new(mirror_ports),
+            flows,
             taps,
             counters,
             _ebpf: ebpf,
@@ -208,6 +247,34 @@ impl Attachment {
 
     fn total(&self, counter: Counter) -> u64 {
         total(&self.counters, counter)
+    }
+}
+
+fn mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    }
+}
+
+/// The key a socket with these addresses has in the flow statistics.
+fn flow_key(local: SocketAddr, remote: SocketAddr) -> FlowKey {
+    fn words(addr: SocketAddr) -> [u32; 4] {
+        match addr {
+            SocketAddr::V4(v4) => [u32::from_ne_bytes(v4.ip().octets()), 0, 0, 0],
+            SocketAddr::V6(v6) => {
+                let octets = v6.ip().octets();
+                std::array::from_fn(|i| {
+                    u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().expect("4 bytes"))
+                })
+            }
+        }
+    }
+    FlowKey {
+        local_ip: words(local),
+        remote_ip: words(remote),
+        local_port: local.port(),
+        remote_port: remote.port(),
     }
 }
 
@@ -340,9 +407,13 @@ impl Drop for MirroredPort {
 
 /// The logger must exist before the programs load (it owns the log map they
 /// reference) and must be drained for as long as they run.
-fn load(capture_buffer: u32) -> Result<(Ebpf, EbpfLogger<&'static dyn log::Log>), RedirectError> {
+fn load(
+    capture_buffer: u32,
+    netns_cookie: u64,
+) -> Result<(Ebpf, EbpfLogger<&'static dyn log::Log>), RedirectError> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MIRROR_EVENTS_MAP, capture_buffer)
+        .override_global(TARGET_NETNS_COOKIE, &netns_cookie, true)
         .load(EBPF_OBJECT)
         .map_err(|err| {
             RedirectError::kernel(
@@ -363,7 +434,55 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
     }
     program::<SkLookup>(ebpf, STEAL_LOOKUP_PROGRAM)?
         .load()
-        .map_err(|err| refused(STEAL_LOOKUP_PROGRAM, err))
+        .map_err(|err| refused(STEAL_LOOKUP_PROGRAM, err))?;
+    program::<SockOps>(ebpf, FLOW_PROGRAM)?
+        .load()
+        .map_err(|err| refused(FLOW_PROGRAM, err))
+}
+
+/// The namespace's cookie, as `bpf_get_netns_cookie` reports it; runs inside it.
+fn netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let result = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The root of the cgroup v2 hierarchy, where the flow statistics program
+/// sees every socket of the node.
+fn cgroup_root() -> Result<std::fs::File, RedirectError> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|err| RedirectError::kernel("reading /proc/self/mountinfo failed", err))?;
+    let root = mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            fs.starts_with("cgroup2 ")
+                .then(|| mount.split(' ').nth(4).map(str::to_string))?
+        })
+        .ok_or_else(|| {
+            RedirectError::kernel(
+                "no cgroup v2 hierarchy is mounted",
+                "mount cgroup2 (the agent needs it for flow statistics)",
+            )
+        })?;
+    std::fs::File::open(&root)
+        .map_err(|err| RedirectError::kernel(format!("opening the cgroup root {root} failed"), err))
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map, RedirectError> {

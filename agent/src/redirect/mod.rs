@@ -5,7 +5,7 @@ mod ebpf;
 mod listener;
 
 use std::{
-    net::TcpListener,
+    net::{SocketAddr, TcpListener},
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -16,7 +16,12 @@ pub use ebpf::EbpfRedirector;
 
 use tokio::sync::mpsc;
 
-use crate::{mirror::Capture, netns::Netns};
+use remocal_agent_common::FlowStats;
+
+use crate::{
+    mirror::Capture,
+    netns::{Netns, NsId},
+};
 
 /// Something that can send new connections for a port of a target to a
 /// listener of ours.
@@ -25,6 +30,16 @@ pub trait Redirector: Send + Sync + 'static {
     /// Starts copying the connections to `port` of `target`; copies arrive on
     /// the tap until it is dropped.
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError>;
+    /// The kernel's TCP statistics of a connection in `target`, seen from
+    /// its socket's side (`local`, `remote`), while the target is attached.
+    fn flow_stats(
+        &self,
+        _target: NsId,
+        _local: SocketAddr,
+        _remote: SocketAddr,
+    ) -> Option<FlowStats> {
+        None
+    }
 }
 
 /// Copies of a mirrored port's incoming segments, in capture order.

@@ -1,0 +1,70 @@
+//! The kernel's TCP statistics of stolen connections (sock_ops), as a developer
+//! sees them with `remocal steal -v` when a connection closes.
+
+use std::time::Duration;
+
+use remocal_tests::scenario::Scenario;
+use remocal_tests::servers::{self, TcpServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant, sleep};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stolen_connection_reports_its_rtt_and_bytes() {
+    let scenario = Scenario::start(1, &[80]).await;
+    let local = TcpServer::local(servers::reverse_after_eof);
+    let session = scenario.steal(0, 80, &local).arg("-v").start().await;
+
+    let request = vec![42u8; 100_000];
+    let mut stream = scenario
+        .node()
+        .connect(scenario.pod(0).v4(80))
+        .await
+        .unwrap();
+    stream.write_all(&request).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer.len(), request.len());
+    drop(stream);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let closed = loop {
+        if let Some(line) = session
+            .stdout()
+            .lines()
+            .find(|line| line.starts_with("closed "))
+            .map(str::to_string)
+        {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `closed` line: {}",
+            session.stdout()
+        );
+        sleep(Duration::from_millis(50)).await;
+    };
+    let field = |name: &str| -> u64 {
+        closed
+            .split_whitespace()
+            .find_map(|part| part.strip_prefix(&format!("{name}=")))
+            .and_then(|value| {
+                value
+                    .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {name}= in `{closed}`"))
+    };
+    assert!(field("rtt") > 0, "a measured RTT: {closed}");
+    assert_eq!(
+        field("received"),
+        request.len() as u64,
+        "bytes received from the remote: {closed}"
+    );
+    assert_eq!(
+        field("acked"),
+        request.len() as u64,
+        "bytes the remote acknowledged: {closed}"
+    );
+}
