@@ -23,7 +23,24 @@ pub fn ensure() -> anyhow::Result<()> {
     eprintln!("==> setup");
     nightly_with_rust_src()?;
     debian_packages()?;
-    bpf_linker()
+    bpf_linker()?;
+    kubernetes_validate()
+}
+
+/// Validates the Kubernetes manifests offline against the API's schemas.
+fn kubernetes_validate() -> anyhow::Result<()> {
+    if run::output(Command::new("kubernetes-validate").arg("--version")).is_some() {
+        eprintln!("ok: kubernetes-validate");
+        return Ok(());
+    }
+    eprintln!("installing: kubernetes-validate from PyPI (offline manifest validation)");
+    run::checked(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "kubernetes-validate",
+    ]))
 }
 
 fn nightly_with_rust_src() -> anyhow::Result<()> {
