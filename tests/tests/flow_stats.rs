@@ -62,9 +62,11 @@ async fn a_closed_stolen_connection_reports_its_rtt_and_bytes() {
         request.len() as u64,
         "bytes received from the remote: {closed}"
     );
-    assert_eq!(
-        field("acked"),
-        request.len() as u64,
+    // The last acknowledgements may still be in flight when the agent closes
+    // the socket and reads the statistics: acked is a lower bound.
+    let acked = field("acked");
+    assert!(
+        acked > 0 && acked <= request.len() as u64,
         "bytes the remote acknowledged: {closed}"
     );
 }
