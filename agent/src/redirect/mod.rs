@@ -93,11 +93,15 @@ impl Tap {
 
 /// Undoes the redirection when dropped (crash or not: the kernel objects
 /// behind it are owned by this process).
-pub struct ActiveRedirection(#[allow(dead_code)] Box<dyn Send + Sync>);
+pub struct ActiveRedirection {
+    _undo_on_drop: Box<dyn Send + Sync>,
+}
 
 impl ActiveRedirection {
     pub fn new(undo_on_drop: impl Send + Sync + 'static) -> Self {
-        Self(Box::new(undo_on_drop))
+        Self {
+            _undo_on_drop: Box::new(undo_on_drop),
+        }
     }
 }
 
