@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, transport::Server};
 
 use crate::{
+    kube::PodNetnsError,
     netns::TargetError,
     proxy,
     redirect::RedirectError,
@@ -144,11 +145,15 @@ fn open_status(err: OpenError) -> Status {
         OpenError::InvalidPort(_) | OpenError::MissingTarget | OpenError::UnsupportedMode(_) => {
             Status::invalid_argument(message)
         }
-        OpenError::Target(TargetError::NoSuchNamespace(_) | TargetError::NoSuchProcess(_)) => {
-            Status::not_found(message)
-        }
+        OpenError::Target(
+            TargetError::NoSuchNamespace(_)
+            | TargetError::NoSuchProcess(_)
+            | TargetError::Pod(PodNetnsError::NotOnThisNode(_)),
+        ) => Status::not_found(message),
         OpenError::Target(TargetError::NotANamespace(_)) => Status::invalid_argument(message),
-        OpenError::Target(TargetError::HostNamespace(_))
+        OpenError::Target(
+            TargetError::HostNamespace(_) | TargetError::Pod(PodNetnsError::HostNetwork(_)),
+        )
         | OpenError::Redirect(RedirectError::NoInterfaces { .. }) => {
             Status::failed_precondition(message)
         }

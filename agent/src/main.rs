@@ -2,6 +2,7 @@
 //! hostPID), steals selected TCP connections of pods with eBPF and serves them
 //! to remocal clients over gRPC.
 mod grpc;
+mod kube;
 mod logging;
 mod metrics;
 mod mirror;

@@ -15,11 +15,14 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+use crate::kube::{PodNetnsError, find_pod_netns};
+
 /// What a client asks for: the namespace file, or a process living in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetSpec {
     Path(String),
     Pid(u32),
+    PodUid(String),
 }
 
 impl fmt::Display for TargetSpec {
@@ -27,6 +30,7 @@ impl fmt::Display for TargetSpec {
         match self {
             TargetSpec::Path(path) => write!(f, "netns={path}"),
             TargetSpec::Pid(pid) => write!(f, "pid={pid}"),
+            TargetSpec::PodUid(uid) => write!(f, "pod-uid={uid}"),
         }
     }
 }
@@ -57,6 +61,8 @@ pub enum TargetError {
     PermissionDenied { what: String, source: io::Error },
     #[error("cannot open {what}: {source}")]
     Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Pod(#[from] PodNetnsError),
 }
 
 /// An open handle on a target namespace; holding it keeps the namespace alive.
@@ -71,11 +77,17 @@ impl Netns {
         let path = match spec {
             TargetSpec::Path(path) => path.clone(),
             TargetSpec::Pid(pid) => format!("/proc/{pid}/ns/net"),
+            TargetSpec::PodUid(uid) => {
+                find_pod_netns(Path::new("/proc"), uid, Path::new(OWN_NAMESPACE))?
+                    .to_string_lossy()
+                    .into_owned()
+            }
         };
         let file = File::open(&path).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => match spec {
                 TargetSpec::Path(path) => TargetError::NoSuchNamespace(path.clone()),
                 TargetSpec::Pid(pid) => TargetError::NoSuchProcess(*pid),
+                TargetSpec::PodUid(uid) => PodNetnsError::NotOnThisNode(uid.clone()).into(),
             },
             io::ErrorKind::PermissionDenied => TargetError::PermissionDenied {
                 what: path.clone(),
@@ -141,8 +153,10 @@ fn ns_id(file: &File) -> io::Result<NsId> {
     })
 }
 
+const OWN_NAMESPACE: &str = "/proc/thread-self/ns/net";
+
 fn own_namespace() -> Option<NsId> {
-    File::open(Path::new("/proc/thread-self/ns/net"))
+    File::open(Path::new(OWN_NAMESPACE))
         .and_then(|file| ns_id(&file))
         .ok()
 }

@@ -161,6 +161,7 @@ impl Sessions {
         let spec = match open.target.and_then(|target| target.kind) {
             Some(target::Kind::NetnsPath(path)) if !path.is_empty() => TargetSpec::Path(path),
             Some(target::Kind::Pid(pid)) if pid != 0 => TargetSpec::Pid(pid),
+            Some(target::Kind::PodUid(uid)) if !uid.is_empty() => TargetSpec::PodUid(uid),
             _ => return Err(OpenError::MissingTarget),
         };
         let netns = blocking(move || Netns::open(&spec)).await?;

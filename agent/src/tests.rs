@@ -328,6 +328,24 @@ async fn bad_requests_get_actionable_statuses() {
         err.message()
     );
 
+    let absent_pod = Target {
+        kind: Some(target::Kind::PodUid(
+            "00000000-0000-4000-8000-000000000000".into(),
+        )),
+    };
+    let err = harness
+        .open_target(Some(absent_pod), 80)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message()
+            .contains("00000000-0000-4000-8000-000000000000"),
+        "{}",
+        err.message()
+    );
+
     let own = Target {
         kind: Some(target::Kind::Pid(std::process::id())),
     };
