@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let registry = metrics::registry(&metrics, Box::new(redirector.kernel_counters()));
     let sessions = Sessions::new(Arc::new(redirector), settings, metrics);
-    metrics::serve(cli.metrics_listen, registry).await.with_context(|| {
+    let metrics_addr = metrics::serve(cli.metrics_listen, registry).await.with_context(|| {
         format!(
             "cannot serve metrics on {}: is another remocal-agent running? Choose another address with --metrics-listen",
             cli.metrics_listen
@@ -84,7 +84,11 @@ async fn main() -> anyhow::Result<()> {
                 cli.grpc_listen
             )
         })?;
-    info!(grpc = %cli.grpc_listen, metrics = %cli.metrics_listen, version = env!("CARGO_PKG_VERSION"), "remocal-agent ready");
+    // The bound addresses: with port 0 the kernel picked them (tests rely on this line).
+    let grpc_addr = listener
+        .local_addr()
+        .context("the gRPC listener has no address")?;
+    info!(grpc = %grpc_addr, metrics = %metrics_addr, version = env!("CARGO_PKG_VERSION"), "remocal-agent ready");
 
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = grpc::server()

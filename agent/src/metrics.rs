@@ -163,8 +163,10 @@ pub fn registry(metrics: &Metrics, kernel: Box<dyn Collector>) -> Registry {
 }
 
 /// Serves the registry; an address already taken is an error at start-up.
-pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<()> {
+/// Returns the address bound (port 0 picks a free one).
+pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
     let registry = Arc::new(registry);
     let app = Router::new()
         .route(
@@ -182,7 +184,7 @@ pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<()> 
             warn!(%err, "the metrics server stopped");
         }
     });
-    Ok(())
+    Ok(bound)
 }
 
 /// OpenMetrics for scrapers that ask for it (Prometheus does), the classic

@@ -202,16 +202,18 @@ impl Agent {
         Agent::start_with(&[]).await
     }
 
-    /// The same, with extra command line arguments.
+    /// The same, with extra command line arguments. The agent picks its own
+    /// free ports (port 0) and reports them in its ready line: ports chosen
+    /// here and bound later could be taken by a concurrent test in between.
     pub async fn start_with(args: &[&str]) -> Agent {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut command = Command::new(binary("remocal-agent"));
         command
-            .arg("--grpc-listen")
-            .arg(addr.to_string())
-            .arg("--metrics-listen")
-            .arg(metrics.to_string())
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .args(args);
         let mut process = Process::spawn("remocal-agent", command);
         let deadline = Instant::now() + START_TIMEOUT;
@@ -222,21 +224,34 @@ impl Agent {
                     process.report()
                 );
             }
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                break;
+            let logs = process.stderr.text();
+            if let Some(ready) = logs
+                .lines()
+                .find(|line| line.contains("remocal-agent ready"))
+            {
+                let field = |name: &str| -> SocketAddr {
+                    ready
+                        .split_whitespace()
+                        .find_map(|part| part.strip_prefix(&format!("{name}=")))
+                        .and_then(|addr| addr.parse().ok())
+                        .unwrap_or_else(|| {
+                            panic!("no {name}= address in the agent's ready line: {ready}")
+                        })
+                };
+                let (addr, metrics) = (field("grpc"), field("metrics"));
+                return Agent {
+                    process,
+                    addr,
+                    metrics,
+                };
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "remocal-agent did not accept on {addr} within {START_TIMEOUT:?}\n{}",
+                    "remocal-agent was not ready within {START_TIMEOUT:?}\n{}",
                     process.report()
                 );
             }
-            sleep(Duration::from_millis(50)).await;
-        }
-        Agent {
-            process,
-            addr,
-            metrics,
+            sleep(Duration::from_millis(20)).await;
         }
     }
 
