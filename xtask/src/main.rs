@@ -32,7 +32,6 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    run::put_cargo_bin_on_path();
     match Cli::parse().command {
         Command::Setup => setup::ensure(),
         Command::Test { test_args } => test::run(&test_args),

@@ -1,9 +1,5 @@
 //! External programs, echoed before they run so the user sees what happens.
-use std::{
-    ffi::OsString,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
@@ -36,63 +32,34 @@ pub fn describe(command: &Command) -> String {
         .join(" ")
 }
 
-/// The cargo that runs xtask (so `cargo +toolchain xtask` stays on that toolchain).
 pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(workspace_root());
     command
 }
 
-/// Everything the demo and the end-to-end tests run (the agent's build also
-/// builds the eBPF programs). The same package selection as `cargo test
-/// --workspace` so both resolve the same features and the binaries are built
-/// once, not once per command.
+/// The two binaries users run (the agent's build also builds the eBPF programs).
 pub fn build_binaries() -> anyhow::Result<()> {
     checked(cargo().args([
         "build",
-        "--workspace",
-        "--exclude",
-        "remocal-ebpf",
-        "--bins",
+        "--package",
+        "remocal-agent",
+        "--package",
+        "remocal",
     ]))
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
-/// `cargo install` puts bpf-linker in `$CARGO_HOME/bin`, which a fresh root
-/// shell (or sudo) often lacks in PATH; the agent's build finds bpf-linker
-/// only through PATH.
-pub fn put_cargo_bin_on_path() {
-    let Some(cargo_bin) = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
-        .map(|home| home.join("bin"))
-    else {
-        return;
-    };
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    if std::env::split_paths(&path).any(|dir| dir == cargo_bin) {
-        return;
-    }
-    let mut joined = OsString::from(cargo_bin.as_os_str());
-    if !path.is_empty() {
-        joined.push(":");
-        joined.push(&path);
-    }
-    // SAFETY: called first thing in main, before any thread exists, so no
-    // other thread can read the environment concurrently.
-    unsafe { std::env::set_var("PATH", joined) };
-}
-
-/// `why` completes "... needs root for ...".
-pub fn require_root(what: &str, why: &str) -> anyhow::Result<()> {
+pub fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("{what} needs root for {why}: run it as root (e.g. with sudo)");
+        bail!("{what} needs root (network namespaces and eBPF): run it with sudo");
     }
     Ok(())
 }
