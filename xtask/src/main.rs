@@ -5,6 +5,8 @@ mod run;
 mod setup;
 mod test;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -31,11 +33,22 @@ enum Command {
     DemoHttp(demo_http::Options),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+/// Errors end as one `error:` line, without the backtrace anyhow would add
+/// under `RUST_BACKTRACE=1`: they are about the environment, not a bug here.
+fn main() -> ExitCode {
+    run::put_cargo_bin_on_path();
+    run::remember_xtask_exe();
+    let result = match Cli::parse().command {
         Command::Setup => setup::ensure(),
         Command::Test { test_args } => test::run(&test_args),
         Command::Demo(options) => demo::run(&options),
         Command::DemoHttp(options) => demo_http::serve(&options),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }

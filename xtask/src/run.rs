@@ -1,5 +1,10 @@
 //! External programs, echoed before they run so the user sees what happens.
-use std::{path::PathBuf, process::Command};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -24,42 +29,99 @@ pub fn output(command: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// The command as one could paste it into a shell.
 pub fn describe(command: &Command) -> String {
     std::iter::once(command.get_program())
         .chain(command.get_args())
-        .map(|part| part.to_string_lossy().into_owned())
+        .map(|part| quote(&part.to_string_lossy()))
         .collect::<Vec<_>>()
         .join(" ")
 }
 
+fn quote(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// The cargo that runs xtask (so `cargo +toolchain xtask` stays on that toolchain).
 pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(workspace_root());
     command
 }
 
-/// The two binaries users run (the agent's build also builds the eBPF programs).
+/// Everything the demo and the end-to-end tests run (the agent's build also
+/// builds the eBPF programs). The same package selection as `cargo test
+/// --workspace` so both resolve the same features and the binaries are built
+/// once, not once per command.
 pub fn build_binaries() -> anyhow::Result<()> {
     checked(cargo().args([
         "build",
-        "--package",
-        "remocal-agent",
-        "--package",
-        "remocal",
+        "--workspace",
+        "--exclude",
+        "remocal-ebpf",
+        "--bins",
     ]))
 }
 
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-pub fn require_root(what: &str) -> anyhow::Result<()> {
+/// `cargo install` puts bpf-linker in `$CARGO_HOME/bin`, which a fresh root
+/// shell (or sudo) often lacks in PATH; the agent's build finds bpf-linker
+/// only through PATH.
+pub fn put_cargo_bin_on_path() {
+    let Some(cargo_bin) = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+        .map(|home| home.join("bin"))
+    else {
+        return;
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| dir == cargo_bin) {
+        return;
+    }
+    let mut joined = OsString::from(cargo_bin.as_os_str());
+    if !path.is_empty() {
+        joined.push(":");
+        joined.push(&path);
+    }
+    // SAFETY: called first thing in main, before any thread exists, so no
+    // other thread can read the environment concurrently.
+    unsafe { std::env::set_var("PATH", joined) };
+}
+
+/// This program's path, read at start: `cargo build --workspace` relinks
+/// xtask, after which the kernel names the running file "... (deleted)".
+static XTASK_EXE: OnceLock<PathBuf> = OnceLock::new();
+
+pub fn remember_xtask_exe() {
+    if let Ok(exe) = std::env::current_exe() {
+        let _ = XTASK_EXE.set(exe);
+    }
+}
+
+/// The path of xtask's binary, to start the demo's HTTP servers with.
+pub fn xtask_exe() -> anyhow::Result<&'static Path> {
+    XTASK_EXE
+        .get()
+        .map(PathBuf::as_path)
+        .context("cannot find the xtask binary")
+}
+
+/// `why` completes "... needs root for ...".
+pub fn require_root(what: &str, why: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("{what} needs root (network namespaces and eBPF): run it with sudo");
+        bail!("{what} needs root for {why}: run it as root (e.g. with sudo)");
     }
     Ok(())
 }

@@ -9,11 +9,15 @@ use anyhow::{Context as _, bail};
 use crate::{demo, run, setup};
 
 pub fn run(test_args: &[String]) -> anyhow::Result<()> {
-    run::require_root("cargo xtask test")?;
+    run::require_root(
+        "cargo xtask test",
+        "its end-to-end tests (network namespaces and eBPF)",
+    )?;
     setup::ensure()?;
-    // The demo builds the binaries the end-to-end tests run.
+    eprintln!("==> build");
+    run::build_binaries()?;
     eprintln!("==> demo (smoke: the README's first command keeps working)");
-    demo::run(&demo::Options::smoke())?;
+    demo::smoke()?;
     eprintln!("==> unit and end-to-end tests");
     let mut cargo = run::cargo();
     cargo
@@ -25,11 +29,11 @@ pub fn run(test_args: &[String]) -> anyhow::Result<()> {
         .spawn()
         .context("cannot run cargo test")?;
     let totals = tally(child.stdout.take().context("cargo test's stdout")?);
-    let status = child.wait()?;
+    let status = child.wait().context("cannot wait for cargo test")?;
     // One closing line for the whole run: cargo prints one per test binary.
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     if !status.success() || totals.failed > 0 {
-        bail!("tests failed");
+        bail!("tests failed ({status})");
     }
     if totals.passed == 0 {
         bail!("no test ran");
