@@ -1,17 +1,20 @@
 //! The `remocal.v1.Agent` gRPC service: thin glue from calls to sessions and
 //! proxied connections, and from our errors to status codes a client can act on.
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use remocal_proto::v1::{
-    ConnectionDownstream, ConnectionUpstream, SessionEvent, SessionRequest, agent_server,
-    connection_upstream, session_request,
+    AgentInfo, ConnectionDownstream, ConnectionUpstream, InfoRequest, SessionEvent, SessionRequest,
+    agent_server, connection_upstream, session_request,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, transport::Server};
 
 use crate::{
-    kube::PodNetnsError,
+    kube::{PodLookupError, PodNetnsError},
     netns::TargetError,
     proxy,
     redirect::RedirectError,
@@ -43,12 +46,16 @@ pub fn server() -> Server {
 
 pub struct AgentService {
     sessions: Arc<Sessions>,
+    started: Instant,
 }
 
 impl AgentService {
     pub fn new(sessions: Arc<Sessions>) -> agent_server::AgentServer<Self> {
-        agent_server::AgentServer::new(Self { sessions })
-            .max_decoding_message_size(4 * proxy::CHUNK)
+        agent_server::AgentServer::new(Self {
+            sessions,
+            started: Instant::now(),
+        })
+        .max_decoding_message_size(4 * proxy::CHUNK)
     }
 }
 
@@ -124,6 +131,20 @@ impl agent_server::Agent for AgentService {
         };
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
+
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<AgentInfo>, Status> {
+        let pods = self.sessions.pods();
+        Ok(Response::new(AgentInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            node_name: pods.node().unwrap_or_default().to_string(),
+            kernel: nix::sys::utsname::uname()
+                .map(|uts| uts.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            active_sessions: u32::try_from(self.sessions.active()).unwrap_or(u32::MAX),
+            kubernetes_api: pods.has_api_access(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+        }))
+    }
 }
 
 async fn first_message<T>(stream: &mut Streaming<T>) -> Result<T, Status> {
@@ -164,5 +185,16 @@ fn open_status(err: OpenError) -> Status {
         OpenError::Target(TargetError::Io { .. }) | OpenError::Redirect(_) => {
             Status::internal(message)
         }
+        OpenError::Pod(PodLookupError::NotFound { .. }) => Status::not_found(message),
+        OpenError::Pod(PodLookupError::Forbidden { .. }) => Status::permission_denied(message),
+        OpenError::Pod(PodLookupError::Api { .. }) => Status::unavailable(message),
+        OpenError::Pod(
+            PodLookupError::NoApiAccess
+            | PodLookupError::NoNodeName
+            | PodLookupError::NotScheduled { .. }
+            | PodLookupError::OtherNode { .. }
+            | PodLookupError::NotRunning { .. }
+            | PodLookupError::HostNetwork { .. },
+        ) => Status::failed_precondition(message),
     }
 }

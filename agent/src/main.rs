@@ -13,14 +13,15 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
+    kube::PodLookup,
     logging::LogFormat,
     metrics::Metrics,
     redirect::EbpfRedirector,
@@ -51,6 +52,14 @@ struct Cli {
     /// process reads slowly; beyond that the copy is cut off and reported.
     #[arg(long, default_value_t = 32 << 20)]
     mirror_flow_limit: usize,
+    /// This node's name as Kubernetes knows it; pods named by clients must run
+    /// here (the DaemonSet sets NODE_NAME from spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Kubeconfig for reading pods when the agent runs outside a cluster; in a
+    /// pod the agent uses its service account.
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
     /// Log line format (filter with RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -67,9 +76,19 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings {
         mirror_flow_limit: cli.mirror_flow_limit,
     };
+    let pods = PodLookup::connect(cli.kubeconfig.as_deref(), cli.node_name)
+        .await
+        .context("cannot set up access to the Kubernetes API (check --kubeconfig, or the pod's service account)")?;
+    if !pods.has_api_access() {
+        info!(
+            "no Kubernetes API access: pods can be targeted by UID, namespace or PID, not by name"
+        );
+    } else if pods.node().is_none() {
+        warn!("NODE_NAME is not set: pods cannot be targeted by name");
+    }
     let metrics = Arc::new(Metrics::default());
     let registry = metrics::registry(&metrics, Box::new(redirector.kernel_counters()));
-    let sessions = Sessions::new(Arc::new(redirector), settings, metrics);
+    let sessions = Sessions::new(Arc::new(redirector), pods, settings, metrics);
     let metrics_addr = metrics::serve(cli.metrics_listen, registry).await.with_context(|| {
         format!(
             "cannot serve metrics on {}: is another remocal-agent running? Choose another address with --metrics-listen",

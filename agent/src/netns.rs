@@ -15,7 +15,7 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::kube::{PodNetnsError, find_pod_netns};
+use crate::kube::{PodNetnsError, ScheduledPod, find_pod_netns};
 
 /// What a client asks for: the namespace file, or a process living in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub enum TargetSpec {
     Path(String),
     Pid(u32),
     PodUid(String),
+    /// A pod the API confirmed is Running on this node.
+    Pod(ScheduledPod),
 }
 
 impl fmt::Display for TargetSpec {
@@ -31,6 +33,7 @@ impl fmt::Display for TargetSpec {
             TargetSpec::Path(path) => write!(f, "netns={path}"),
             TargetSpec::Pid(pid) => write!(f, "pid={pid}"),
             TargetSpec::PodUid(uid) => write!(f, "pod-uid={uid}"),
+            TargetSpec::Pod(pod) => pod.fmt(f),
         }
     }
 }
@@ -82,12 +85,21 @@ impl Netns {
                     .to_string_lossy()
                     .into_owned()
             }
+            TargetSpec::Pod(pod) => {
+                find_pod_netns(Path::new("/proc"), &pod.uid, Path::new(OWN_NAMESPACE))
+                    .map_err(|err| err.naming(format!("{}/{}", pod.namespace, pod.name)))?
+                    .to_string_lossy()
+                    .into_owned()
+            }
         };
         let file = File::open(&path).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => match spec {
                 TargetSpec::Path(path) => TargetError::NoSuchNamespace(path.clone()),
                 TargetSpec::Pid(pid) => TargetError::NoSuchProcess(*pid),
                 TargetSpec::PodUid(uid) => PodNetnsError::NotOnThisNode(uid.clone()).into(),
+                TargetSpec::Pod(pod) => {
+                    PodNetnsError::NotOnThisNode(format!("{}/{}", pod.namespace, pod.name)).into()
+                }
             },
             io::ErrorKind::PermissionDenied => TargetError::PermissionDenied {
                 what: path.clone(),

@@ -22,6 +22,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::{
+    kube::{PodLookup, PodLookupError},
     metrics::{self, Metrics},
     mirror,
     netns::{Netns, NsId, TargetError, TargetSpec},
@@ -48,8 +49,10 @@ pub type Events = mpsc::Receiver<Result<SessionEvent, Status>>;
 pub enum OpenError {
     #[error("port {0} is out of range: use a TCP port from 1 to 65535")]
     InvalidPort(u32),
-    #[error("no target given: pass a network namespace path or a PID")]
+    #[error("no target given: pass a network namespace path, a PID or a pod")]
     MissingTarget,
+    #[error(transparent)]
+    Pod(#[from] PodLookupError),
     #[error("unsupported session mode {0}: this agent supports steal")]
     UnsupportedMode(i32),
     #[error(transparent)]
@@ -78,6 +81,7 @@ pub enum AttachError {
 
 pub struct Sessions {
     redirector: Arc<dyn Redirector>,
+    pods: PodLookup,
     claims: Mutex<HashMap<(NsId, u16), Holder>>,
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
     next_session: AtomicU64,
@@ -124,11 +128,13 @@ pub struct LiveSession {
 impl Sessions {
     pub fn new(
         redirector: Arc<dyn Redirector>,
+        pods: PodLookup,
         settings: Settings,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             redirector,
+            pods,
             metrics,
             claims: Mutex::default(),
             live: Mutex::default(),
@@ -140,6 +146,14 @@ impl Sessions {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    pub fn pods(&self) -> &PodLookup {
+        &self.pods
+    }
+
+    pub fn active(&self) -> usize {
+        self.live.lock().expect("live lock").len()
     }
 
     /// Validates, claims and redirects; on success the session runs until
@@ -162,6 +176,14 @@ impl Sessions {
             Some(target::Kind::NetnsPath(path)) if !path.is_empty() => TargetSpec::Path(path),
             Some(target::Kind::Pid(pid)) if pid != 0 => TargetSpec::Pid(pid),
             Some(target::Kind::PodUid(uid)) if !uid.is_empty() => TargetSpec::PodUid(uid),
+            Some(target::Kind::Pod(pod)) if !pod.name.is_empty() => {
+                let namespace = if pod.namespace.is_empty() {
+                    "default"
+                } else {
+                    &pod.namespace
+                };
+                TargetSpec::Pod(self.pods.find(namespace, &pod.name).await?)
+            }
             _ => return Err(OpenError::MissingTarget),
         };
         let netns = blocking(move || Netns::open(&spec)).await?;

@@ -74,6 +74,7 @@ impl Harness {
         let taps = redirector.taps.clone();
         let sessions = Sessions::new(
             Arc::new(redirector),
+            crate::kube::PodLookup::unavailable(),
             crate::session::Settings {
                 mirror_flow_limit: 1 << 20,
             },

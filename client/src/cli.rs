@@ -1,5 +1,7 @@
 //! Command line. Errors come out as one line each, so scripts and people both
 //! get what is wrong without scrolling past usage text.
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand, error::ErrorKind};
 
 use crate::exit::{Failure, Status};
@@ -26,6 +28,18 @@ pub enum Command {
     /// the pod keeps serving them; your local process receives what the
     /// remote clients send, and its answers are discarded.
     Mirror(SessionArgs),
+    /// List the remocal agents of the cluster, one per node, with their health
+    /// and version. Exits with 3 when an agent is not healthy.
+    Agents(AgentsArgs),
+}
+
+#[derive(Args)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Output format of stdout lines.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
 }
 
 #[derive(Args)]
@@ -38,13 +52,22 @@ pub struct SessionArgs {
     #[command(flatten)]
     pub local: LocalArgs,
     #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
     pub link: LinkArgs,
 }
 
-/// Where the traffic comes from: a network namespace on the agent's node.
+/// Where the traffic comes from: a pod, or a network namespace on the
+/// agent's node.
 #[derive(Args)]
 #[group(required = true, multiple = false)]
 pub struct TargetArgs {
+    /// `pod/NAME`, `deploy/NAME` (one ready pod of the deployment) or a pod's NAME.
+    #[arg(value_name = "TARGET")]
+    pub resource: Option<String>,
+    /// A pod by name (the same as `pod/NAME`).
+    #[arg(long, value_name = "NAME")]
+    pub pod: Option<String>,
     /// Network namespace file on the node: /var/run/netns/NAME or /proc/PID/ns/net.
     #[arg(long, value_name = "PATH")]
     pub netns: Option<String>,
@@ -64,12 +87,32 @@ pub struct LocalArgs {
     pub local_host: String,
 }
 
+/// Which cluster, like kubectl: KUBECONFIG or ~/.kube/config and its current
+/// context, or the pod's service account inside a cluster.
+#[derive(Args)]
+pub struct ClusterArgs {
+    /// Namespace of the pod or deployment [default: the context's, else `default`].
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Kubeconfig context to use [default: the current context].
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Kubeconfig file [default: $KUBECONFIG, else ~/.kube/config].
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace the remocal agents run in.
+    #[arg(long, default_value = "remocal")]
+    pub agent_namespace: String,
+}
+
 /// How to reach the agent and what to print.
 #[derive(Args)]
 pub struct LinkArgs {
-    /// URL of the remocal agent's gRPC endpoint.
-    #[arg(long, env = "REMOCAL_AGENT", default_value = "http://127.0.0.1:7420")]
-    pub agent: String,
+    /// URL of the remocal agent's gRPC endpoint [default: for a pod, the agent
+    /// on the pod's node through the Kubernetes port-forward API; otherwise
+    /// http://127.0.0.1:7420].
+    #[arg(long, env = "REMOCAL_AGENT")]
+    pub agent: Option<String>,
     /// Print a line per stolen connection, and one when it closes.
     #[arg(short, long)]
     pub verbose: bool,
@@ -138,10 +181,34 @@ mod tests {
             let (Command::Steal(args) | Command::Mirror(args)) =
                 parse_args(&[mode, "--pid", "7", "--port", "8080"])
                     .unwrap()
-                    .command;
+                    .command
+            else {
+                panic!("{mode} is a session command");
+            };
             assert_eq!(args.local.local_port, None);
             assert_eq!(args.local.local_host, "127.0.0.1");
-            assert_eq!(args.link.agent, "http://127.0.0.1:7420");
+            assert_eq!(args.link.agent, None);
         }
+    }
+
+    #[test]
+    fn pods_and_deployments_are_named_like_kubectl() {
+        let Command::Steal(args) =
+            parse_args(&["steal", "deploy/web", "-n", "shop", "--port", "80"])
+                .unwrap()
+                .command
+        else {
+            panic!("steal");
+        };
+        assert_eq!(args.target.resource.as_deref(), Some("deploy/web"));
+        assert_eq!(args.cluster.namespace.as_deref(), Some("shop"));
+        assert_eq!(args.cluster.agent_namespace, "remocal");
+        assert!(
+            parse_args(&["mirror", "--pod", "web", "--context", "dev", "--port", "80"]).is_ok()
+        );
+        assert!(
+            parse_args(&["steal", "pod/web", "--pod", "web", "--port", "80"]).is_err(),
+            "one target only"
+        );
     }
 }

@@ -39,7 +39,7 @@ impl Failure {
     }
 
     /// A status the agent answered when opening a session.
-    pub fn from_status(status: &tonic::Status, agent: &str) -> Self {
+    pub fn from_status(status: &tonic::Status, agent: &impl std::fmt::Display) -> Self {
         use tonic::Code;
         let message = status.message().to_string();
         match status.code() {
@@ -53,13 +53,21 @@ impl Failure {
             }
             Code::Unavailable => Self::new(
                 Status::AgentUnreachable,
-                format!("the remocal agent at {agent} is unavailable: {message}"),
+                format!("{agent} is unavailable: {message}"),
             ),
             code => Self::new(
                 Status::Unexpected,
-                format!("the agent at {agent} failed ({code:?}): {message}"),
+                format!("{agent} failed ({code:?}): {message}"),
             ),
         }
+    }
+
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     pub fn report(self) -> ExitCode {
@@ -68,6 +76,15 @@ impl Failure {
         }
         ExitCode::from(self.status as u8)
     }
+}
+
+/// The innermost reason of an error chain: what a user can act on.
+pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 #[cfg(test)]
@@ -87,7 +104,7 @@ mod tests {
             (tonic::Code::Internal, Status::Unexpected),
         ];
         for (code, expected) in cases {
-            let failure = Failure::from_status(&tonic::Status::new(code, "why"), agent);
+            let failure = Failure::from_status(&tonic::Status::new(code, "why"), &agent);
             assert_eq!(failure.status, expected, "{code:?}");
             assert!(
                 failure.message.contains("why"),

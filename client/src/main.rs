@@ -2,11 +2,14 @@
 //! each stolen connection to an unmodified local process through an ordinary
 //! local TCP connection.
 mod agent_link;
+mod agents;
 mod cli;
+mod cluster;
 mod exit;
 mod forward;
 mod output;
 mod session;
+mod target;
 
 use std::process::ExitCode;
 
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Steal(args) => session::run(args, Mode::Steal).await,
             Command::Mirror(args) => session::run(args, Mode::Mirror).await,
+            Command::Agents(args) => agents::run(args).await,
         }
     });
     // Connections still draining must not keep a finished session alive.

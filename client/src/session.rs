@@ -5,19 +5,19 @@
 use std::time::Duration;
 
 use remocal_proto::v1::{
-    CloseSession, Mode, OpenSession, SessionEvent, SessionRequest, Target, session_event,
-    session_request, target,
+    CloseSession, Mode, OpenSession, SessionEvent, SessionRequest, session_event, session_request,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
 use crate::{
-    agent_link,
+    agent_link::AgentAddress,
     cli::SessionArgs,
     exit::Failure,
     forward::{self, Local},
     output::Printer,
+    target::{self, Named},
 };
 
 /// How long we wait for the agent to confirm the end of the session.
@@ -32,34 +32,30 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
         host: args.local.local_host.clone(),
         port: args.local.local_port.unwrap_or(args.port),
     };
-    let agent_url = args.link.agent.clone();
-    let mut agent = agent_link::connect(&agent_url).await?;
+    let named = Named::parse(&args.target)?;
+    let located = target::locate(named, &args.cluster, args.link.agent.as_deref()).await?;
+    let address = located.agent;
+    let mut agent = address.connect().await?;
 
     let (requests, outgoing) = mpsc::channel(64);
-    let target = match (args.target.netns, args.target.pid) {
-        (Some(path), _) => target::Kind::NetnsPath(path),
-        (None, Some(pid)) => target::Kind::Pid(pid),
-        (None, None) => unreachable!("clap requires --netns or --pid"),
-    };
     let open = OpenSession {
-        target: Some(Target { kind: Some(target) }),
+        target: Some(located.target),
         port: args.port.into(),
         mode: mode as i32,
         client: whoami(),
     };
     let _ = requests.try_send(request(session_request::Kind::Open(open)));
-    let mut events = agent
-        .session(ReceiverStream::new(outgoing))
-        .await
-        .map_err(|status| Failure::from_status(&status, &agent_url))?
-        .into_inner();
+    let mut events = match agent.session(ReceiverStream::new(outgoing)).await {
+        Ok(events) => events.into_inner(),
+        Err(status) => return Err(session_refused(&status, &address).await),
+    };
 
     let ready = match events.message().await {
         Ok(Some(SessionEvent {
             kind: Some(session_event::Kind::Ready(ready)),
         })) => ready,
         Ok(_) => return Err(Failure::unexpected("the agent did not confirm the session")),
-        Err(status) => return Err(Failure::from_status(&status, &agent_url)),
+        Err(status) => return Err(Failure::from_status(&status, &address)),
     };
     let mode_name = if mode == Mode::Mirror {
         "mirror"
@@ -88,10 +84,10 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
                     session_event::Kind::Ready(_) => {}
                 },
                 Ok(Some(SessionEvent { kind: None })) => {}
-                Ok(None) => return Err(Failure::session_lost(format!("the agent at {agent_url} closed the session"))),
+                Ok(None) => return Err(Failure::session_lost(format!("{address} closed the session"))),
                 Err(status) => {
                     return Err(Failure::session_lost(format!(
-                        "lost the link to the agent at {agent_url}: {}; the agent removes the redirection by itself",
+                        "lost the link to {address}: {}; the agent removes the redirection by itself",
                         status.message()
                     )));
                 }
@@ -101,6 +97,19 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
     }
     close(&requests, &mut events, printer).await;
     Ok(())
+}
+
+/// A broken link may have a better reason than its status (the port-forward
+/// says why); anything else is the agent's own answer.
+async fn session_refused(status: &tonic::Status, address: &AgentAddress) -> Failure {
+    if matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown
+    ) && let Some(failure) = address.explain().await
+    {
+        return failure;
+    }
+    Failure::from_status(status, address)
 }
 
 /// Asks the agent to end the session and waits for its confirmation, so the

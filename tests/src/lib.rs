@@ -17,6 +17,8 @@
 
 pub mod bpf;
 pub mod data;
+pub mod kube_api;
+pub mod kubelet_cgroup;
 pub mod netns;
 pub mod processes;
 pub mod remote;

@@ -7,6 +7,7 @@
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,8 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::time::{Instant, sleep};
+
+use crate::netns::Netns;
 
 /// How long a process may take to start (agent accepting, client printing `ready`) and
 /// to stop; generous because debug builds on a busy machine are slow.
@@ -260,6 +263,11 @@ impl Agent {
         self.metrics
     }
 
+    /// Where the agent serves gRPC (on the host's loopback, like in a cluster).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The `--agent` value that reaches this agent.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
@@ -290,22 +298,28 @@ pub enum Target {
 #[derive(Clone, Debug)]
 pub struct Steal {
     args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
 }
 
 impl Steal {
+    /// A `remocal` command line from scratch (`agents`, or a session that finds
+    /// its agent through the cluster).
+    pub fn remocal(args: &[&str]) -> Steal {
+        Steal {
+            args: args.iter().map(OsString::from).collect(),
+            envs: Vec::new(),
+        }
+    }
+
     /// `remocal steal --agent URL`, without target or port (tests of usage errors leave
     /// some out on purpose).
     pub fn new(agent_url: &str) -> Steal {
-        Steal {
-            args: vec!["steal".into(), "--agent".into(), agent_url.into()],
-        }
+        Steal::remocal(&["steal", "--agent", agent_url])
     }
 
     /// `remocal mirror --agent URL`: the same command line otherwise.
     pub fn mirror(agent_url: &str) -> Steal {
-        Steal {
-            args: vec!["mirror".into(), "--agent".into(), agent_url.into()],
-        }
+        Steal::remocal(&["mirror", "--agent", agent_url])
     }
 
     pub fn target(self, target: &Target) -> Steal {
@@ -324,6 +338,12 @@ impl Steal {
         self.arg("--local-port").arg(port.to_string())
     }
 
+    /// An environment variable for the command (KUBECONFIG, say).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Steal {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
     pub fn arg(mut self, arg: impl Into<OsString>) -> Steal {
         self.args.push(arg.into());
         self
@@ -331,7 +351,7 @@ impl Steal {
 
     fn spawn(&self) -> Process {
         let mut command = Command::new(binary("remocal"));
-        command.args(&self.args);
+        command.args(&self.args).envs(self.envs.iter().cloned());
         Process::spawn("remocal", command)
     }
 
@@ -383,6 +403,42 @@ impl Steal {
             stdout: process.stdout.text(),
             stderr: process.stderr.text(),
         }
+    }
+}
+
+/// A long-running process inside a pod, the kind `--pid` points at and the
+/// kind kubelet puts in a pod's cgroup. Killed on drop.
+pub struct PodProcess(Child);
+
+impl PodProcess {
+    pub async fn start(netns: &Netns) -> PodProcess {
+        let child = netns
+            .command("sleep")
+            .arg("600")
+            .spawn()
+            .expect("start a process in the pod");
+        let process = PodProcess(child);
+        // `ip netns exec` joins the namespace before it execs sleep; wait for that.
+        let wanted = std::fs::metadata(netns.path()).expect("stat netns").ino();
+        let link = format!("/proc/{}/ns/net", process.pid());
+        for _ in 0..500 {
+            if std::fs::metadata(&link).map(|m| m.ino()).ok() == Some(wanted) {
+                return process;
+            }
+            sleep(Duration::from_millis(10)).await;
+        }
+        panic!("process {} never entered {}", process.pid(), netns.name());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

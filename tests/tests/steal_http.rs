@@ -1,11 +1,9 @@
 //! What a user sees through a steal with ordinary HTTP traffic: who answers, before,
 //! during and after the session.
 
-use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use remocal_tests::netns::Netns;
-use remocal_tests::processes::{Steal, Target};
+use remocal_tests::processes::{PodProcess, Steal, Target};
 use remocal_tests::remote::http_exchange;
 use remocal_tests::scenario::{POD_BODY, Scenario};
 use remocal_tests::servers::{self, TcpServer};
@@ -167,41 +165,6 @@ async fn a_stolen_connection_open_when_the_session_ends_is_closed_cleanly() {
         );
     }
     scenario.assert_pod_answers(0, 80).await;
-}
-
-/// A long-running process inside a pod, the kind `--pid` is meant to point at.
-struct PodProcess(std::process::Child);
-
-impl PodProcess {
-    async fn start(netns: &Netns) -> PodProcess {
-        let child = netns
-            .command("sleep")
-            .arg("600")
-            .spawn()
-            .expect("start a process in the pod");
-        let process = PodProcess(child);
-        // `ip netns exec` joins the namespace before it execs sleep; wait for that.
-        let wanted = std::fs::metadata(netns.path()).expect("stat netns").ino();
-        let link = format!("/proc/{}/ns/net", process.pid());
-        for _ in 0..500 {
-            if std::fs::metadata(&link).map(|m| m.ino()).ok() == Some(wanted) {
-                return process;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("process {} never entered {}", process.pid(), netns.name());
-    }
-
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for PodProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A local process that closes first (like HTTP/1.0, or `Connection: close`) leaves the

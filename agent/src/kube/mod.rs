@@ -1,4 +1,7 @@
-//! Kubernetes pods as targets.
+//! Kubernetes pods as targets: by name through the API, then by UID through
+//! the node's cgroups.
+mod pod_lookup;
 mod pod_netns;
 
+pub use pod_lookup::{PodLookup, PodLookupError, ScheduledPod};
 pub use pod_netns::{PodNetnsError, find_pod_netns};

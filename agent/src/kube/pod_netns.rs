@@ -20,6 +20,16 @@ pub enum PodNetnsError {
     HostNetwork(String),
 }
 
+impl PodNetnsError {
+    /// The same error about the pod as the user named it rather than by UID.
+    pub fn naming(self, pod: String) -> Self {
+        match self {
+            Self::NotOnThisNode(_) => Self::NotOnThisNode(pod),
+            Self::HostNetwork(_) => Self::HostNetwork(pod),
+        }
+    }
+}
+
 /// The namespace file of a process of the pod whose namespace is not the
 /// node's (`host_netns` is the node's namespace file, normally
 /// /proc/self/ns/net of the agent).

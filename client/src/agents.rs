@@ -1,0 +1,136 @@
+//! `remocal agents`: one line per node's agent, with what the pod status says
+//! and what the agent itself answers through the port-forward API, so a
+//! broken install shows up before a session fails.
+use std::time::Duration;
+
+use remocal_proto::v1::{AgentInfo, InfoRequest};
+use serde_json::json;
+
+use crate::{
+    agent_link::AgentAddress,
+    cli::{AgentsArgs, OutputFormat},
+    cluster::{self, AgentPod, Cluster, PortForward},
+    exit::{Failure, Status},
+};
+
+/// An agent that does not answer within this is reported unreachable.
+const INFO_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Health {
+    agent: AgentPod,
+    answer: Result<AgentInfo, String>,
+}
+
+impl Health {
+    fn healthy(&self) -> bool {
+        self.agent.ready && self.answer.is_ok()
+    }
+
+    fn state(&self) -> String {
+        match (&self.answer, self.agent.ready) {
+            (Ok(_), true) => "healthy".into(),
+            (Ok(_), false) => "not ready".into(),
+            (Err(reason), _) => format!("unreachable: {reason}"),
+        }
+    }
+}
+
+pub async fn run(args: AgentsArgs) -> Result<(), Failure> {
+    let cluster = Cluster::connect(&args.cluster).await?;
+    let namespace = &args.cluster.agent_namespace;
+    let agents = cluster::list_agents(&cluster, namespace, None).await?;
+    if agents.is_empty() {
+        return Err(Failure::new(
+            Status::AgentUnreachable,
+            format!(
+                "no remocal agents in namespace {namespace} (context {}): install remocal with `kubectl apply -k manifests/` (see the README)",
+                cluster.context
+            ),
+        ));
+    }
+    let checks = agents.into_iter().map(|agent| check(&cluster, agent));
+    let health = futures::future::join_all(checks).await;
+    print(&health, args.output);
+    if health.iter().all(Health::healthy) {
+        Ok(())
+    } else {
+        // The table already says which; the status is for scripts.
+        Err(Failure::new(Status::AgentUnreachable, ""))
+    }
+}
+
+async fn check(cluster: &Cluster, agent: AgentPod) -> Health {
+    let address = AgentAddress::PortForward(Box::new(PortForward::new(cluster, &agent)));
+    let answer = tokio::time::timeout(INFO_TIMEOUT, async {
+        let mut client = address
+            .connect()
+            .await
+            .map_err(|failure| failure.message().to_string())?;
+        client
+            .info(InfoRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| status.message().to_string())
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no answer within {INFO_TIMEOUT:?}")));
+    Health { agent, answer }
+}
+
+fn print(health: &[Health], format: OutputFormat) {
+    match format {
+        OutputFormat::Json => {
+            for entry in health {
+                let info = entry.answer.as_ref().ok();
+                println!(
+                    "{}",
+                    json!({
+                        "node": entry.agent.node,
+                        "pod": format!("{}/{}", entry.agent.namespace, entry.agent.name),
+                        "ready": entry.agent.ready,
+                        "healthy": entry.healthy(),
+                        "state": entry.state(),
+                        "version": info.map(|info| &info.version),
+                        "kernel": info.map(|info| &info.kernel),
+                        "active_sessions": info.map(|info| info.active_sessions),
+                        "kubernetes_api": info.map(|info| info.kubernetes_api),
+                        "uptime_seconds": info.map(|info| info.uptime_seconds),
+                    })
+                );
+            }
+        }
+        OutputFormat::Text => {
+            let rows: Vec<[String; 6]> = health
+                .iter()
+                .map(|entry| {
+                    let info = entry.answer.as_ref().ok();
+                    let field = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+                    [
+                        entry.agent.node.clone(),
+                        entry.agent.name.clone(),
+                        field(info.map(|info| info.version.clone())),
+                        field(info.map(|info| info.active_sessions.to_string())),
+                        field(info.map(|info| info.kernel.clone())),
+                        entry.state(),
+                    ]
+                })
+                .collect();
+            let header =
+                ["NODE", "POD", "VERSION", "SESSIONS", "KERNEL", "STATE"].map(String::from);
+            let mut widths = header.clone().map(|title| title.len());
+            for row in &rows {
+                for (width, cell) in widths.iter_mut().zip(row) {
+                    *width = (*width).max(cell.len());
+                }
+            }
+            for row in std::iter::once(&header).chain(&rows) {
+                let line: Vec<String> = row
+                    .iter()
+                    .zip(widths)
+                    .map(|(cell, width)| format!("{cell:width$}"))
+                    .collect();
+                println!("{}", line.join("  ").trim_end());
+            }
+        }
+    }
+}

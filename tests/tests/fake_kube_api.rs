@@ -1,0 +1,649 @@
+//! The fake apiserver against the client remocal really uses (the `kube` crate):
+//! if kube reads something here differently from a real cluster, the end-to-end
+//! tests built on the fake would prove nothing.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use remocal_tests::data::Pattern;
+use remocal_tests::kube_api::{self, FakeKubeApi};
+use remocal_tests::kubelet_cgroup::{KubeletCgroup, cgroup2_root};
+use remocal_tests::servers::{self, TcpServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DEV_TOKEN: &str = "dev-token";
+const DEVELOPER: &str = "developer";
+
+async fn client(api: &FakeKubeApi, token: &str, namespace: Option<&str>) -> Client {
+    let path = api.kubeconfig("fake", token, namespace);
+    let kubeconfig = Kubeconfig::read_from(&path).expect("read the fake's kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kube accepts the fake's kubeconfig");
+    Client::try_from(config).expect("kube client")
+}
+
+async fn developer(api: &FakeKubeApi) -> Client {
+    api.add_user(DEV_TOKEN, DEVELOPER);
+    client(api, DEV_TOKEN, Some("default")).await
+}
+
+/// The `Status` of an API error, or a panic naming what came instead.
+fn status<T>(result: kube::Result<T>) -> kube::core::Status {
+    match result {
+        Err(kube::Error::Api(status)) => *status,
+        Err(other) => panic!("expected an API error, got {other:?}"),
+        Ok(_) => panic!("expected an API error, got a success"),
+    }
+}
+
+fn names(pods: impl IntoIterator<Item = Pod>) -> Vec<String> {
+    let mut names: Vec<String> = pods
+        .into_iter()
+        .map(|p| p.metadata.name.unwrap_or_default())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_reads_back_field_for_field() {
+    let api = FakeKubeApi::start().await;
+    let client = developer(&api).await;
+    let uid = "5c1e4c8a-2f5e-4b8e-9d3a-0a1b2c3d4e5f";
+    api.upsert_pod(
+        kube_api::pod("default", "web")
+            .uid(uid)
+            .node("node-a")
+            .running()
+            .ready(true)
+            .labels(&[("app", "web")])
+            .annotation("note", "x")
+            .ip("198.18.0.2")
+            .build(),
+    );
+
+    let pod = Api::<Pod>::default_namespaced(client)
+        .get("web")
+        .await
+        .unwrap();
+
+    assert_eq!(pod.metadata.uid.as_deref(), Some(uid));
+    assert_eq!(pod.metadata.namespace.as_deref(), Some("default"));
+    assert_eq!(pod.metadata.labels.unwrap()["app"], "web");
+    assert_eq!(pod.metadata.annotations.unwrap()["note"], "x");
+    assert!(pod.metadata.creation_timestamp.is_some());
+    assert!(pod.metadata.resource_version.is_some());
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some("node-a"));
+    assert_eq!(spec.host_network, None);
+    let status = pod.status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    assert_eq!(status.pod_ip.as_deref(), Some("198.18.0.2"));
+    let ready = status
+        .conditions
+        .unwrap()
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.status, "True");
+    let container = &status.container_statuses.unwrap()[0];
+    assert_eq!(
+        container.container_id.as_deref(),
+        Some(format!("containerd://{}", kube_api::container_id(uid)).as_str())
+    );
+    assert_eq!(
+        api.requests(),
+        ["developer get /api/v1/namespaces/default/pods/web"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_filter_by_label_and_field_selectors() {
+    let api = FakeKubeApi::start().await;
+    let client = developer(&api).await;
+    api.upsert_pod(kube_api::agent_pod("node-a", "agent-a", 7420));
+    api.upsert_pod(kube_api::agent_pod("node-b", "agent-b", 7420));
+    let web = |ns: &str, name: &str, node: &str| {
+        kube_api::pod(ns, name)
+            .node(node)
+            .running()
+            .ready(true)
+            .labels(&[("app", "web")])
+    };
+    api.upsert_pod(web("default", "web-1", "node-a"));
+    api.upsert_pod(web("default", "web-2", "node-b").failed());
+    api.upsert_pod(web("other", "web-3", "node-a"));
+
+    let all = Api::<Pod>::all(client.clone());
+    let agents_on_a = all
+        .list(
+            &ListParams::default()
+                .labels("app.kubernetes.io/name=remocal-agent")
+                .fields("spec.nodeName=node-a"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(agents_on_a), ["agent-a"]);
+    assert!(
+        api.requests().contains(
+            &"developer list /api/v1/pods?fieldSelector=spec.nodeName=node-a&labelSelector=app.kubernetes.io/name=remocal-agent"
+                .to_string()
+        ),
+        "{:?}",
+        api.requests()
+    );
+
+    let default = Api::<Pod>::default_namespaced(client.clone());
+    let list = |labels: &'static str, fields: &'static str| {
+        let default = default.clone();
+        async move {
+            names(
+                default
+                    .list(&ListParams::default().labels(labels).fields(fields))
+                    .await
+                    .unwrap_or_else(|e| panic!("{labels} / {fields}: {e}")),
+            )
+        }
+    };
+    assert_eq!(list("app==web", "").await, ["web-1", "web-2"]);
+    assert_eq!(list("app", "status.phase!=Failed").await, ["web-1"]);
+    assert_eq!(list("!app", "").await, Vec::<String>::new());
+    assert_eq!(list("app!=db", "metadata.name=web-2").await, ["web-2"]);
+    assert_eq!(list("", "spec.nodeName==node-b").await, ["web-2"]);
+
+    let all_web = all
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap();
+    assert_eq!(all_web.metadata.resource_version.as_deref(), Some("5"));
+    assert_eq!(names(all_web), ["web-1", "web-2", "web-3"]);
+
+    let bad = status(
+        default
+            .list(&ListParams::default().labels("app=web=x"))
+            .await,
+    );
+    assert_eq!((bad.code, bad.reason.as_str()), (400, "BadRequest"));
+    let bad = status(
+        default
+            .list(&ListParams::default().fields("spec.color=red"))
+            .await,
+    );
+    assert_eq!(bad.code, 400);
+    assert_eq!(bad.message, "field label not supported: spec.color");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_objects_and_paths_are_404_statuses() {
+    let api = FakeKubeApi::start().await;
+    let client = developer(&api).await;
+
+    let missing = status(
+        Api::<Pod>::default_namespaced(client.clone())
+            .get("web")
+            .await,
+    );
+    assert_eq!(missing.code, 404);
+    assert_eq!(missing.reason, "NotFound");
+    assert_eq!(missing.message, "pods \"web\" not found");
+    let details = missing.details.unwrap();
+    assert_eq!(
+        (details.name.as_str(), details.kind.as_str()),
+        ("web", "pods")
+    );
+
+    let missing = status(
+        Api::<Deployment>::default_namespaced(client.clone())
+            .get("web")
+            .await,
+    );
+    assert_eq!(missing.message, "deployments.apps \"web\" not found");
+    assert_eq!(missing.details.unwrap().group, "apps");
+
+    let request = axum::http::Request::get("/apis/example.com/v1/widgets")
+        .body(Vec::new())
+        .unwrap();
+    let unknown = status(client.request_text(request).await);
+    assert_eq!(
+        (unknown.code, unknown.message.as_str()),
+        (404, "the server could not find the requested resource")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_requests_carry_the_apiservers_messages() {
+    let api = FakeKubeApi::start().await;
+    let client = developer(&api).await;
+    api.upsert_pod(
+        kube_api::pod("default", "web")
+            .node("node-a")
+            .running()
+            .ready(true),
+    );
+    api.upsert_pod(kube_api::agent_pod("node-a", "remocal-agent-x", 7420));
+    api.upsert_deployment(kube_api::deployment("default", "web", &[("app", "web")]));
+    api.forbid(DEVELOPER, "get", "pods", "default");
+    api.forbid(DEVELOPER, "list", "pods", "remocal");
+    api.forbid(DEVELOPER, "list", "pods", "");
+    api.forbid(DEVELOPER, "get", "deployments", "default");
+    api.forbid(DEVELOPER, "create", "pods/portforward", "remocal");
+
+    let expect = |status: kube::core::Status, message: &str| {
+        assert_eq!((status.code, status.reason.as_str()), (403, "Forbidden"));
+        assert_eq!(status.message, message);
+    };
+    expect(
+        status(
+            Api::<Pod>::default_namespaced(client.clone())
+                .get("web")
+                .await,
+        ),
+        "pods \"web\" is forbidden: User \"developer\" cannot get resource \"pods\" in API group \"\" in the namespace \"default\"",
+    );
+    let agents = Api::<Pod>::namespaced(client.clone(), "remocal");
+    expect(
+        status(agents.list(&ListParams::default()).await),
+        "pods is forbidden: User \"developer\" cannot list resource \"pods\" in API group \"\" in the namespace \"remocal\"",
+    );
+    expect(
+        status(
+            Api::<Pod>::all(client.clone())
+                .list(&ListParams::default())
+                .await,
+        ),
+        "pods is forbidden: User \"developer\" cannot list resource \"pods\" in API group \"\" at the cluster scope",
+    );
+    let denied = status(
+        Api::<Deployment>::default_namespaced(client.clone())
+            .get("web")
+            .await,
+    );
+    assert_eq!(denied.details.as_ref().unwrap().group, "apps");
+    expect(
+        denied,
+        "deployments.apps \"web\" is forbidden: User \"developer\" cannot get resource \"deployments\" in API group \"apps\" in the namespace \"default\"",
+    );
+    expect(
+        status(agents.portforward("remocal-agent-x", &[7420]).await),
+        "pods \"remocal-agent-x\" is forbidden: User \"developer\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"remocal\"",
+    );
+    assert!(
+        api.requests().contains(
+            &"developer create /api/v1/namespaces/remocal/pods/remocal-agent-x/portforward?ports=7420".to_string()
+        ),
+        "{:?}",
+        api.requests()
+    );
+    // Other users and namespaces are unaffected.
+    assert!(agents.get("remocal-agent-x").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_token_is_401() {
+    let api = FakeKubeApi::start().await;
+    api.add_user(DEV_TOKEN, DEVELOPER);
+    api.upsert_pod(kube_api::pod("default", "web"));
+    let stranger = client(&api, "stolen-token", None).await;
+
+    let refused = status(Api::<Pod>::default_namespaced(stranger).get("web").await);
+
+    assert_eq!(refused.code, 401);
+    assert_eq!(refused.reason, "Unauthorized");
+    assert_eq!(refused.message, "Unauthorized");
+    assert_eq!(
+        api.requests(),
+        ["<unauthenticated> get /api/v1/namespaces/default/pods/web"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_reads_back() {
+    let api = FakeKubeApi::start().await;
+    let client = developer(&api).await;
+    api.upsert_deployment(kube_api::deployment("default", "web", &[("app", "web")]));
+
+    let deployment = Api::<Deployment>::default_namespaced(client)
+        .get("web")
+        .await
+        .unwrap();
+
+    let spec = deployment.spec.unwrap();
+    assert_eq!(spec.selector.match_labels.unwrap()["app"], "web");
+    assert_eq!(
+        spec.template.metadata.unwrap().labels.unwrap()["app"],
+        "web"
+    );
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(deployment.status.unwrap().available_replicas, Some(1));
+}
+
+/// Writes `len` pattern bytes and reads them back concurrently: kube's
+/// port-forward stops reading the WebSocket while a port's reader is not reading.
+async fn round_trip(stream: tokio::io::DuplexStream, len: usize, seed: u64) {
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let write = tokio::spawn(async move {
+        let mut pattern = Pattern::new(seed);
+        let mut left = len;
+        while left > 0 {
+            let chunk = pattern.take(left.min(256 * 1024));
+            writer.write_all(&chunk).await.unwrap();
+            left -= chunk.len();
+        }
+        writer
+    });
+    let mut pattern = Pattern::new(seed);
+    let mut scratch = Vec::new();
+    let mut buf = vec![0; 128 * 1024];
+    let mut read = 0;
+    while read < len {
+        let n = reader.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "EOF after {read} of {len} bytes");
+        assert!(
+            pattern.matches(&buf[..n], &mut scratch),
+            "bytes differ after {read}"
+        );
+        read += n;
+    }
+    write.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_relays_megabytes_byte_exact() {
+    let api = FakeKubeApi::start().await;
+    let client = developer(&api).await;
+    let echo = TcpServer::local(servers::echo);
+    api.upsert_pod(kube_api::agent_pod(
+        "node-a",
+        "remocal-agent-x",
+        echo.port(),
+    ));
+    // A pod without hostNetwork is reached at its own IP, not at 127.0.0.1.
+    let pod_listener =
+        std::net::TcpListener::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
+    let pod_echo = TcpServer::serve(pod_listener, servers::echo);
+    api.upsert_pod(
+        kube_api::pod("default", "web")
+            .node("node-a")
+            .running()
+            .ready(true)
+            .ip("127.0.0.2"),
+    );
+
+    let agents = Api::<Pod>::namespaced(client.clone(), "remocal");
+    let mut forwarder = agents
+        .portforward("remocal-agent-x", &[echo.port()])
+        .await
+        .unwrap();
+    let stream = forwarder.take_stream(echo.port()).unwrap();
+    round_trip(stream, 8 << 20, 1).await;
+
+    let pods = Api::<Pod>::default_namespaced(client);
+    let mut to_pod = pods.portforward("web", &[pod_echo.port()]).await.unwrap();
+    round_trip(to_pod.take_stream(pod_echo.port()).unwrap(), 64 * 1024, 2).await;
+    assert_eq!(pod_echo.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_closing_ends_the_stream() {
+    let api = FakeKubeApi::start().await;
+    let client = developer(&api).await;
+    let greeter = TcpServer::local(|mut stream: tokio::net::TcpStream| async move {
+        let _ = stream.write_all(b"hello").await;
+    });
+    api.upsert_pod(kube_api::agent_pod("node-a", "agent", greeter.port()));
+
+    let mut forwarder = Api::<Pod>::namespaced(client, "remocal")
+        .portforward("agent", &[greeter.port()])
+        .await
+        .unwrap();
+    let mut stream = forwarder.take_stream(greeter.port()).unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received))
+        .await
+        .expect("EOF once the target closed")
+        .unwrap();
+    assert_eq!(received, b"hello");
+    // No check of `forwarder.join()`: after a server-side close kube 5 answers the
+    // close frame and then sends one of its own, so `join` reports `SendAfterClosing`
+    // (against a real kubelet too, which also closes when the target does).
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dial_surfaces_on_the_error_channel() {
+    let api = FakeKubeApi::start().await;
+    let client = developer(&api).await;
+    let echo = TcpServer::local(servers::echo);
+    let closed_port = {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let uid = kube_api::fresh_uid();
+    api.upsert_pod(kube_api::agent_pod("node-a", "remocal-agent-x", closed_port).uid(&uid));
+
+    let mut forwarder = Api::<Pod>::namespaced(client, "remocal")
+        .portforward("remocal-agent-x", &[closed_port, echo.port()])
+        .await
+        .unwrap();
+    let error = tokio::time::timeout(
+        Duration::from_secs(5),
+        forwarder.take_error(closed_port).unwrap(),
+    )
+    .await
+    .expect("an error message for the refused port")
+    .expect("the message itself, not a dropped channel");
+    assert!(
+        error.starts_with(&format!(
+            "error forwarding port {closed_port} to pod remocal-agent-x, uid {uid}: failed to connect to localhost:{closed_port} inside namespace"
+        )),
+        "{error}"
+    );
+    assert!(
+        error.ends_with(&format!(
+            "dial tcp4 127.0.0.1:{closed_port}: connect: connection refused"
+        )),
+        "{error}"
+    );
+    // The other port of the same connection still works.
+    round_trip(forwarder.take_stream(echo.port()).unwrap(), 1 << 20, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_needs_a_running_pod() {
+    let api = FakeKubeApi::start().await;
+    let client = developer(&api).await;
+    api.upsert_pod(kube_api::pod("default", "web").node("node-a"));
+    let pods = Api::<Pod>::default_namespaced(client);
+
+    let pending = status(pods.portforward("web", &[80]).await);
+    assert_eq!(pending.code, 400);
+    assert!(
+        pending
+            .message
+            .contains("pod web is not running (phase Pending)"),
+        "{}",
+        pending.message
+    );
+
+    let missing = status(pods.portforward("db", &[80]).await);
+    assert_eq!(
+        (missing.code, missing.message.as_str()),
+        (404, "pods \"db\" not found")
+    );
+
+    api.remove_pod("default", "web");
+    assert_eq!(status(pods.get("web").await).code, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_fake_stops_it() {
+    let api = FakeKubeApi::start().await;
+    let addr: SocketAddr = api.addr();
+    drop(api);
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "{addr} still accepts connections");
+}
+
+#[test]
+fn a_kubelet_cgroup_holds_a_process_and_leaves_nothing_behind() {
+    let uid = kube_api::fresh_uid();
+    let mut sleep = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid = sleep.id();
+    let cgroup = KubeletCgroup::create(&uid);
+    let dir = cgroup.dir().to_path_buf();
+    let path = cgroup.path();
+    assert!(
+        path.ends_with(&format!(
+            "/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope",
+            uid.replace('-', "_"),
+            kube_api::container_id(&uid)
+        )),
+        "{path}"
+    );
+    assert!(path.starts_with("/kubepods-remocal-test-"), "{path}");
+
+    cgroup.add(pid);
+    let in_proc = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        in_proc.lines().any(|l| l == format!("0::{path}")),
+        "{in_proc}"
+    );
+
+    // The process is still alive: drop must move it out before removing.
+    drop(cgroup);
+    let top = cgroup2_root()
+        .unwrap()
+        .join(path.trim_start_matches('/').split('/').next().unwrap());
+    assert!(
+        !dir.exists() && !top.exists(),
+        "{} left behind",
+        top.display()
+    );
+    let in_proc = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(in_proc.lines().any(|l| l == "0::/"), "{in_proc}");
+    sleep.kill().unwrap();
+    sleep.wait().unwrap();
+}
+
+/// One raw HTTP/1.1 request, so the test sees the JSON itself and not kube's reading of it.
+async fn raw_get(api: &FakeKubeApi, path: &str, token: &str) -> (u16, serde_json::Value) {
+    let mut stream = tokio::net::TcpStream::connect(api.addr()).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
+        api.addr()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (
+        code,
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_is_the_apiservers() {
+    let api = FakeKubeApi::start().await;
+    api.add_user(DEV_TOKEN, DEVELOPER);
+    api.upsert_pod(kube_api::pod("default", "web").labels(&[("app", "web")]));
+
+    let (code, not_found) = raw_get(&api, "/api/v1/namespaces/default/pods/db", DEV_TOKEN).await;
+    assert_eq!(code, 404);
+    assert_eq!(
+        not_found,
+        serde_json::json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"pods \"db\" not found","reason":"NotFound","details":{"name":"db","kind":"pods"},"code":404})
+    );
+    let (code, unauthorized) = raw_get(&api, "/api/v1/pods", "nope").await;
+    assert_eq!(code, 401);
+    assert_eq!(
+        unauthorized,
+        serde_json::json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"Unauthorized","reason":"Unauthorized","code":401})
+    );
+
+    let (code, pod) = raw_get(&api, "/api/v1/namespaces/default/pods/web", DEV_TOKEN).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        (pod["apiVersion"].as_str(), pod["kind"].as_str()),
+        (Some("v1"), Some("Pod"))
+    );
+    let (code, list) = raw_get(
+        &api,
+        "/api/v1/namespaces/default/pods?labelSelector=app%3Dweb",
+        DEV_TOKEN,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        (list["apiVersion"].as_str(), list["kind"].as_str()),
+        (Some("v1"), Some("PodList"))
+    );
+    assert_eq!(list["metadata"]["resourceVersion"], "1");
+    let item = &list["items"][0];
+    assert_eq!(item["metadata"]["name"], "web");
+    // As from the apiserver: list items carry no apiVersion or kind of their own.
+    assert!(
+        item.get("kind").is_none() && item.get("apiVersion").is_none(),
+        "{item}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_client_side_closes_the_target_connection() {
+    let api = FakeKubeApi::start().await;
+    let client = developer(&api).await;
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let closed_tx = std::sync::Mutex::new(Some(closed_tx));
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let target = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut received = Vec::new();
+        let _ = stream.read_to_end(&mut received).await;
+        if let Some(tx) = closed_tx.lock().unwrap().take() {
+            let _ = tx.send(received);
+        }
+    });
+    api.upsert_pod(kube_api::agent_pod("node-a", "agent", port));
+
+    let mut forwarder = Api::<Pod>::namespaced(client, "remocal")
+        .portforward("agent", &[port])
+        .await
+        .unwrap();
+    let mut stream = forwarder.take_stream(port).unwrap();
+    stream.write_all(b"bye").await.unwrap();
+    drop(stream);
+
+    let received = tokio::time::timeout(Duration::from_secs(5), closed_rx)
+        .await
+        .expect("the target connection closes when the client's stream is dropped")
+        .unwrap();
+    assert_eq!(received, b"bye");
+    target.await.unwrap();
+    let joined = tokio::time::timeout(Duration::from_secs(5), forwarder.join()).await;
+    assert!(matches!(joined, Ok(Ok(()))), "{joined:?}");
+}
