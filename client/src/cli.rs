@@ -143,10 +143,18 @@ pub fn parse() -> Result<Cli, Failure> {
             )
         }
         _ => {
+            // clap lists missing arguments on the lines after the first:
+            // keep them, drop the usage text.
             let rendered = err.to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            Failure::new(Status::Usage, format!("{first} (see `remocal --help`)"))
+            let summary: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|line| !line.is_empty() && !line.starts_with("For more information"))
+                .collect();
+            let summary = summary.join(" ");
+            let summary = summary.strip_prefix("error: ").unwrap_or(&summary);
+            Failure::new(Status::Usage, format!("{summary} (see `remocal --help`)"))
         }
     })
 }

@@ -142,6 +142,48 @@ fn the_agent_may_only_read_pods() {
     assert_eq!(rules[0]["verbs"][0], "get");
 }
 
+/// Clients find the agent's gRPC port in a pod annotation; it must be the
+/// port the agent listens on, and on the node's loopback only.
+#[test]
+fn clients_learn_the_grpc_port_the_agent_listens_on() {
+    let template = &documents("daemonset.yaml")[0]["spec"]["template"];
+    let annotated = template["metadata"]["annotations"]["remocal.dev/grpc-port"]
+        .as_str()
+        .expect("the remocal.dev/grpc-port annotation");
+    let listen = template["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find_map(|arg| arg.as_str()?.strip_prefix("--grpc-listen="))
+        .expect("--grpc-listen=ADDR");
+    assert_eq!(listen, format!("127.0.0.1:{annotated}"));
+}
+
+/// Developers get what remocal needs to find pods and agents, and may
+/// port-forward only in the agents' namespace.
+#[test]
+fn developers_may_port_forward_to_the_agents_only() {
+    let roles = documents("user-roles.yaml");
+    let grants_port_forward = |role: &Value| {
+        role["rules"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|rule| rule["resources"][0] == "pods/portforward")
+    };
+    let cluster_role = roles
+        .iter()
+        .find(|role| role["kind"] == "ClusterRole")
+        .unwrap();
+    assert!(
+        !grants_port_forward(cluster_role),
+        "no port-forward cluster-wide"
+    );
+    let role = roles.iter().find(|role| role["kind"] == "Role").unwrap();
+    assert_eq!(role["metadata"]["namespace"], "remocal");
+    assert!(grants_port_forward(role));
+}
+
 #[test]
 fn prometheus_finds_the_metrics_port() {
     let service = &documents("service.yaml")[0];
