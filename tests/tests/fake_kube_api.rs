@@ -1,10 +1,13 @@
 //! The fake apiserver against the client remocal really uses (the `kube` crate):
 //! if kube reads something here differently from a real cluster, the end-to-end
-//! tests built on the fake would prove nothing.
+//! tests built on the fake would prove nothing. It serves HTTPS with its own
+//! CA, as a cluster does, so kube's TLS is part of what these tests exercise.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
@@ -14,18 +17,39 @@ use remocal_tests::data::Pattern;
 use remocal_tests::kube_api::{self, FakeKubeApi};
 use remocal_tests::kubelet_cgroup::{KubeletCgroup, cgroup2_root};
 use remocal_tests::servers::{self, TcpServer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 const DEV_TOKEN: &str = "dev-token";
 const DEVELOPER: &str = "developer";
 
 async fn client(api: &FakeKubeApi, token: &str, namespace: Option<&str>) -> Client {
+    client_from(read_kubeconfig(api, token, namespace)).await
+}
+
+fn read_kubeconfig(api: &FakeKubeApi, token: &str, namespace: Option<&str>) -> Kubeconfig {
     let path = api.kubeconfig("fake", token, namespace);
-    let kubeconfig = Kubeconfig::read_from(&path).expect("read the fake's kubeconfig");
+    Kubeconfig::read_from(&path).expect("read the fake's kubeconfig")
+}
+
+async fn client_from(kubeconfig: Kubeconfig) -> Client {
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("kube accepts the fake's kubeconfig");
     Client::try_from(config).expect("kube client")
+}
+
+/// The kubeconfig's only cluster entry.
+fn cluster_of(kubeconfig: &mut Kubeconfig) -> &mut kube::config::Cluster {
+    assert_eq!(kubeconfig.clusters.len(), 1);
+    kubeconfig.clusters[0]
+        .cluster
+        .as_mut()
+        .expect("a cluster entry")
 }
 
 async fn developer(api: &FakeKubeApi) -> Client {
@@ -541,9 +565,32 @@ fn a_kubelet_cgroup_holds_a_process_and_leaves_nothing_behind() {
     sleep.wait().unwrap();
 }
 
+/// A TLS connection to the fake that trusts its CA alone and offers HTTP/2
+/// before HTTP/1.1, as Go clients do: the fake must pick HTTP/1.1.
+async fn tls_connect(api: &FakeKubeApi) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(api.ca_pem().as_bytes()) {
+        roots.add(cert.expect("the fake's CA PEM")).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(api.addr()).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::from(api.addr().ip()), tcp)
+        .await
+        .expect("TLS handshake with the fake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    tls
+}
+
 /// One raw HTTP/1.1 request, so the test sees the JSON itself and not kube's reading of it.
 async fn raw_get(api: &FakeKubeApi, path: &str, token: &str) -> (u16, serde_json::Value) {
-    let mut stream = tokio::net::TcpStream::connect(api.addr()).await.unwrap();
+    let mut stream = tls_connect(api).await;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
         api.addr()
@@ -646,4 +693,130 @@ async fn closing_the_client_side_closes_the_target_connection() {
     target.await.unwrap();
     let joined = tokio::time::timeout(Duration::from_secs(5), forwarder.join()).await;
     assert!(matches!(joined, Ok(Ok(()))), "{joined:?}");
+}
+
+/// `error` and its sources, one per line.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        chain.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    chain
+}
+
+/// The error chain of a request that must fail in the TLS handshake, before
+/// anything reached the fake.
+async fn tls_failure(api: &FakeKubeApi, kubeconfig: Kubeconfig) -> String {
+    let client = client_from(kubeconfig).await;
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        Api::<Pod>::default_namespaced(client).get("web"),
+    )
+    .await
+    .expect("a refused handshake fails at once");
+    let chain = match result {
+        Err(kube::Error::Api(status)) => panic!("the request got through: {status:?}"),
+        Err(other) => error_chain(&other),
+        Ok(_) => panic!("the request got through"),
+    };
+    assert!(
+        api.requests().is_empty(),
+        "the fake saw {:?}",
+        api.requests()
+    );
+    chain
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_reaches_the_fake_over_verified_tls() {
+    let api = FakeKubeApi::start().await;
+    api.add_user(DEV_TOKEN, DEVELOPER);
+    let port = api.addr().port();
+    assert_eq!(api.url(), format!("https://127.0.0.1:{port}"));
+    let mut kubeconfig = read_kubeconfig(&api, DEV_TOKEN, Some("remocal"));
+    let cluster = cluster_of(&mut kubeconfig);
+    assert_eq!(cluster.server.as_deref(), Some(api.url().as_str()));
+    let ca = BASE64_STANDARD
+        .decode(cluster.certificate_authority_data.as_deref().unwrap())
+        .unwrap();
+    assert_eq!(String::from_utf8(ca).unwrap(), api.ca_pem());
+    assert!(api.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(cluster.insecure_skip_tls_verify, None);
+    assert_eq!(cluster.tls_server_name, None);
+
+    let echo = TcpServer::local(servers::echo);
+    api.upsert_pod(kube_api::agent_pod(
+        "node-a",
+        "remocal-agent-x",
+        echo.port(),
+    ));
+    let client = client_from(kubeconfig.clone()).await;
+    let agents = Api::<Pod>::default_namespaced(client);
+    let pod = agents.get("remocal-agent-x").await.unwrap();
+    assert_eq!(pod.metadata.name.as_deref(), Some("remocal-agent-x"));
+    // The port-forward upgrade and the relay behind it, over TLS.
+    let mut forwarder = agents
+        .portforward("remocal-agent-x", &[echo.port()])
+        .await
+        .unwrap();
+    round_trip(forwarder.take_stream(echo.port()).unwrap(), 4 << 20, 4).await;
+    assert_eq!(echo.accepted(), 1);
+
+    // The serving certificate names localhost as well as 127.0.0.1.
+    let mut by_name = kubeconfig.clone();
+    cluster_of(&mut by_name).server = Some(format!("https://localhost:{port}"));
+    let by_name = Api::<Pod>::default_namespaced(client_from(by_name).await);
+    by_name.get("remocal-agent-x").await.unwrap();
+    let mut named = kubeconfig.clone();
+    cluster_of(&mut named).tls_server_name = Some("localhost".into());
+    let named = Api::<Pod>::default_namespaced(client_from(named).await);
+    named.get("remocal-agent-x").await.unwrap();
+    assert_eq!(api.requests().len(), 4, "{:?}", api.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubeconfig_with_another_ca_is_refused_in_the_handshake() {
+    let api = FakeKubeApi::start().await;
+    api.add_user(DEV_TOKEN, DEVELOPER);
+    api.upsert_pod(kube_api::pod("default", "web"));
+    // Another fake's CA has the same name ("kubernetes") and a different key:
+    // only a verified signature tells them apart.
+    let other = FakeKubeApi::start().await;
+    assert_ne!(other.ca_pem(), api.ca_pem());
+    let mut kubeconfig = read_kubeconfig(&api, DEV_TOKEN, Some("default"));
+    cluster_of(&mut kubeconfig).certificate_authority_data =
+        Some(BASE64_STANDARD.encode(other.ca_pem()));
+
+    let chain = tls_failure(&api, kubeconfig.clone()).await;
+    // rustls 0.23 says `BadSignature`: the issuer name matched the trusted CA's.
+    assert!(
+        chain.contains("invalid peer certificate: BadSignature")
+            || chain.contains("invalid peer certificate: UnknownIssuer"),
+        "{chain}"
+    );
+
+    // The right CA with kube's client again: it is the CA that failed.
+    let client = client_from(read_kubeconfig(&api, DEV_TOKEN, Some("default"))).await;
+    Api::<Pod>::default_namespaced(client)
+        .get("web")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_the_certificate_lacks_is_refused_in_the_handshake() {
+    let api = FakeKubeApi::start().await;
+    api.add_user(DEV_TOKEN, DEVELOPER);
+    let mut kubeconfig = read_kubeconfig(&api, DEV_TOKEN, Some("default"));
+    // Right CA, but the certificate is for 127.0.0.1 and localhost only.
+    cluster_of(&mut kubeconfig).tls_server_name = Some("kubernetes.default.svc".into());
+
+    let chain = tls_failure(&api, kubeconfig).await;
+    assert!(chain.contains("invalid peer certificate"), "{chain}");
+    assert!(
+        chain.contains("certificate not valid for name \"kubernetes.default.svc\""),
+        "{chain}"
+    );
 }

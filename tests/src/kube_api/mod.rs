@@ -4,7 +4,10 @@
 //! crate with the JSON a real apiserver sends (objects from `k8s-openapi`,
 //! `meta/v1 Status` errors with the real messages), authenticates bearer tokens,
 //! refuses what a test forbade, and forwards `pods/portforward` WebSockets to
-//! real TCP servers. Plain HTTP/1.1 on 127.0.0.1: kube needs nothing more.
+//! real TCP servers. HTTPS (HTTP/1.1) on 127.0.0.1 as a real apiserver serves it:
+//! each fake makes its own cluster CA and a serving certificate for `127.0.0.1`
+//! and `localhost`, and its kubeconfigs carry that CA, so kube's TLS (rustls,
+//! certificate and address verification) is exercised as against a cluster.
 //!
 //! ```ignore
 //! let api = FakeKubeApi::start().await;
@@ -19,6 +22,7 @@ mod port_forward;
 mod request_info;
 mod selectors;
 mod status;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -31,6 +35,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, ObjectMeta};
@@ -56,6 +61,8 @@ pub struct FakeKubeApi {
     state: Arc<Mutex<Cluster>>,
     /// Dropping it tells the server and every port-forward to stop.
     _shutdown: watch::Sender<()>,
+    /// The cluster CA that signed the serving certificate, PEM.
+    ca_pem: String,
     kubeconfigs: tempfile::TempDir,
     next_kubeconfig: AtomicU64,
 }
@@ -91,12 +98,15 @@ fn lock(state: &Mutex<Cluster>) -> MutexGuard<'_, Cluster> {
 }
 
 impl FakeKubeApi {
-    /// Serves on 127.0.0.1 (an ephemeral port) from a task of the current runtime.
+    /// Serves HTTPS on 127.0.0.1 (an ephemeral port) from a task of the current
+    /// runtime, with a CA and serving certificate made for this server alone.
     pub async fn start() -> FakeKubeApi {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the fake apiserver on 127.0.0.1");
         let addr = listener.local_addr().expect("fake apiserver address");
+        let pki = tls::Pki::generate();
+        let listener = tls::TlsListener::new(listener, pki.acceptor);
         let state = Arc::new(Mutex::new(Cluster::default()));
         let (shutdown_tx, shutdown) = watch::channel(());
         let app = Router::new().fallback(handle).with_state(Shared {
@@ -116,13 +126,21 @@ impl FakeKubeApi {
             addr,
             state,
             _shutdown: shutdown_tx,
+            ca_pem: pki.ca_pem,
             kubeconfigs: tempfile::tempdir().expect("temporary directory for kubeconfigs"),
             next_kubeconfig: AtomicU64::new(0),
         }
     }
 
+    /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
+    }
+
+    /// The CA certificate (PEM) a client must trust to reach this server; the
+    /// serving certificate names `127.0.0.1` and `localhost`.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -131,7 +149,9 @@ impl FakeKubeApi {
 
     /// Writes a new kubeconfig (removed on drop) whose current context is
     /// `context`: this server as cluster, a user with bearer token `token`, and
-    /// `namespace` as the context's namespace if given.
+    /// `namespace` as the context's namespace if given. The cluster entry has
+    /// `server: https://127.0.0.1:PORT` and this server's CA as
+    /// `certificate-authority-data`, as `kubeadm` writes it.
     pub fn kubeconfig(&self, context: &str, token: &str, namespace: Option<&str>) -> PathBuf {
         let user = format!("{context}-user");
         let mut context_body = serde_json::json!({ "cluster": "fake-kube-api", "user": user });
@@ -141,7 +161,13 @@ impl FakeKubeApi {
         let config = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{ "name": "fake-kube-api", "cluster": { "server": self.url() } }],
+            "clusters": [{
+                "name": "fake-kube-api",
+                "cluster": {
+                    "server": self.url(),
+                    "certificate-authority-data": BASE64_STANDARD.encode(&self.ca_pem),
+                },
+            }],
             "users": [{ "name": user, "user": { "token": token } }],
             "contexts": [{ "name": context, "context": context_body }],
             "current-context": context,
