@@ -70,6 +70,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     raise_fd_limit();
+    // kube's TLS uses rustls' process-wide provider; naming it keeps that true
+    // even if another dependency ever compiles a second provider in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 
     let redirector = EbpfRedirector::new(tokio::runtime::Handle::current(), cli.capture_buffer)
         .context("the agent cannot use eBPF on this node")?;

@@ -23,6 +23,9 @@ fn main() -> ExitCode {
         Err(failure) => return failure.report(),
     };
     raise_fd_limit();
+    // kube's TLS uses rustls' process-wide provider; naming it keeps that true
+    // even if another dependency ever compiles a second provider in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -104,7 +104,8 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
 async fn session_refused(status: &tonic::Status, address: &AgentAddress) -> Failure {
     if matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown
+        // A forwarded stream that dies mid-call surfaces as Cancelled.
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     ) && let Some(failure) = address.explain().await
     {
         return failure;

@@ -205,19 +205,31 @@ impl Agent {
         Agent::start_with(&[]).await
     }
 
-    /// The same, with extra command line arguments. The agent picks its own
-    /// free ports (port 0) and reports them in its ready line: ports chosen
-    /// here and bound later could be taken by a concurrent test in between.
+    /// Arguments every test agent needs: it picks its own free ports (port 0)
+    /// and reports them in its ready line; ports chosen here and bound later
+    /// could be taken by a concurrent test in between.
+    pub const LISTEN_ARGS: [&'static str; 4] = [
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+
+    /// The same, with extra command line arguments (after [`Agent::LISTEN_ARGS`]).
     pub async fn start_with(args: &[&str]) -> Agent {
         let mut command = Command::new(binary("remocal-agent"));
-        command
-            .args([
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-            .args(args);
+        command.args(Agent::LISTEN_ARGS).args(args);
+        Agent::start_command(command).await
+    }
+
+    /// Starts the agent from a command line the caller built, for agents that
+    /// need more than arguments: a wrapper that prepares the process's world
+    /// (say, a mount namespace holding a pod's service-account files) and then
+    /// `exec`s `remocal-agent` with [`Agent::LISTEN_ARGS`]. The wrapper must
+    /// exec, not fork: the agent is then the spawned process itself, so
+    /// [`Agent::pid`] is the agent's and stopping it on drop stops the agent.
+    /// Returns once the agent logged its ready line.
+    pub async fn start_command(command: Command) -> Agent {
         let mut process = Process::spawn("remocal-agent", command);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {

@@ -150,9 +150,24 @@ impl PodLookup {
                     message: status.message,
                 });
             }
-            Ok(Err(err)) => return Err(api_error(err.to_string())),
+            Ok(Err(err)) => return Err(api_error(with_root_cause(&err))),
         };
         check(&pod, namespace, name, node)
+    }
+}
+
+/// kube's own message names the layer ("client error (Connect)"); the
+/// innermost cause says what to fix (a certificate, a refused connection).
+fn with_root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut root = err;
+    while let Some(next) = root.source() {
+        root = next;
+    }
+    let (outer, root) = (err.to_string(), root.to_string());
+    if outer.contains(&root) {
+        outer
+    } else {
+        format!("{outer}: {root}")
     }
 }
 
@@ -223,6 +238,32 @@ fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_errors_keep_their_root_cause() {
+        let root = std::io::Error::other("invalid peer certificate: BadSignature");
+        assert_eq!(
+            with_root_cause(&ServiceError(root)),
+            "client error (Connect): invalid peer certificate: BadSignature"
+        );
+        let plain = std::io::Error::other("no route");
+        assert_eq!(with_root_cause(&plain), "no route");
+    }
+
+    #[derive(Debug)]
+    struct ServiceError(std::io::Error);
+
+    impl std::fmt::Display for ServiceError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+
+    impl std::error::Error for ServiceError {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
     use k8s_openapi::{
         api::core::v1::{PodSpec, PodStatus},
         apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
