@@ -1,4 +1,5 @@
-//! Project automation: `cargo xtask setup | test | demo`.
+//! Project automation: `cargo xtask setup | test | demo | bench`.
+mod bench;
 mod demo;
 mod demo_http;
 mod run;
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "remocal's setup, tests and demo")]
+#[command(about = "remocal's setup, tests, demo and benchmarks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,6 +29,8 @@ enum Command {
     },
     /// Show a steal end to end on a simulated node in network namespaces (as root).
     Demo(demo::Options),
+    /// Measure remocal against going direct, side by side (release build, as root).
+    Bench(bench::Options),
     /// The demo's tiny HTTP server (started by `demo` inside and outside the pod).
     #[command(hide = true)]
     DemoHttp(demo_http::Options),
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::ensure(),
         Command::Test { test_args } => test::run(&test_args),
         Command::Demo(options) => demo::run(&options),
+        Command::Bench(options) => bench::run(&options),
         Command::DemoHttp(options) => demo_http::serve(&options),
     };
     match result {

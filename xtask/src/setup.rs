@@ -23,6 +23,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     // The metrics tests scrape the agent with a real Prometheus and promtool.
     "prometheus",
+    // Load generators of `cargo xtask bench` (and its smoke run in the tests).
+    "wrk",
+    "iperf3",
 ];
 
 /// Where kubernetes-validate lives: its own virtualenv, because Debian 12's

@@ -6,7 +6,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{demo, run, setup};
+use crate::{bench, demo, run, setup};
 
 pub fn run(test_args: &[String]) -> anyhow::Result<()> {
     run::require_root(
@@ -38,7 +38,8 @@ pub fn run(test_args: &[String]) -> anyhow::Result<()> {
     if totals.passed == 0 {
         bail!("no test ran");
     }
-    Ok(())
+    eprintln!("==> benchmark smoke (--quick on debug binaries: checks it runs, not its figures)");
+    bench::smoke()
 }
 
 #[derive(Default)]

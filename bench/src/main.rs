@@ -1,0 +1,98 @@
+//! `remocal-bench`: what remocal costs, measured against going direct on the
+//! same simulated node in one run: the same namespaces, the same server
+//! programs and the same load generators (wrk, iperf3) on both sides of every
+//! ratio.
+//!
+//! Run through `cargo xtask bench` (release build) or `cargo xtask bench --quick`.
+//! It needs root (namespaces, eBPF) and `wrk`, `iperf3` and `ss` on PATH.
+mod bed;
+mod chart;
+mod iperf;
+mod measure;
+mod process_memory;
+mod profile;
+mod report;
+mod server_process;
+mod wrk;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::profile::Profile;
+
+#[derive(Parser)]
+#[command(about = "remocal's overhead, stolen vs direct, side by side on one simulated node")]
+struct Options {
+    /// A short run (under 2 minutes) that proves every measurement works; its
+    /// figures are rough.
+    #[arg(long)]
+    quick: bool,
+    /// Where results.json and latency.svg go.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    out: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The HTTP server both sides run (started by the benchmark itself).
+    #[command(hide = true)]
+    ServeHttp {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        body: String,
+    },
+}
+
+/// Errors end as one `error:` line: they are about the machine, not a bug.
+fn main() -> ExitCode {
+    let options = Options::parse();
+    let result = match options.command {
+        Some(Command::ServeHttp { listen, body }) => server_process::serve_http(listen, body),
+        None => run(options.quick, &options.out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
+    let profile = if quick { Profile::QUICK } else { Profile::FULL };
+    raise_fd_limit();
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let results = runtime.block_on(measure::all(&profile))?;
+    let targets = report::targets(&results);
+    print!("{}", report::table(&results, &targets));
+    let json = out.join("results.json");
+    let document = serde_json::json!({ "results": results, "targets": targets });
+    std::fs::write(&json, serde_json::to_string_pretty(&document)? + "\n")
+        .with_context(|| format!("cannot write {}", json.display()))?;
+    let svg = out.join("latency.svg");
+    std::fs::write(
+        &svg,
+        chart::latency(&results.latency.direct, &results.latency.stolen),
+    )
+    .with_context(|| format!("cannot write {}", svg.display()))?;
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+/// Held connections need a descriptor each here, and the agent and the
+/// client inherit the limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

@@ -1,0 +1,101 @@
+//! What the attached programs cost traffic they do not take: the same pod's
+//! other ports, measured without remocal and with a steal active on port 80,
+//! in alternating rounds so the machine's drift hits both alike.
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::bed::{BYSTANDER_HTTP_PORT, BYSTANDER_STREAM_PORT, Bed, HTTP_PORT, LOCAL_BODY};
+use crate::iperf::{self, Direction};
+use crate::profile::Profile;
+use crate::server_process::{Place, ServerProcess};
+use crate::wrk::{self, Connections};
+
+use super::median;
+
+#[derive(Serialize)]
+pub struct Bystander {
+    pub rounds: usize,
+    /// Medians over the rounds.
+    pub without: Figures,
+    pub with: Figures,
+}
+
+#[derive(Clone, Copy, Serialize)]
+pub struct Figures {
+    pub latency_p50_us: f64,
+    pub latency_p99_us: f64,
+    pub requests_per_second: f64,
+    pub stream_gbit_per_second: f64,
+}
+
+impl Bystander {
+    /// `with / without` of each figure; 1.0 is no cost at all.
+    pub fn ratios(&self) -> Figures {
+        let (a, b) = (&self.without, &self.with);
+        Figures {
+            latency_p50_us: b.latency_p50_us / a.latency_p50_us,
+            latency_p99_us: b.latency_p99_us / a.latency_p99_us,
+            requests_per_second: b.requests_per_second / a.requests_per_second,
+            stream_gbit_per_second: b.stream_gbit_per_second / a.stream_gbit_per_second,
+        }
+    }
+}
+
+pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Bystander> {
+    let local = bed.local_http().await?;
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..profile.bystander_rounds {
+        without.push(figures(bed, profile).await.context("without remocal")?);
+        let mut session = bed.steal(HTTP_PORT, local.port()).start().await;
+        bed.wait_for_server(LOCAL_BODY).await?;
+        let measured = figures(bed, profile)
+            .await
+            .context("with a steal on another port");
+        session.stop().await;
+        with.push(measured?);
+    }
+    Ok(Bystander {
+        rounds: profile.bystander_rounds,
+        without: medians(&without),
+        with: medians(&with),
+    })
+}
+
+async fn figures(bed: &Bed, profile: &Profile) -> anyhow::Result<Figures> {
+    let requests = wrk::run(
+        bed.node(),
+        &bed.pod_url(BYSTANDER_HTTP_PORT),
+        1,
+        1,
+        profile.bystander_run,
+        Connections::KeepAlive,
+    )
+    .await?;
+    let server = ServerProcess::iperf(Place::Pod(&bed.pod().netns), BYSTANDER_STREAM_PORT).await?;
+    let stream = iperf::stream(
+        bed.node(),
+        bed.pod_addr(BYSTANDER_STREAM_PORT),
+        profile.bystander_stream_bytes,
+        Direction::IntoPod,
+    )
+    .await;
+    server.stop().await;
+    let stream = stream?;
+    Ok(Figures {
+        latency_p50_us: requests.percentile(50.0),
+        latency_p99_us: requests.percentile(99.0),
+        requests_per_second: requests.requests_per_second,
+        stream_gbit_per_second: stream.gbit_per_second,
+    })
+}
+
+fn medians(rounds: &[Figures]) -> Figures {
+    let of = |field: fn(&Figures) -> f64| median(&rounds.iter().map(field).collect::<Vec<_>>());
+    Figures {
+        latency_p50_us: of(|f| f.latency_p50_us),
+        latency_p99_us: of(|f| f.latency_p99_us),
+        requests_per_second: of(|f| f.requests_per_second),
+        stream_gbit_per_second: of(|f| f.stream_gbit_per_second),
+    }
+}

@@ -1,0 +1,52 @@
+//! One request per connection (`Connection: close`), as fast as wrk can open
+//! them: each stolen connection costs an accept in the pod's namespace, a gRPC
+//! stream and a local connect.
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::bed::{Bed, HTTP_PORT, LOCAL_BODY};
+use crate::profile::Profile;
+use crate::wrk::{self, Connections, WrkRun};
+
+use super::Pair;
+
+/// Connections wrk keeps in flight, on two threads (one per core here).
+const IN_FLIGHT: u32 = 32;
+
+#[derive(Serialize)]
+pub struct ConnectRate {
+    /// Completed connections (each one request) per second.
+    pub per_second: Pair,
+    pub direct: WrkRun,
+    pub stolen: WrkRun,
+}
+
+pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<ConnectRate> {
+    let url = bed.pod_url(HTTP_PORT);
+    let run = || {
+        wrk::run(
+            bed.node(),
+            &url,
+            2,
+            IN_FLIGHT,
+            profile.connect_run,
+            Connections::OnePerRequest,
+        )
+    };
+    let direct = run().await.context("direct new connections")?;
+    let local = bed.local_http().await?;
+    let mut session = bed.steal(HTTP_PORT, local.port()).start().await;
+    bed.wait_for_server(LOCAL_BODY).await?;
+    let stolen = run().await.context("stolen new connections");
+    session.stop().await;
+    let stolen = stolen?;
+    Ok(ConnectRate {
+        per_second: Pair {
+            direct: direct.requests_per_second,
+            stolen: stolen.requests_per_second,
+        },
+        direct,
+        stolen,
+    })
+}

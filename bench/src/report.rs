@@ -1,0 +1,262 @@
+//! The results as people read them: a table with ratios and the issue's
+//! targets, met or missed.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::measure::{Pair, Results};
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// One of remocal's performance targets, against what this run measured.
+#[derive(Serialize)]
+pub struct Check {
+    pub target: &'static str,
+    pub measured: String,
+    pub met: bool,
+}
+
+pub fn targets(results: &Results) -> Vec<Check> {
+    let latency = &results.latency;
+    let streams = &results.streams;
+    let stream_ratio = streams
+        .into_pod
+        .gbit_per_second
+        .ratio()
+        .min(streams.out_of_pod.gbit_per_second.ratio());
+    let bystander = results.bystander.ratios();
+    let bystander_cost = [
+        1.0 / bystander.requests_per_second,
+        1.0 / bystander.stream_gbit_per_second,
+        bystander.latency_p50_us,
+    ]
+    .into_iter()
+    .fold(f64::MIN, f64::max)
+        - 1.0;
+    let agent_mib = results.concurrency.agent.holding_bytes as f64 / MIB;
+    let mirror = results.mirror.best_exact_gbyte_per_second;
+    vec![
+        Check {
+            target: "added p50 latency <= 50 us",
+            measured: format!("{:.0} us", latency.added_us(50.0)),
+            met: latency.added_us(50.0) <= 50.0,
+        },
+        Check {
+            target: "added p99 latency <= 250 us",
+            measured: format!("{:.0} us", latency.added_us(99.0)),
+            met: latency.added_us(99.0) <= 250.0,
+        },
+        Check {
+            target: "one stolen stream >= 40% of direct (worse direction)",
+            measured: format!("{:.0}%", stream_ratio * 100.0),
+            met: stream_ratio >= 0.4,
+        },
+        Check {
+            target: "new stolen connections >= 20,000/s",
+            measured: format!("{:.0}/s", results.connect_rate.per_second.stolen),
+            met: results.connect_rate.per_second.stolen >= 20_000.0,
+        },
+        Check {
+            target: "agent < 64 MiB holding 10,000 stolen connections",
+            measured: format!(
+                "{agent_mib:.1} MiB with {}",
+                results.concurrency.connections
+            ),
+            met: results.concurrency.connections >= 10_000 && agent_mib < 64.0,
+        },
+        Check {
+            target: "traffic not stolen within 2% of without remocal",
+            measured: format!(
+                "{:+.1}% (worst of rate, stream, p50)",
+                bystander_cost * 100.0
+            ),
+            met: bystander_cost <= 0.02,
+        },
+        Check {
+            target: "mirror byte-exact at >= 1 GB/s",
+            measured: mirror.map_or("no exact copy".into(), |rate| format!("{rate:.2} GB/s")),
+            met: mirror.is_some_and(|rate| rate >= 1.0),
+        },
+        Check {
+            target: "steal active <= 200 ms after the command starts",
+            measured: format!("{:.0} ms (median)", results.startup.median_ms),
+            met: results.startup.median_ms <= 200.0,
+        },
+    ]
+}
+
+pub fn table(results: &Results, checks: &[Check]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "remocal bench: {} run, {} build, kernel {}, {} CPUs\n",
+        results.profile, results.build, results.kernel, results.cpus
+    );
+    let _ = writeln!(
+        out,
+        "{:<34}{:>14}{:>14}{:>10}",
+        "", "direct", "stolen", "ratio"
+    );
+    let latency = &results.latency;
+    for p in [50.0, 90.0, 99.0, 99.9] {
+        let pair = Pair {
+            direct: latency.direct.percentile(p),
+            stolen: latency.stolen.percentile(p),
+        };
+        row(
+            &mut out,
+            &format!("keep-alive latency p{p}"),
+            pair,
+            micros,
+            Some(format!("+{:.0} us", latency.added_us(p))),
+        );
+    }
+    let rps = Pair {
+        direct: latency.direct.requests_per_second,
+        stolen: latency.stolen.requests_per_second,
+    };
+    row(&mut out, "keep-alive requests/s (1 conn)", rps, count, None);
+    row(
+        &mut out,
+        "new connections/s",
+        results.connect_rate.per_second,
+        count,
+        None,
+    );
+    let streams = &results.streams;
+    row(
+        &mut out,
+        "one stream into the pod",
+        streams.into_pod.gbit_per_second,
+        gbit,
+        None,
+    );
+    row(
+        &mut out,
+        "one stream out of the pod",
+        streams.out_of_pod.gbit_per_second,
+        gbit,
+        None,
+    );
+
+    let bystander = &results.bystander;
+    let _ = writeln!(
+        out,
+        "\n{:<34}{:>14}{:>14}{:>10}",
+        "another port of the pod", "without", "with steal", "ratio"
+    );
+    let (without, with) = (&bystander.without, &bystander.with);
+    let rows: [Row; 4] = [
+        (
+            "latency p50",
+            without.latency_p50_us,
+            with.latency_p50_us,
+            micros,
+        ),
+        (
+            "latency p99",
+            without.latency_p99_us,
+            with.latency_p99_us,
+            micros,
+        ),
+        (
+            "requests/s (1 conn)",
+            without.requests_per_second,
+            with.requests_per_second,
+            count,
+        ),
+        (
+            "one stream into the pod",
+            without.stream_gbit_per_second,
+            with.stream_gbit_per_second,
+            gbit,
+        ),
+    ];
+    for (label, direct, stolen, unit) in rows {
+        row(&mut out, label, Pair { direct, stolen }, unit, None);
+    }
+
+    let concurrency = &results.concurrency;
+    let _ = writeln!(
+        out,
+        "\n{} stolen connections held (opened in {:.1} s):",
+        concurrency.connections, concurrency.seconds_to_open
+    );
+    for (name, resident) in [
+        ("agent", &concurrency.agent),
+        ("client", &concurrency.client),
+    ] {
+        let _ = writeln!(
+            out,
+            "  {name:<7}{:>8.1} MiB idle, {:>7.1} MiB holding, {:>6.1} KiB per connection",
+            resident.idle_bytes as f64 / MIB,
+            resident.holding_bytes as f64 / MIB,
+            resident.per_connection_bytes / 1024.0
+        );
+    }
+    let _ = write!(out, "mirror, exact copies at:");
+    for step in &results.mirror.steps {
+        let paced = step
+            .paced_gbit_per_second
+            .map_or("unpaced".to_string(), |g| format!("{g} Gbit/s"));
+        let _ = write!(
+            out,
+            " {paced} ({:.2} GB/s sent) {};",
+            step.sent_gbyte_per_second,
+            if step.exact { "exact" } else { "CUT" }
+        );
+    }
+    let _ = writeln!(out);
+    let startup = &results.startup;
+    let _ = writeln!(
+        out,
+        "steal active after: median {:.0} ms over {} starts (each: {})",
+        startup.median_ms,
+        startup.trials_ms.len(),
+        startup
+            .trials_ms
+            .iter()
+            .map(|ms| format!("{ms:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let _ = writeln!(out, "\ntargets:");
+    for check in checks {
+        let _ = writeln!(
+            out,
+            "  {:<6} {:<54} {}",
+            if check.met { "met" } else { "MISSED" },
+            check.target,
+            check.measured
+        );
+    }
+    out
+}
+
+/// Label, without, with, and how to print the unit.
+type Row = (&'static str, f64, f64, fn(f64) -> String);
+
+fn row(out: &mut String, label: &str, pair: Pair, unit: fn(f64) -> String, note: Option<String>) {
+    let _ = writeln!(
+        out,
+        "{label:<34}{:>14}{:>14}{:>10.2}  {}",
+        unit(pair.direct),
+        unit(pair.stolen),
+        pair.ratio(),
+        note.unwrap_or_default()
+    );
+}
+
+fn micros(value: f64) -> String {
+    format!("{value:.0} us")
+}
+
+fn count(value: f64) -> String {
+    format!("{value:.0}")
+}
+
+fn gbit(value: f64) -> String {
+    format!("{value:.2} Gbit/s")
+}

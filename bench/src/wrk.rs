@@ -1,0 +1,185 @@
+//! wrk, run from the node namespace, with a Lua `done` hook that prints the
+//! latency distribution as parseable lines (wrk's own report rounds it).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use remocal_tests::netns::Netns;
+use serde::Serialize;
+
+/// Percentiles read from wrk's histogram (0 is the minimum, 100 the maximum).
+pub const PERCENTILES: &[f64] = &[
+    0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0,
+];
+
+const REPORT_SCRIPT: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("remocal-bench requests %d\n", summary.requests))
+  io.write(string.format("remocal-bench errors %d\n",
+    e.connect + e.read + e.write + e.status + e.timeout))
+  io.write(string.format("remocal-bench duration_us %d\n", summary.duration))
+  for _, p in ipairs({PERCENTILE_LIST}) do
+    local us = latency:percentile(p)
+    if p == 0 then us = latency.min elseif p == 100 then us = latency.max end
+    io.write(string.format("remocal-bench latency %g %d\n", p, us))
+  end
+end
+"#;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WrkRun {
+    pub connections: u32,
+    pub requests: u64,
+    pub errors: u64,
+    pub requests_per_second: f64,
+    /// (percentile, microseconds), in [`PERCENTILES`] order.
+    pub latency_us: Vec<(f64, f64)>,
+}
+
+impl WrkRun {
+    pub fn percentile(&self, wanted: f64) -> f64 {
+        self.latency_us
+            .iter()
+            .find(|(p, _)| *p == wanted)
+            .map_or(f64::NAN, |(_, us)| *us)
+    }
+}
+
+/// Whether each request gets its own connection (`Connection: close`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Connections {
+    KeepAlive,
+    OnePerRequest,
+}
+
+/// wrk against `url` from `from` for `duration`, on `connections` connections
+/// spread over `threads` threads.
+pub async fn run(
+    from: &Netns,
+    url: &str,
+    threads: u32,
+    connections: u32,
+    duration: Duration,
+    mode: Connections,
+) -> anyhow::Result<WrkRun> {
+    let script = script_file()?;
+    let mut command = from.tokio_command("wrk");
+    command
+        .arg(format!("--threads={threads}"))
+        .arg(format!("--connections={connections}"))
+        .arg(format!("--duration={}s", duration.as_secs().max(1)))
+        .arg("--timeout=5s")
+        .arg("--script")
+        .arg(script.path());
+    if mode == Connections::OnePerRequest {
+        command.args(["--header", "Connection: close"]);
+    }
+    command.arg(url);
+    let output = command
+        .output()
+        .await
+        .context("cannot run wrk (install it: apt-get install wrk, or run `cargo xtask setup`)")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "wrk against {url} failed ({}): {}{}",
+            output.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    parse(&stdout, connections).with_context(|| format!("unexpected wrk output:\n{stdout}"))
+}
+
+fn parse(stdout: &str, connections: u32) -> anyhow::Result<WrkRun> {
+    let mut requests = None;
+    let mut errors = None;
+    let mut duration_us = None;
+    let mut latency_us = Vec::new();
+    for line in stdout.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("remocal-bench") {
+            continue;
+        }
+        match (words.next(), words.next(), words.next()) {
+            (Some("requests"), Some(n), None) => requests = Some(n.parse::<u64>()?),
+            (Some("errors"), Some(n), None) => errors = Some(n.parse::<u64>()?),
+            (Some("duration_us"), Some(n), None) => duration_us = Some(n.parse::<f64>()?),
+            (Some("latency"), Some(p), Some(us)) => {
+                latency_us.push((p.parse::<f64>()?, us.parse::<f64>()?))
+            }
+            _ => bail!("unknown line {line:?}"),
+        }
+    }
+    let (Some(requests), Some(errors), Some(duration_us)) = (requests, errors, duration_us) else {
+        bail!("the report script printed no summary");
+    };
+    if requests == 0 {
+        bail!("no request completed");
+    }
+    Ok(WrkRun {
+        connections,
+        requests,
+        errors,
+        requests_per_second: requests as f64 / (duration_us / 1e6),
+        latency_us,
+    })
+}
+
+/// The report script, written where wrk can read it; removed on drop.
+struct ScriptFile(std::path::PathBuf);
+
+impl ScriptFile {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScriptFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn script_file() -> anyhow::Result<ScriptFile> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let list = PERCENTILES
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let path = std::env::temp_dir().join(format!(
+        "remocal-bench-{}-{}.lua",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, REPORT_SCRIPT.replace("PERCENTILE_LIST", &list))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(ScriptFile(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_report_lines_and_ignores_wrks_own() {
+        let stdout = "Running 1s test @ http://x/\n  1 threads and 1 connections\n\
+                      remocal-bench requests 2000\nremocal-bench errors 1\n\
+                      remocal-bench duration_us 2000000\nremocal-bench latency 50 31\n\
+                      remocal-bench latency 99.9 240\n";
+        let run = parse(stdout, 1).unwrap();
+        assert_eq!((run.requests, run.errors), (2000, 1));
+        assert_eq!(run.requests_per_second, 1000.0);
+        assert_eq!(run.percentile(99.9), 240.0);
+    }
+
+    #[test]
+    fn a_run_without_requests_is_an_error() {
+        let stdout =
+            "remocal-bench requests 0\nremocal-bench errors 9\nremocal-bench duration_us 1\n";
+        assert!(parse(stdout, 1).is_err());
+    }
+}
