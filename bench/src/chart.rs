@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::wrk::WrkRun;
+use crate::request_run::RequestRun;
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 420.0;
@@ -15,7 +15,7 @@ const BOTTOM: f64 = 50.0;
 /// The axis ends at 99.99%: 10^4.
 const MAX_NINES: f64 = 4.0;
 
-pub fn latency(direct: &WrkRun, stolen: &WrkRun) -> String {
+pub fn latency(direct: &RequestRun, stolen: &RequestRun) -> String {
     let series = [("direct", "#1f77b4", direct), ("stolen", "#d62728", stolen)];
     let highest = series
         .iter()
@@ -104,7 +104,7 @@ pub fn latency(direct: &WrkRun, stolen: &WrkRun) -> String {
 
 /// (nines, µs) for each measured percentile below 100%: 90% is one nine,
 /// 99% two; the maximum has no place on this axis.
-fn points(run: &WrkRun) -> impl Iterator<Item = (f64, f64)> + '_ {
+fn points(run: &RequestRun) -> impl Iterator<Item = (f64, f64)> + '_ {
     run.latency_us
         .iter()
         .filter(|(p, _)| *p < 100.0)
@@ -125,8 +125,8 @@ fn nice_ceiling(value: f64) -> f64 {
 mod tests {
     use super::*;
 
-    fn run(latencies: &[(f64, f64)]) -> WrkRun {
-        WrkRun {
+    fn run(latencies: &[(f64, f64)]) -> RequestRun {
+        RequestRun {
             connections: 1,
             requests: 1000,
             errors: 0,

@@ -9,9 +9,11 @@ mod bed;
 mod chart;
 mod iperf;
 mod measure;
+mod probe;
 mod process_memory;
 mod profile;
 mod report;
+mod request_run;
 mod server_process;
 mod wrk;
 

@@ -1,16 +1,12 @@
-//! wrk, run from the node namespace, with a Lua `done` hook that prints the
-//! latency distribution as parseable lines (wrk's own report rounds it).
+//! wrk, run from the node namespace for the rate of new connections, with a
+//! Lua `done` hook that prints its figures as parseable lines.
 
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use remocal_tests::netns::Netns;
-use serde::Serialize;
 
-/// Percentiles read from wrk's histogram (0 is the minimum, 100 the maximum).
-pub const PERCENTILES: &[f64] = &[
-    0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0,
-];
+use crate::request_run::{PERCENTILES, RequestRun};
 
 const REPORT_SCRIPT: &str = r#"
 done = function(summary, latency, requests)
@@ -27,42 +23,15 @@ done = function(summary, latency, requests)
 end
 "#;
 
-#[derive(Clone, Debug, Serialize)]
-pub struct WrkRun {
-    pub connections: u32,
-    pub requests: u64,
-    pub errors: u64,
-    pub requests_per_second: f64,
-    /// (percentile, microseconds), in [`PERCENTILES`] order.
-    pub latency_us: Vec<(f64, f64)>,
-}
-
-impl WrkRun {
-    pub fn percentile(&self, wanted: f64) -> f64 {
-        self.latency_us
-            .iter()
-            .find(|(p, _)| *p == wanted)
-            .map_or(f64::NAN, |(_, us)| *us)
-    }
-}
-
-/// Whether each request gets its own connection (`Connection: close`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Connections {
-    KeepAlive,
-    OnePerRequest,
-}
-
-/// wrk against `url` from `from` for `duration`, on `connections` connections
-/// spread over `threads` threads.
-pub async fn run(
+/// wrk against `url` from `from` for `duration`, one request per connection
+/// (`Connection: close`), `connections` at a time spread over `threads`.
+pub async fn new_connections(
     from: &Netns,
     url: &str,
     threads: u32,
     connections: u32,
     duration: Duration,
-    mode: Connections,
-) -> anyhow::Result<WrkRun> {
+) -> anyhow::Result<RequestRun> {
     let script = script_file()?;
     let mut command = from.tokio_command("wrk");
     command
@@ -71,11 +40,9 @@ pub async fn run(
         .arg(format!("--duration={}s", duration.as_secs().max(1)))
         .arg("--timeout=5s")
         .arg("--script")
-        .arg(script.path());
-    if mode == Connections::OnePerRequest {
-        command.args(["--header", "Connection: close"]);
-    }
-    command.arg(url);
+        .arg(script.path())
+        .args(["--header", "Connection: close"])
+        .arg(url);
     let output = command
         .output()
         .await
@@ -92,7 +59,7 @@ pub async fn run(
     parse(&stdout, connections).with_context(|| format!("unexpected wrk output:\n{stdout}"))
 }
 
-fn parse(stdout: &str, connections: u32) -> anyhow::Result<WrkRun> {
+fn parse(stdout: &str, connections: u32) -> anyhow::Result<RequestRun> {
     let mut requests = None;
     let mut errors = None;
     let mut duration_us = None;
@@ -118,7 +85,7 @@ fn parse(stdout: &str, connections: u32) -> anyhow::Result<WrkRun> {
     if requests == 0 {
         bail!("no request completed");
     }
-    Ok(WrkRun {
+    Ok(RequestRun {
         connections,
         requests,
         errors,

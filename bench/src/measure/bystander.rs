@@ -7,9 +7,9 @@ use serde::Serialize;
 
 use crate::bed::{BYSTANDER_HTTP_PORT, BYSTANDER_STREAM_PORT, Bed, HTTP_PORT, LOCAL_BODY};
 use crate::iperf::{self, Direction};
+use crate::probe;
 use crate::profile::Profile;
 use crate::server_process::{Place, ServerProcess};
-use crate::wrk::{self, Connections};
 
 use super::median;
 
@@ -63,13 +63,10 @@ pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Bystander> 
 }
 
 async fn figures(bed: &Bed, profile: &Profile) -> anyhow::Result<Figures> {
-    let requests = wrk::run(
+    let requests = probe::keep_alive(
         bed.node(),
-        &bed.pod_url(BYSTANDER_HTTP_PORT),
-        1,
-        1,
+        bed.pod_addr(BYSTANDER_HTTP_PORT),
         profile.bystander_run,
-        Connections::KeepAlive,
     )
     .await?;
     let server = ServerProcess::iperf(Place::Pod(&bed.pod().netns), BYSTANDER_STREAM_PORT).await?;

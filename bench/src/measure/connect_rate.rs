@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use crate::bed::{Bed, HTTP_PORT, LOCAL_BODY};
 use crate::profile::Profile;
-use crate::wrk::{self, Connections, WrkRun};
+use crate::request_run::RequestRun;
+use crate::wrk;
 
 use super::Pair;
 
@@ -18,22 +19,13 @@ const IN_FLIGHT: u32 = 32;
 pub struct ConnectRate {
     /// Completed connections (each one request) per second.
     pub per_second: Pair,
-    pub direct: WrkRun,
-    pub stolen: WrkRun,
+    pub direct: RequestRun,
+    pub stolen: RequestRun,
 }
 
 pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<ConnectRate> {
     let url = bed.pod_url(HTTP_PORT);
-    let run = || {
-        wrk::run(
-            bed.node(),
-            &url,
-            2,
-            IN_FLIGHT,
-            profile.connect_run,
-            Connections::OnePerRequest,
-        )
-    };
+    let run = || wrk::new_connections(bed.node(), &url, 2, IN_FLIGHT, profile.connect_run);
     let direct = run().await.context("direct new connections")?;
     let local = bed.local_http().await?;
     let mut session = bed.steal(HTTP_PORT, local.port()).start().await;

@@ -5,13 +5,14 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::bed::{Bed, HTTP_PORT, LOCAL_BODY};
+use crate::probe;
 use crate::profile::Profile;
-use crate::wrk::{self, Connections, WrkRun};
+use crate::request_run::RequestRun;
 
 #[derive(Serialize)]
 pub struct Latency {
-    pub direct: WrkRun,
-    pub stolen: WrkRun,
+    pub direct: RequestRun,
+    pub stolen: RequestRun,
 }
 
 impl Latency {
@@ -22,17 +23,7 @@ impl Latency {
 }
 
 pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Latency> {
-    let url = bed.pod_url(HTTP_PORT);
-    let run = || {
-        wrk::run(
-            bed.node(),
-            &url,
-            1,
-            1,
-            profile.latency_run,
-            Connections::KeepAlive,
-        )
-    };
+    let run = || probe::keep_alive(bed.node(), bed.pod_addr(HTTP_PORT), profile.latency_run);
     let direct = run().await.context("direct keep-alive requests")?;
     let local = bed.local_http().await?;
     let mut session = bed.steal(HTTP_PORT, local.port()).start().await;
