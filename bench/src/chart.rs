@@ -1,4 +1,5 @@
-//! The latency distributions, direct and stolen, as an SVG: latency against
+//! The latency distributions, direct and stolen, as an SVG: latency (log
+//! scale, so microsecond medians and millisecond tails both show) against
 //! percentile on the usual "nines" axis (50, 90, 99, 99.9, 99.99), where the
 //! tail that users feel gets as much room as the median.
 
@@ -17,14 +18,29 @@ const MAX_NINES: f64 = 4.0;
 
 pub fn latency(direct: &RequestRun, stolen: &RequestRun) -> String {
     let series = [("direct", "#1f77b4", direct), ("stolen", "#d62728", stolen)];
-    let highest = series
+    let latencies: Vec<f64> = series
         .iter()
         .flat_map(|(_, _, run)| points(run))
-        .map(|(_, us)| us)
-        .fold(1.0, f64::max);
-    let top_us = nice_ceiling(highest);
+        .map(|(_, us)| us.max(1.0))
+        .collect();
+    // Whole decades: 10 µs, 100 µs, 1 ms...
+    let low = latencies
+        .iter()
+        .copied()
+        .fold(f64::MAX, f64::min)
+        .log10()
+        .floor();
+    let high = latencies
+        .iter()
+        .copied()
+        .fold(1.0, f64::max)
+        .log10()
+        .ceil()
+        .max(low + 1.0);
     let x = |nines: f64| LEFT + nines / MAX_NINES * (WIDTH - LEFT - RIGHT);
-    let y = |us: f64| HEIGHT - BOTTOM - us / top_us * (HEIGHT - TOP - BOTTOM);
+    let y = |us: f64| {
+        HEIGHT - BOTTOM - (us.max(1.0).log10() - low) / (high - low) * (HEIGHT - TOP - BOTTOM)
+    };
 
     let mut svg = String::new();
     let _ = writeln!(
@@ -55,12 +71,17 @@ pub fn latency(direct: &RequestRun, stolen: &RequestRun) -> String {
             HEIGHT - BOTTOM + 16.0
         );
     }
-    for step in 0..=4 {
-        let us = top_us * f64::from(step) / 4.0;
+    for decade in low as i32..=high as i32 {
+        let us = 10f64.powi(decade);
         let py = y(us);
+        let label = if us >= 1000.0 {
+            format!("{} ms", us / 1000.0)
+        } else {
+            format!("{us} µs")
+        };
         let _ = writeln!(
             svg,
-            r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{us:.0}</text>"##,
+            r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"##,
             WIDTH - RIGHT,
             LEFT - 6.0,
             py + 4.0
@@ -74,7 +95,7 @@ pub fn latency(direct: &RequestRun, stolen: &RequestRun) -> String {
     );
     let _ = writeln!(
         svg,
-        r#"<text transform="translate(18 {:.1}) rotate(-90)" text-anchor="middle">latency (µs)</text>"#,
+        r#"<text transform="translate(14 {:.1}) rotate(-90)" text-anchor="middle">latency</text>"#,
         (TOP + HEIGHT - BOTTOM) / 2.0
     );
     for (index, (name, colour, run)) in series.iter().enumerate() {
@@ -111,16 +132,6 @@ fn points(run: &RequestRun) -> impl Iterator<Item = (f64, f64)> + '_ {
         .map(|&(p, us)| ((1.0 / (1.0 - p / 100.0)).log10().min(MAX_NINES), us))
 }
 
-/// 1, 2 or 5 times a power of ten, at least `value`.
-fn nice_ceiling(value: f64) -> f64 {
-    let power = 10f64.powf(value.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * power)
-        .find(|&candidate| candidate >= value)
-        .unwrap_or(10.0 * power)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,12 +155,7 @@ mod tests {
         assert!(svg.contains("direct: p50 30 µs, p99 80 µs"));
         assert!(svg.contains("stolen: p50 70 µs, p99 190 µs"));
         assert!(svg.trim_end().ends_with("</svg>"));
-    }
-
-    #[test]
-    fn the_axis_ends_at_a_round_number() {
-        assert_eq!(nice_ceiling(190.0), 200.0);
-        assert_eq!(nice_ceiling(201.0), 500.0);
-        assert_eq!(nice_ceiling(1000.0), 1000.0);
+        // Whole decades frame 30 µs to 190 µs.
+        assert!(svg.contains(">10 µs<") && svg.contains(">100 µs<") && svg.contains(">1 ms<"));
     }
 }
