@@ -11,7 +11,10 @@ use remocal_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming, transport::Server};
+use tonic::{
+    Request, Response, Status, Streaming,
+    transport::{Server, server::TcpIncoming},
+};
 
 use crate::{
     kube::{PodLookupError, PodNetnsError},
@@ -38,10 +41,17 @@ pub fn server() -> Server {
     Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .tcp_nodelay(true)
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(64 << 20))
         .max_concurrent_streams(Some(1 << 20))
+}
+
+/// The clients' connections, with Nagle off. The builder's `tcp_nodelay`
+/// does not reach sockets of a listener handed in: with Nagle on, small
+/// frames written back to back (a response's headers, then its first data)
+/// waited for the client's delayed ACK, 40 ms, on every new connection.
+pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 pub struct AgentService {

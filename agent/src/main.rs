@@ -115,12 +115,9 @@ async fn main() -> anyhow::Result<()> {
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = grpc::server()
         .add_service(grpc::AgentService::new(sessions.clone()))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = stopped.await;
-            },
-        );
+        .serve_with_incoming_shutdown(grpc::incoming(listener), async {
+            let _ = stopped.await;
+        });
     tokio::pin!(server);
     tokio::select! {
         served = &mut server => return served.context("the gRPC server failed"),

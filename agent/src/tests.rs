@@ -85,7 +85,7 @@ impl Harness {
         tokio::spawn(
             crate::grpc::server()
                 .add_service(AgentService::new(sessions))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(crate::grpc::incoming(listener)),
         );
         let client = AgentClient::connect(format!("http://{addr}"))
             .await
