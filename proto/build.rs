@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile([proto], ["proto"])?;
     tonic_prost_build::configure()
         .bytes(".")
+        .codec_path("crate::LeanCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 mod grpc;
 mod kube;
 mod logging;
+mod memory;
 mod metrics;
 mod mirror;
 mod netns;
@@ -65,8 +66,13 @@ struct Cli {
     log_format: LogFormat,
 }
 
+fn main() -> anyhow::Result<()> {
+    memory::configure();
+    run()
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     raise_fd_limit();

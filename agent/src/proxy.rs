@@ -105,19 +105,22 @@ pub async fn pipe(
 }
 
 async fn remote_to_client(
-    mut read: ReadHalf<'_>,
+    read: ReadHalf<'_>,
     downstream: &Downstream,
     bytes: &mut u64,
 ) -> Result<(), Ended> {
-    let mut buffer = BytesMut::with_capacity(CHUNK);
     loop {
-        buffer.reserve(CHUNK);
-        let frame = match read.read_buf(&mut buffer).await {
+        // A buffer exists only while there is something to read: an idle
+        // connection (most of a large session's) holds no memory of its own.
+        read.readable().await.map_err(Ended::RemoteFailed)?;
+        let mut buffer = BytesMut::with_capacity(CHUNK);
+        let frame = match read.try_read_buf(&mut buffer) {
             Ok(0) => connection_downstream::Kind::Eof(Eof {}),
             Ok(n) => {
                 *bytes += n as u64;
-                connection_downstream::Kind::Data(buffer.split().freeze())
+                connection_downstream::Kind::Data(buffer.freeze())
             }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             Err(err) => return Err(Ended::RemoteFailed(err)),
         };
         let eof = matches!(frame, connection_downstream::Kind::Eof(_));
@@ -162,7 +165,9 @@ async fn client_to_remote(
 /// moment, so that closing does not turn into a reset for unread data.
 pub async fn close_gracefully(stream: &mut TcpStream) {
     let _ = stream.shutdown().await;
-    let mut sink = [0u8; 4096];
+    // On the heap: an array here would make every connection's task (whose
+    // future embeds this one) 4 KiB larger for its whole life.
+    let mut sink = vec![0u8; 4096];
     let _ = tokio::time::timeout(LINGER_AFTER_SESSION_END, async {
         while let Ok(n) = stream.read(&mut sink).await {
             if n == 0 {

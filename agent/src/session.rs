@@ -266,6 +266,9 @@ impl Sessions {
                 }
             };
             sessions.end(live, reason, claim);
+            // What the session used in bursts (a mirror's reassembly, the
+            // programs of a namespace it detached) is free now.
+            tokio::task::spawn_blocking(crate::memory::release_free);
         });
         Ok(receiver)
     }

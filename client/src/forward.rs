@@ -129,17 +129,26 @@ async fn reject(
 struct Failed;
 
 async fn local_to_agent(
-    mut read: ReadHalf<'_>,
+    read: ReadHalf<'_>,
     upstream: mpsc::Sender<ConnectionUpstream>,
 ) -> Result<(), Failed> {
-    let mut buffer = BytesMut::with_capacity(CHUNK);
     loop {
-        buffer.reserve(CHUNK);
-        let kind = match read.read_buf(&mut buffer).await {
+        // A buffer exists only while there is something to read: an idle
+        // connection holds no memory of its own.
+        let mut buffer = BytesMut::new();
+        let result = match read.readable().await {
+            Ok(()) => {
+                buffer.reserve(CHUNK);
+                read.try_read_buf(&mut buffer)
+            }
+            Err(err) => Err(err),
+        };
+        let kind = match result {
             // Dropping the sender ends the call's request stream: the agent
             // turns that into a FIN to the remote.
             Ok(0) => return Ok(()),
-            Ok(_) => connection_upstream::Kind::Data(buffer.split().freeze()),
+            Ok(_) => connection_upstream::Kind::Data(buffer.freeze()),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => {
                 let _ = upstream.send(reset_frame()).await;
                 return Err(Failed);

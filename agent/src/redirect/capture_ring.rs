@@ -58,6 +58,10 @@ impl Taps {
         (id, receiver, queued, lost)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.entries.lock().expect("taps lock").is_empty()
+    }
+
     /// True when no tap is left on the removed tap's port.
     pub fn remove(&self, id: u64) -> bool {
         let mut entries = self.entries.lock().expect("taps lock");

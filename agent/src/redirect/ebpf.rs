@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     sync::{Arc, Mutex, Weak},
 };
 
@@ -68,8 +68,12 @@ impl EbpfRedirector {
     /// or an unsuitable kernel is reported when the agent starts rather than
     /// at a developer's first session.
     pub fn new(runtime: Handle, capture_buffer: u32) -> Result<Self, RedirectError> {
-        let (mut ebpf, _logger) = load(capture_buffer, 0)?;
-        load_programs(&mut ebpf)?;
+        {
+            let (mut ebpf, _logger) = load(capture_buffer, 0)?;
+            load_programs(&mut ebpf)?;
+        }
+        // Parsing the kernel's BTF took tens of MiB that are free now.
+        crate::memory::release_free();
         Ok(Self {
             runtime,
             capture_buffer,
@@ -96,6 +100,7 @@ impl EbpfRedirector {
             self.shared.clone(),
         )?);
         attachments.insert(target.id(), Arc::downgrade(&attachment));
+        crate::memory::release_free();
         Ok(attachment)
     }
 }
@@ -144,6 +149,7 @@ impl Redirector for EbpfRedirector {
             id,
             port,
         };
+        mirrored.attachment.start_capture()?;
         mirrored
             .attachment
             .mirror_ports
@@ -168,10 +174,14 @@ struct Attachment {
     flows: BpfHashMap<MapData, FlowKey, FlowStats>,
     taps: Arc<Taps>,
     counters: Arc<PerCpuArray<MapData, u64>>,
+    /// The capture ring, mapped into our memory (twice its size of resident
+    /// pages) only while a mirror session reads it.
+    ring: OwnedFd,
+    capture_reader: Mutex<Option<JoinHandle<()>>>,
+    runtime: Handle,
     /// Owns the programs and, through them, the tcx links.
     _ebpf: Ebpf,
     log_drain: JoinHandle<()>,
-    capture_reader: JoinHandle<()>,
     shared: Arc<Shared>,
 }
 
@@ -222,15 +232,22 @@ impl Attachment {
             .map_err(|err| RedirectError::kernel("the listener map has the wrong type", err))?;
         let mirror_ports = BpfHashMap::try_from(take_map(&mut ebpf, MIRROR_PORTS_MAP)?)
             .map_err(|err| RedirectError::kernel("the mirror port map has the wrong type", err))?;
-        let ring = RingBuf::try_from(take_map(&mut ebpf, MIRROR_EVENTS_MAP)?)
-            .map_err(|err| RedirectError::kernel("the capture ring has the wrong type", err))?;
+        let ring = match take_map(&mut ebpf, MIRROR_EVENTS_MAP)? {
+            Map::RingBuf(ring) => ring.fd().as_fd().try_clone_to_owned().map_err(|err| {
+                RedirectError::kernel("duplicating the capture ring's descriptor failed", err)
+            })?,
+            _ => {
+                return Err(RedirectError::kernel(
+                    "the capture ring has the wrong type",
+                    MIRROR_EVENTS_MAP,
+                ));
+            }
+        };
         let counters = Arc::new(
             PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)
                 .map_err(|err| RedirectError::kernel("the counter map has the wrong type", err))?,
         );
         let taps = Arc::new(Taps::default());
-        let capture_reader =
-            runtime.spawn(capture_ring::read(ring, counters.clone(), taps.clone()));
         Ok(Self {
             target: target.to_string(),
             listeners: Mutex::new(listeners),
@@ -238,15 +255,58 @@ impl Attachment {
             flows,
             taps,
             counters,
+            ring,
+            capture_reader: Mutex::default(),
+            runtime: runtime.clone(),
             _ebpf: ebpf,
             log_drain,
-            capture_reader,
             shared,
         })
     }
 
     fn total(&self, counter: Counter) -> u64 {
         total(&self.counters, counter)
+    }
+
+    /// Maps the capture ring and starts reading it, unless that is running.
+    /// Records still in the ring predate every current tap and are skipped.
+    fn start_capture(&self) -> Result<(), RedirectError> {
+        let mut reader = self.capture_reader.lock().expect("capture reader lock");
+        if reader.is_some() {
+            return Ok(());
+        }
+        let mapped = self
+            .ring
+            .try_clone()
+            .map_err(|err| {
+                RedirectError::kernel("duplicating the capture ring's descriptor failed", err)
+            })
+            .and_then(|fd| {
+                MapData::from_fd(fd)
+                    .map_err(|err| RedirectError::kernel("opening the capture ring failed", err))
+            })
+            .and_then(|ring| {
+                RingBuf::try_from(Map::RingBuf(ring))
+                    .map_err(|err| RedirectError::kernel("mapping the capture ring failed", err))
+            });
+        let mut ring = mapped?;
+        while ring.next().is_some() {}
+        *reader = Some(self.runtime.spawn(capture_ring::read(
+            ring,
+            self.counters.clone(),
+            self.taps.clone(),
+        )));
+        Ok(())
+    }
+
+    /// Stops reading (and unmaps) the capture ring once no tap is left.
+    fn stop_capture_if_unused(&self) {
+        let mut reader = self.capture_reader.lock().expect("capture reader lock");
+        if self.taps.is_empty()
+            && let Some(reader) = reader.take()
+        {
+            reader.abort();
+        }
     }
 }
 
@@ -288,7 +348,14 @@ pub(super) fn total(counters: &PerCpuArray<MapData, u64>, counter: Counter) -> u
 impl Drop for Attachment {
     fn drop(&mut self) {
         self.log_drain.abort();
-        self.capture_reader.abort();
+        if let Some(reader) = self
+            .capture_reader
+            .get_mut()
+            .expect("capture reader lock")
+            .take()
+        {
+            reader.abort();
+        }
         let mut retired = self.shared.retired.lock().expect("retired lock");
         for (total, counter) in retired.iter_mut().zip(Counter::ALL) {
             *total += self.total(counter);
@@ -402,6 +469,7 @@ impl Drop for MirroredPort {
                 warn!(target = %self.attachment.target, port = self.port, %err, "removing the mirrored port failed");
             }
         }
+        self.attachment.stop_capture_if_unused();
     }
 }
 
