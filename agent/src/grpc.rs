@@ -44,6 +44,7 @@ pub fn server() -> Server {
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(64 << 20))
         .max_concurrent_streams(Some(1 << 20))
+        .max_frame_size(Some(remocal_proto::HTTP2_FRAME_SIZE))
 }
 
 /// The clients' connections, with Nagle off. The builder's `tcp_nodelay`

@@ -109,5 +109,6 @@ fn endpoint(url: &str) -> Result<Endpoint, Failure> {
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(64 << 20))
+        .initial_connection_window_size(64 << 20)
+        .max_frame_size(remocal_proto::HTTP2_FRAME_SIZE))
 }

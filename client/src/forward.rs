@@ -25,7 +25,7 @@ use tonic::Streaming;
 use crate::{agent_link::Agent, output::Printer};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 128 * 1024;
 /// How long a mirrored connection waits for the local process's answer after
 /// the remote side finished.
 const LINGER: Duration = Duration::from_secs(5);

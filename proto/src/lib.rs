@@ -6,6 +6,11 @@ pub mod v1 {
 /// Port the agent's gRPC server listens on by default (agent and client agree on it).
 pub const DEFAULT_GRPC_PORT: u16 = 7420;
 
+/// Largest HTTP/2 frame each side accepts. HTTP/2's default, 16 KiB, cut
+/// every 64 KiB read of a stolen stream into four frames, each handled on
+/// its own by both sides.
+pub const HTTP2_FRAME_SIZE: u32 = 256 << 10;
+
 /// The prost codec with small per-call buffers. tonic allocates its codec
 /// buffers eagerly, one to decode and one to encode per call (8 KiB each by
 /// default); with one call per stolen connection that is most of what an
