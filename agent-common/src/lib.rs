@@ -141,5 +141,7 @@ unsafe impl aya::Pod for FlowStats {}
 pub const FLOW_PROGRAM: &str = "remocal_flows";
 /// Name of the flow statistics map.
 pub const FLOW_STATS_MAP: &str = "FLOW_STATS";
+/// Name of the set of local ports whose connections get statistics.
+pub const FLOW_PORTS_MAP: &str = "FLOW_PORTS";
 /// Name of the global holding the target namespace's cookie.
 pub const TARGET_NETNS_COOKIE: &str = "TARGET_NETNS_COOKIE";

@@ -1,8 +1,10 @@
-//! Per-connection TCP statistics (smoothed RTT, retransmits, bytes) for
-//! every connection of the target namespace: the pod's own, and the agent's
-//! stolen ones. Attached to the root of the cgroup v2 hierarchy, because a
-//! stolen connection's socket belongs to the agent's cgroup, not the pod's;
-//! the namespace cookie keeps it to the target.
+//! Per-connection TCP statistics (smoothed RTT, retransmits, bytes) for the
+//! target namespace's connections on stolen and mirrored ports: the agent's
+//! stolen ones, and the pod's own that a mirror copies. Attached to the root
+//! of the cgroup v2 hierarchy, because a stolen connection's socket belongs
+//! to the agent's cgroup, not the pod's; the namespace cookie keeps it to the
+//! target, and the port set keeps the pod's other traffic free of per-ACK
+//! callbacks (they cost a busy stream on another port about 10%).
 use aya_ebpf::{
     Global,
     bindings::{
@@ -12,16 +14,21 @@ use aya_ebpf::{
     },
     helpers::bpf_get_netns_cookie,
     macros::{map, sock_ops},
-    maps::LruHashMap,
+    maps::{HashMap, LruHashMap},
     programs::SockOpsContext,
 };
-use remocal_agent_common::{FlowKey, FlowStats};
+use remocal_agent_common::{FlowKey, FlowStats, PortKey};
 
 const AF_INET: u32 = 2;
 
 /// The target namespace's cookie, set by the agent when it loads the object.
 #[unsafe(no_mangle)]
 static TARGET_NETNS_COOKIE: Global<u64> = Global::new(0);
+
+/// Local ports whose connections are followed (the value is unused); the
+/// agent adds a port before it steals or mirrors it.
+#[map(name = "FLOW_PORTS")]
+static FLOW_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(1024, 0);
 
 /// Least recently used flows give way first: closed connections linger
 /// until the agent has read them, then age out.
@@ -37,6 +44,12 @@ pub fn remocal_flows(ctx: SockOpsContext) -> u32 {
     }
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let port = PortKey {
+                port: ctx.local_port() as u16,
+            };
+            if FLOW_PORTS.get_ptr(&port).is_none() {
+                return 1;
+            }
             let _ =
                 ctx.set_cb_flags((BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             record(&ctx);

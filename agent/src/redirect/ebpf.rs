@@ -29,9 +29,9 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter},
 };
 use remocal_agent_common::{
-    COUNTERS_MAP, Counter, FLOW_PROGRAM, FLOW_STATS_MAP, FlowKey, FlowStats, MIRROR_EVENTS_MAP,
-    MIRROR_PORTS_MAP, MIRROR_PROGRAM, PortKey, STEAL_LISTENERS_MAP, STEAL_LOOKUP_PROGRAM,
-    STEAL_PROGRAM, TARGET_NETNS_COOKIE,
+    COUNTERS_MAP, Counter, FLOW_PORTS_MAP, FLOW_PROGRAM, FLOW_STATS_MAP, FlowKey, FlowStats,
+    MIRROR_EVENTS_MAP, MIRROR_PORTS_MAP, MIRROR_PROGRAM, PortKey, STEAL_LISTENERS_MAP,
+    STEAL_LOOKUP_PROGRAM, STEAL_PROGRAM, TARGET_NETNS_COOKIE,
 };
 use tokio::{io::unix::AsyncFd, runtime::Handle, task::JoinHandle};
 use tracing::{info, warn};
@@ -39,6 +39,7 @@ use tracing::{info, warn};
 use super::{
     ActiveRedirection, RedirectError, Redirection, Redirector, Tap,
     capture_ring::{self, Taps},
+    flow_ports::FlowPorts,
     listener::steal_listener,
 };
 use crate::netns::{Netns, NsId};
@@ -108,23 +109,35 @@ impl EbpfRedirector {
 impl Redirector for EbpfRedirector {
     fn steal(&self, target: &Netns, port: u16) -> Result<Redirection, RedirectError> {
         let attachment = self.attachment_for(target)?;
-        let listener = target
+        attachment.flow_ports.add(port)?;
+        let registered = target
             .run_in(steal_listener)
             .and_then(|created| created)
             .map_err(|source| RedirectError::Listener {
                 target: target.to_string(),
                 source,
-            })?;
-        attachment
-            .listeners
-            .lock()
-            .expect("listeners lock")
-            .insert(PortKey { port }, listener.as_raw_fd(), 0)
-            .map_err(|err| RedirectError::kernel("registering the steal listener failed", err))?;
-        Ok(Redirection {
-            listener,
-            active: ActiveRedirection::new(StolenPort { attachment, port }),
-        })
+            })
+            .and_then(|listener| {
+                attachment
+                    .listeners
+                    .lock()
+                    .expect("listeners lock")
+                    .insert(PortKey { port }, listener.as_raw_fd(), 0)
+                    .map_err(|err| {
+                        RedirectError::kernel("registering the steal listener failed", err)
+                    })?;
+                Ok(listener)
+            });
+        match registered {
+            Ok(listener) => Ok(Redirection {
+                listener,
+                active: ActiveRedirection::new(StolenPort { attachment, port }),
+            }),
+            Err(err) => {
+                attachment.flow_ports.remove(port);
+                Err(err)
+            }
+        }
     }
 
     fn flow_stats(&self, target: NsId, local: SocketAddr, remote: SocketAddr) -> Option<FlowStats> {
@@ -143,6 +156,7 @@ impl Redirector for EbpfRedirector {
 
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError> {
         let attachment = self.attachment_for(target)?;
+        attachment.flow_ports.add(port)?;
         let (id, captures, queued, lost) = attachment.taps.add(port);
         let mirrored = MirroredPort {
             attachment,
@@ -172,6 +186,7 @@ struct Attachment {
     listeners: Mutex<SockHash<MapData, PortKey>>,
     mirror_ports: Mutex<BpfHashMap<MapData, PortKey, u8>>,
     flows: BpfHashMap<MapData, FlowKey, FlowStats>,
+    flow_ports: FlowPorts,
     taps: Arc<Taps>,
     counters: Arc<PerCpuArray<MapData, u64>>,
     /// The capture ring, mapped into our memory (twice its size of resident
@@ -228,6 +243,8 @@ impl Attachment {
         let flows = BpfHashMap::try_from(take_map(&mut ebpf, FLOW_STATS_MAP)?).map_err(|err| {
             RedirectError::kernel("the flow statistics map has the wrong type", err)
         })?;
+        let flow_ports = BpfHashMap::try_from(take_map(&mut ebpf, FLOW_PORTS_MAP)?)
+            .map_err(|err| RedirectError::kernel("the flow port map has the wrong type", err))?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, STEAL_LISTENERS_MAP)?)
             .map_err(|err| RedirectError::kernel("the listener map has the wrong type", err))?;
         let mirror_ports = BpfHashMap::try_from(take_map(&mut ebpf, MIRROR_PORTS_MAP)?)
@@ -253,6 +270,7 @@ impl Attachment {
             listeners: Mutex::new(listeners),
             mirror_ports: Mutex::new(mirror_ports),
             flows,
+            flow_ports: FlowPorts::new(flow_ports),
             taps,
             counters,
             ring,
@@ -392,6 +410,7 @@ impl Drop for StolenPort {
             // The kernel drops a closed socket from the map by itself.
             warn!(target = %self.attachment.target, port = self.port, %err, "removing the steal listener failed");
         }
+        self.attachment.flow_ports.remove(self.port);
     }
 }
 
@@ -470,6 +489,7 @@ impl Drop for MirroredPort {
             }
         }
         self.attachment.stop_capture_if_unused();
+        self.attachment.flow_ports.remove(self.port);
     }
 }
 

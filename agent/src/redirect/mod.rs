@@ -2,6 +2,7 @@
 //! proxy logic can be tested in-process against a plain loopback listener.
 mod capture_ring;
 mod ebpf;
+mod flow_ports;
 mod listener;
 
 use std::{
