@@ -117,7 +117,8 @@ pub struct LiveSession {
     /// For the kernel's TCP statistics of this session's connections.
     redirector: Arc<dyn Redirector>,
     target: NsId,
-    pending: Mutex<HashMap<u64, Pending>>,
+    /// With when each was announced, for [`LiveSession::reset_unclaimed`].
+    pending: Mutex<HashMap<u64, (Pending, Instant)>>,
     next_connection: AtomicU64,
     /// Taken when the session ends, so the client's event stream ends with
     /// it even while connection tasks still hold the session.
@@ -356,8 +357,13 @@ impl Sessions {
                 return "internal error";
             }
         };
+        // One timer for the whole session rather than one per connection: a
+        // task sleeping 10 s beside each new connection cost more memory than
+        // the connection itself under a burst.
+        let mut sweep = tokio::time::interval(ATTACH_TIMEOUT / 10);
         let reason = loop {
             tokio::select! {
+                _ = sweep.tick() => live.reset_unclaimed(),
                 accepted = listener.accept() => match accepted {
                     Ok((stream, source)) => self.announce(live, &events, stream, source).await,
                     Err(err) => {
@@ -383,9 +389,9 @@ impl Sessions {
 
     fn end(&self, live: Arc<LiveSession>, reason: &str, claim: Option<Claim>) {
         live.ended.cancel();
-        let pending: Vec<(u64, Pending)> =
+        let pending: Vec<(u64, (Pending, Instant))> =
             live.pending.lock().expect("pending lock").drain().collect();
-        for (id, pending) in pending {
+        for (id, (pending, _)) in pending {
             if let Pending::Stolen(mut stream) = pending {
                 live.never_served(id, "session ended");
                 tokio::spawn(async move { proxy::close_gracefully(&mut stream).await });
@@ -432,15 +438,6 @@ impl Sessions {
         {
             return;
         }
-        let live = live.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(ATTACH_TIMEOUT).await;
-            if let Some(Pending::Stolen(stream)) = live.take_pending(id) {
-                proxy::reset(&stream);
-                live.never_served(id, "not picked up");
-                live.warn(format!("connection {id} was reset: the client did not pick it up within {ATTACH_TIMEOUT:?}"));
-            }
-        });
     }
 }
 
@@ -510,12 +507,41 @@ impl LiveSession {
         self.pending
             .lock()
             .expect("pending lock")
-            .insert(id, pending);
+            .insert(id, (pending, Instant::now()));
         id
     }
 
     pub fn take_pending(&self, id: u64) -> Option<Pending> {
-        self.pending.lock().expect("pending lock").remove(&id)
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .remove(&id)
+            .map(|(pending, _)| pending)
+    }
+
+    /// Resets stolen connections the client has not picked up in time (it
+    /// saw the event but its data call never came).
+    fn reset_unclaimed(&self) {
+        let expired: Vec<(u64, Pending)> = {
+            let mut pending = self.pending.lock().expect("pending lock");
+            let ids: Vec<u64> = pending
+                .iter()
+                .filter(|(_, (_, parked))| parked.elapsed() >= ATTACH_TIMEOUT)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| pending.remove(&id).map(|(p, _)| (id, p)))
+                .collect()
+        };
+        for (id, pending) in expired {
+            if let Pending::Stolen(stream) = pending {
+                proxy::reset(&stream);
+                self.never_served(id, "not picked up");
+                self.warn(format!(
+                    "connection {id} was reset: the client did not pick it up within {ATTACH_TIMEOUT:?}"
+                ));
+            }
+        }
     }
 
     /// Applies a client request; `Some(reason)` when it ends the session.

@@ -433,6 +433,47 @@ async fn rejected_and_reset_connections_reset_the_remote() {
     assert_reset(&mut remote).await;
 }
 
+#[tokio::test]
+async fn a_connection_the_client_never_picks_up_is_reset_and_reported() {
+    let mut harness = Harness::start().await;
+    let mut session = harness.open(80).await.unwrap();
+    let mut remote = TcpStream::connect(session.listener).await.unwrap();
+    let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await else {
+        panic!("no connection event");
+    };
+    // Picked up ones are left alone by the same sweep.
+    let (mut served, connection) = harness.stolen(&mut session).await;
+
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(15), remote.read(&mut buf))
+        .await
+        .expect("the unclaimed connection ends within the attach timeout and a sweep");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    let warning = loop {
+        match next(&mut session.events).await {
+            Some(session_event::Kind::Warning(warning)) => break warning.message,
+            Some(_) => {}
+            None => panic!("the session ended without a warning"),
+        }
+    };
+    assert!(
+        warning.contains(&format!("connection {} was reset", announced.connection_id))
+            && warning.contains("did not pick it up"),
+        "{warning}"
+    );
+    connection
+        .send(connection_upstream::Kind::Data(
+            b"still here".as_slice().into(),
+        ))
+        .await;
+    let mut answer = [0u8; 10];
+    served.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"still here");
+}
+
 async fn assert_reset(remote: &mut TcpStream) {
     let mut buf = [0u8; 1];
     let read = tokio::time::timeout(Duration::from_secs(5), remote.read(&mut buf))
