@@ -431,13 +431,8 @@ impl Sessions {
             destination: destination.to_string(),
         });
         // Awaited: a client reading events slowly slows accepting, not memory.
-        if events
-            .send(Ok(SessionEvent { kind: Some(event) }))
-            .await
-            .is_err()
-        {
-            return;
-        }
+        // A client gone is noticed by the loop; its connection is swept.
+        let _ = events.send(Ok(SessionEvent { kind: Some(event) })).await;
     }
 }
 
