@@ -98,6 +98,23 @@ impl Bed {
             .local_port(local_port)
     }
 
+    /// Runs `measure` while a session steals the pod's HTTP port to a local
+    /// server answering [`LOCAL_BODY`], and ends the session either way.
+    pub async fn while_http_stolen<T>(
+        &self,
+        measure: impl AsyncFnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let local = self.local_http().await?;
+        let mut session = self.steal(HTTP_PORT, local.port()).start().await;
+        let result = async {
+            self.wait_for_server(LOCAL_BODY).await?;
+            measure().await
+        }
+        .await;
+        session.stop().await;
+        result
+    }
+
     /// Waits until a new connection to the pod's HTTP port is served by
     /// `body`'s server: a session ending gives new connections back to the pod.
     pub async fn wait_for_server(&self, body: &str) -> anyhow::Result<()> {

@@ -5,7 +5,7 @@
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::bed::{BYSTANDER_HTTP_PORT, BYSTANDER_STREAM_PORT, Bed, HTTP_PORT, LOCAL_BODY};
+use crate::bed::{BYSTANDER_HTTP_PORT, BYSTANDER_STREAM_PORT, Bed};
 use crate::iperf::{self, Direction};
 use crate::probe;
 use crate::profile::Profile;
@@ -43,17 +43,17 @@ impl Bystander {
 }
 
 pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Bystander> {
-    let local = bed.local_http().await?;
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..profile.bystander_rounds {
         without.push(figures(bed, profile).await.context("without remocal")?);
-        let mut session = bed.steal(HTTP_PORT, local.port()).start().await;
-        bed.wait_for_server(LOCAL_BODY).await?;
-        let measured = figures(bed, profile)
-            .await
-            .context("with a steal on another port");
-        session.stop().await;
-        with.push(measured?);
+        let measured = bed
+            .while_http_stolen(async || {
+                figures(bed, profile)
+                    .await
+                    .context("with a steal on another port")
+            })
+            .await?;
+        with.push(measured);
     }
     Ok(Bystander {
         rounds: profile.bystander_rounds,

@@ -5,7 +5,7 @@
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::bed::{Bed, HTTP_PORT, LOCAL_BODY};
+use crate::bed::{Bed, HTTP_PORT};
 use crate::profile::Profile;
 use crate::request_run::RequestRun;
 use crate::wrk;
@@ -27,12 +27,9 @@ pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<ConnectRate
     let url = bed.pod_url(HTTP_PORT);
     let run = || wrk::new_connections(bed.node(), &url, 2, IN_FLIGHT, profile.connect_run);
     let direct = run().await.context("direct new connections")?;
-    let local = bed.local_http().await?;
-    let mut session = bed.steal(HTTP_PORT, local.port()).start().await;
-    bed.wait_for_server(LOCAL_BODY).await?;
-    let stolen = run().await.context("stolen new connections");
-    session.stop().await;
-    let stolen = stolen?;
+    let stolen = bed
+        .while_http_stolen(async || run().await.context("stolen new connections"))
+        .await?;
     Ok(ConnectRate {
         per_second: Pair {
             direct: direct.requests_per_second,

@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::bed::{Bed, HTTP_PORT, LOCAL_BODY};
+use crate::bed::{Bed, HTTP_PORT};
 use crate::probe;
 use crate::profile::Profile;
 use crate::request_run::RequestRun;
@@ -25,13 +25,8 @@ impl Latency {
 pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Latency> {
     let run = || probe::keep_alive(bed.node(), bed.pod_addr(HTTP_PORT), profile.latency_run);
     let direct = run().await.context("direct keep-alive requests")?;
-    let local = bed.local_http().await?;
-    let mut session = bed.steal(HTTP_PORT, local.port()).start().await;
-    bed.wait_for_server(LOCAL_BODY).await?;
-    let stolen = run().await.context("stolen keep-alive requests");
-    session.stop().await;
-    Ok(Latency {
-        direct,
-        stolen: stolen?,
-    })
+    let stolen = bed
+        .while_http_stolen(async || run().await.context("stolen keep-alive requests"))
+        .await?;
+    Ok(Latency { direct, stolen })
 }
