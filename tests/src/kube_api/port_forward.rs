@@ -240,6 +240,14 @@ async fn relay(ws: Ws, targets: Vec<Target>) {
         // The client closed: send the answer tungstenite queued, or kube reports
         // `ResetWithoutClosingHandshake` from `Portforwarder::join`.
         let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
+        // What the client sent before closing still reaches its target, then a
+        // FIN; aborting the ports here would lose it, or the whole connection
+        // when a port had not even dialed yet.
+        drop(to_targets);
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            while ports.join_next().await.is_some() {}
+        })
+        .await;
     }
 }
 
