@@ -50,13 +50,7 @@ pub async fn list_agents(
     namespace: &str,
     node: Option<&str>,
 ) -> Result<Vec<AgentPod>, Failure> {
-    let call = ApiCall {
-        verb: "list",
-        resource: "pods",
-        kind: "pods",
-        namespace,
-        name: None,
-    };
+    let call = ApiCall::list_pods(namespace);
     let mut params = ListParams::default().labels(AGENT_SELECTOR);
     if let Some(node) = node {
         params = params.fields(&format!("spec.nodeName={node}"));

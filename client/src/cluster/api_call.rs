@@ -15,6 +15,19 @@ pub struct ApiCall<'a> {
     pub name: Option<&'a str>,
 }
 
+impl<'a> ApiCall<'a> {
+    /// `list pods` in `namespace`, the call behind deployments and agents.
+    pub fn list_pods(namespace: &'a str) -> Self {
+        ApiCall {
+            verb: "list",
+            resource: "pods",
+            kind: "pods",
+            namespace,
+            name: None,
+        }
+    }
+}
+
 impl ApiCall<'_> {
     pub fn failure(&self, err: kube::Error, cluster: &Cluster) -> Failure {
         let context = &cluster.context;

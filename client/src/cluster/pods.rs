@@ -91,13 +91,7 @@ async fn ready_pod_of(cluster: &Cluster, namespace: &str, name: &str) -> Result<
                 format!("deployment {namespace}/{name} has no pod selector"),
             )
         })?;
-    let call = ApiCall {
-        verb: "list",
-        resource: "pods",
-        kind: "pods",
-        namespace,
-        name: None,
-    };
+    let call = ApiCall::list_pods(namespace);
     let pods = Api::<Pod>::namespaced(cluster.client.clone(), namespace)
         .list(&ListParams::default().labels(&selector))
         .await

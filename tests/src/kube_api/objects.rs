@@ -441,28 +441,4 @@ mod tests {
         assert_eq!(container_id(&uid).len(), 64);
         assert_eq!(container_id(&uid), container_id(&uid));
     }
-
-    #[test]
-    fn a_running_ready_pod_has_what_kubelet_writes() {
-        let pod = pod("default", "web")
-            .node("node-a")
-            .running()
-            .ready(true)
-            .ip("198.18.0.2")
-            .build();
-        let status = pod.status.unwrap();
-        assert_eq!(status.phase.as_deref(), Some("Running"));
-        assert_eq!(status.pod_ip.as_deref(), Some("198.18.0.2"));
-        let ready = status
-            .conditions
-            .unwrap()
-            .into_iter()
-            .find(|c| c.type_ == "Ready")
-            .unwrap();
-        assert_eq!(ready.status, "True");
-        let container = &status.container_statuses.unwrap()[0];
-        assert!(container.ready);
-        assert!(container.state.as_ref().unwrap().running.is_some());
-        assert_eq!(pod.spec.unwrap().host_network, None);
-    }
 }
