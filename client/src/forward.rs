@@ -135,19 +135,16 @@ async fn local_to_agent(
     loop {
         // A buffer exists only while there is something to read: an idle
         // connection holds no memory of its own.
-        let mut buffer = BytesMut::new();
-        let result = match read.readable().await {
-            Ok(()) => {
-                buffer.reserve(CHUNK);
-                read.try_read_buf(&mut buffer)
-            }
-            Err(err) => Err(err),
+        let read_once = async {
+            read.readable().await?;
+            let mut buffer = BytesMut::with_capacity(CHUNK);
+            read.try_read_buf(&mut buffer).map(|n| (n, buffer))
         };
-        let kind = match result {
+        let kind = match read_once.await {
             // Dropping the sender ends the call's request stream: the agent
             // turns that into a FIN to the remote.
-            Ok(0) => return Ok(()),
-            Ok(_) => connection_upstream::Kind::Data(buffer.freeze()),
+            Ok((0, _)) => return Ok(()),
+            Ok((_, buffer)) => connection_upstream::Kind::Data(buffer.freeze()),
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => {
                 let _ = upstream.send(reset_frame()).await;

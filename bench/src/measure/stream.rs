@@ -62,12 +62,12 @@ pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Streams> {
 /// still trail through a proxy, remocal's or any other.
 async fn one_stream(
     bed: &Bed,
-    server: Place<'_>,
+    place: Place<'_>,
     listen_port: u16,
     bytes: u64,
     direction: Direction,
 ) -> anyhow::Result<Stream> {
-    let server = ServerProcess::iperf(server, listen_port).await?;
+    let server = ServerProcess::iperf(place, listen_port).await?;
     let stream = iperf::stream(bed.node(), bed.pod_addr(STREAM_PORT), bytes, direction).await;
     server.stop().await;
     stream
