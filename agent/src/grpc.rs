@@ -1,6 +1,7 @@
 //! The `remocal.v1.Agent` gRPC service: thin glue from calls to sessions and
 //! proxied connections, and from our errors to status codes a client can act on.
 use std::{
+    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -9,8 +10,7 @@ use remocal_proto::v1::{
     AgentInfo, ConnectionDownstream, ConnectionUpstream, InfoRequest, SessionEvent, SessionRequest,
     agent_server, connection_upstream, session_request,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{
     Request, Response, Status, Streaming,
     transport::{Server, server::TcpIncoming},
@@ -26,8 +26,6 @@ use crate::{
 
 /// How long a new call may take to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Frames buffered per connection on top of HTTP/2's own window.
-const DOWNSTREAM_QUEUE: usize = 2;
 /// HTTP/2 pings find a vanished client (laptop closed, network gone) within
 /// interval + timeout, well inside the 10 s users are promised.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
@@ -55,6 +53,10 @@ pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// A stolen connection's socket reader or a mirrored connection's queue.
+type ConnectionStream =
+    Pin<Box<dyn Stream<Item = Result<ConnectionDownstream, Status>> + Send + 'static>>;
+
 pub struct AgentService {
     sessions: Arc<Sessions>,
     started: Instant,
@@ -73,7 +75,7 @@ impl AgentService {
 #[tonic::async_trait]
 impl agent_server::Agent for AgentService {
     type SessionStream = ReceiverStream<Result<SessionEvent, Status>>;
-    type ConnectionStream = ReceiverStream<Result<ConnectionDownstream, Status>>;
+    type ConnectionStream = ConnectionStream;
 
     async fn session(
         &self,
@@ -124,23 +126,23 @@ impl agent_server::Agent for AgentService {
             .sessions
             .attach(&attach.session_id, attach.connection_id)
             .map_err(|err: AttachError| Status::not_found(err.to_string()))?;
-        let receiver = match pending {
+        let downstream: ConnectionStream = match pending {
             Pending::Stolen(stream) => {
-                let (downstream, receiver) = mpsc::channel(DOWNSTREAM_QUEUE);
-                tokio::spawn(async move {
-                    let outcome = proxy::pipe(stream, upstream, downstream, live.ended()).await;
-                    live.connection_closed(attach.connection_id, outcome);
+                let id = attach.connection_id;
+                let (reader, pipe) = proxy::start(stream, upstream, live.ended(), move |outcome| {
+                    live.connection_closed(id, outcome);
                 });
-                receiver
+                tokio::spawn(pipe);
+                Box::pin(reader)
             }
             Pending::Mirrored(receiver) => {
                 // A copy is read-only: whatever the client sends is drained
                 // so the call's flow control never stalls.
                 tokio::spawn(async move { while let Ok(Some(_)) = upstream.message().await {} });
-                receiver
+                Box::pin(ReceiverStream::new(receiver))
             }
         };
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(downstream))
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<AgentInfo>, Status> {

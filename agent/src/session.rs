@@ -392,9 +392,9 @@ impl Sessions {
         let pending: Vec<(u64, (Pending, Instant))> =
             live.pending.lock().expect("pending lock").drain().collect();
         for (id, (pending, _)) in pending {
-            if let Pending::Stolen(mut stream) = pending {
+            if let Pending::Stolen(stream) = pending {
                 live.never_served(id, "session ended");
-                tokio::spawn(async move { proxy::close_gracefully(&mut stream).await });
+                tokio::spawn(async move { proxy::close_gracefully(&stream).await });
             }
         }
         self.metrics
@@ -606,11 +606,11 @@ fn close_backlog(listener: tokio::net::TcpListener) {
         return;
     };
     while let Ok((stream, _)) = listener.accept() {
-        if let Ok(mut stream) = stream
+        if let Ok(stream) = stream
             .set_nonblocking(true)
             .and_then(|()| TcpStream::from_std(stream))
         {
-            tokio::spawn(async move { proxy::close_gracefully(&mut stream).await });
+            tokio::spawn(async move { proxy::close_gracefully(&stream).await });
         }
     }
 }

@@ -1,0 +1,131 @@
+//! The response stream of a stolen connection's call. HTTP/2 polls it only
+//! when the stream has window left, so the socket is read exactly as fast as
+//! the client takes the bytes, and a readable socket wakes the task that
+//! sends them: no queue, no extra task, and no buffer while idle.
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    sync::atomic::{AtomicU64, Ordering},
+    task::{Context, Poll, ready},
+};
+
+use bytes::BytesMut;
+use remocal_proto::v1::{ConnectionDownstream, Eof, connection_downstream};
+use tokio::{net::TcpStream, sync::oneshot};
+use tokio_stream::Stream;
+use tonic::Status;
+
+use super::CHUNK;
+
+/// The socket, shared by the reader and the task writing to it.
+pub(super) struct Shared {
+    pub stream: TcpStream,
+    pub from_remote: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            from_remote: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Why the reader stopped reading.
+pub(super) enum ReadEnd {
+    Eof,
+    Failed(io::Error),
+    /// HTTP/2 dropped the stream: the client reset it or its link broke.
+    ClientGone,
+}
+
+pub struct RemoteReader {
+    shared: Arc<Shared>,
+    /// Present while reading; tells the connection's task why reading ended.
+    read_end: Option<oneshot::Sender<ReadEnd>>,
+    /// The connection's task ends the call: with a status, or cleanly by
+    /// dropping the sender. Taken once it has spoken.
+    finish: Option<oneshot::Receiver<Status>>,
+}
+
+impl RemoteReader {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        read_end: oneshot::Sender<ReadEnd>,
+        finish: oneshot::Receiver<Status>,
+    ) -> Self {
+        Self {
+            shared,
+            read_end: Some(read_end),
+            finish: Some(finish),
+        }
+    }
+
+    fn stop_reading(&mut self, why: ReadEnd) {
+        if let Some(read_end) = self.read_end.take() {
+            let _ = read_end.send(why);
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<ConnectionDownstream> {
+        let stream = &self.shared.stream;
+        loop {
+            if let Err(err) = ready!(stream.poll_read_ready(cx)) {
+                self.stop_reading(ReadEnd::Failed(err));
+                return Poll::Pending;
+            }
+            // A buffer exists only while there is something to read: an
+            // idle connection (most of a large session's) holds no memory.
+            let mut buffer = BytesMut::with_capacity(CHUNK);
+            let kind = match stream.try_read_buf(&mut buffer) {
+                Ok(0) => {
+                    self.stop_reading(ReadEnd::Eof);
+                    connection_downstream::Kind::Eof(Eof {})
+                }
+                Ok(n) => {
+                    self.shared
+                        .from_remote
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    connection_downstream::Kind::Data(buffer.freeze())
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => {
+                    self.stop_reading(ReadEnd::Failed(err));
+                    return Poll::Pending;
+                }
+            };
+            return Poll::Ready(ConnectionDownstream { kind: Some(kind) });
+        }
+    }
+}
+
+impl Stream for RemoteReader {
+    type Item = Result<ConnectionDownstream, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let Some(finish) = this.finish.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // The task's word comes first: after it, nothing more is read.
+        if let Poll::Ready(word) = Pin::new(finish).poll(cx) {
+            this.finish = None;
+            this.read_end = None;
+            return Poll::Ready(word.ok().map(Err));
+        }
+        if this.read_end.is_none() {
+            // Done reading (FIN or failure): wait for the task's word, for
+            // which `finish` is registered above.
+            return Poll::Pending;
+        }
+        this.poll_read(cx).map(|frame| Some(Ok(frame)))
+    }
+}
+
+impl Drop for RemoteReader {
+    fn drop(&mut self) {
+        self.stop_reading(ReadEnd::ClientGone);
+    }
+}
