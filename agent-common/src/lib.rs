@@ -118,8 +118,9 @@ pub struct FlowKey {
     pub remote_port: u16,
 }
 
-/// TCP statistics of one connection, refreshed by the sock_ops program at
-/// every RTT sample and state change.
+/// TCP statistics of one connection: of a mirrored one, refreshed by the
+/// sock_ops program at every RTT sample and state change; of a stolen one,
+/// read from the agent's socket when it closes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {

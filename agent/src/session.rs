@@ -451,9 +451,10 @@ impl LiveSession {
             outcome.bytes_from_remote,
             outcome.bytes_to_remote,
         );
-        let mut stats = outcome
-            .sockets
-            .and_then(|(local, remote)| self.redirector.flow_stats(self.target, local, remote));
+        let mut stats = outcome.stats.or_else(|| {
+            let (local, remote) = outcome.sockets?;
+            self.redirector.flow_stats(self.target, local, remote)
+        });
         // The kernel counts each FIN as a byte of sequence space; a stolen
         // connection that closed normally exchanged one each way.
         if let Some(stats) = stats

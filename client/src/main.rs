@@ -26,10 +26,9 @@ fn main() -> ExitCode {
     // kube's TLS uses rustls' process-wide provider; naming it keeps that true
     // even if another dependency ever compiles a second provider in.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // One worker: the client serves one developer, and handing each
-    // connection's bytes between threads cost every request about 35 us.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // One thread: the client serves one developer, and handing each
+    // connection between threads cost every request about 35 us.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     let runtime = match runtime {

@@ -1,5 +1,6 @@
-//! The kernel's TCP statistics of stolen connections (sock_ops), as a developer
-//! sees them with `remocal steal -v` when a connection closes.
+//! The kernel's TCP statistics of stolen connections (TCP_INFO of the agent's
+//! socket), as a developer sees them with `remocal steal -v` when a
+//! connection closes.
 
 use std::time::Duration;
 

@@ -285,6 +285,7 @@ impl Mirror {
                 bytes_from_remote: state.reassembler.delivered(),
                 bytes_to_remote: 0,
                 error,
+                stats: None,
                 // The pod's own socket of this connection.
                 sockets: Some((flow.destination, flow.source)),
             };

@@ -8,6 +8,7 @@
 //! in between; the client's bytes are written by one task per connection,
 //! which also decides how the connection ends.
 mod remote_reader;
+mod tcp_stats;
 
 use std::{
     io,
@@ -16,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use remocal_agent_common::FlowStats;
 use remocal_proto::v1::{ConnectionUpstream, connection_upstream};
 use socket2::SockRef;
 use tokio::{net::TcpStream, sync::oneshot};
@@ -41,8 +43,11 @@ pub struct Outcome {
     pub bytes_to_remote: u64,
     /// Empty when both sides closed normally.
     pub error: String,
-    /// The connection's addresses as its socket in the target sees them
-    /// (local, remote): the key of its TCP statistics.
+    /// The kernel's TCP statistics of the connection, when the agent owns
+    /// its socket (a stolen connection).
+    pub stats: Option<FlowStats>,
+    /// Otherwise the connection's addresses as its socket in the target sees
+    /// them (local, remote): the key of its statistics from sock_ops.
     pub sockets: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
@@ -67,7 +72,6 @@ pub fn start(
     session_ended: CancellationToken,
     closed: impl FnOnce(Outcome) + Send + 'static,
 ) -> (RemoteReader, impl Future<Output = ()> + Send + 'static) {
-    let sockets = stream.local_addr().ok().zip(stream.peer_addr().ok());
     let shared = Arc::new(Shared::new(stream));
     let (read_end_tx, read_end) = oneshot::channel();
     // Sent to end the call with an error; dropped to end it cleanly.
@@ -121,7 +125,8 @@ pub fn start(
             bytes_from_remote: shared.from_remote.load(Ordering::Relaxed),
             bytes_to_remote,
             error,
-            sockets,
+            stats: tcp_stats::read(stream),
+            sockets: None,
         });
     };
     (reader, pipe)

@@ -109,7 +109,6 @@ impl EbpfRedirector {
 impl Redirector for EbpfRedirector {
     fn steal(&self, target: &Netns, port: u16) -> Result<Redirection, RedirectError> {
         let attachment = self.attachment_for(target)?;
-        attachment.flow_ports.add(port)?;
         let registered = target
             .run_in(steal_listener)
             .and_then(|created| created)
@@ -133,10 +132,7 @@ impl Redirector for EbpfRedirector {
                 listener,
                 active: ActiveRedirection::new(StolenPort { attachment, port }),
             }),
-            Err(err) => {
-                attachment.flow_ports.remove(port);
-                Err(err)
-            }
+            Err(err) => Err(err),
         }
     }
 
@@ -410,7 +406,6 @@ impl Drop for StolenPort {
             // The kernel drops a closed socket from the map by itself.
             warn!(target = %self.attachment.target, port = self.port, %err, "removing the steal listener failed");
         }
-        self.attachment.flow_ports.remove(self.port);
     }
 }
 

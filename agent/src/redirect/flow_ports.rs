@@ -1,6 +1,7 @@
 //! The ports whose connections the flow statistics program follows: every
-//! stolen or mirrored port of a namespace, counted, because one port can be
-//! stolen and mirrored at once, or mirrored by several sessions.
+//! mirrored port of a namespace, counted, because several sessions can
+//! mirror one port. (Stolen connections are the agent's own sockets, whose
+//! statistics it reads with TCP_INFO.)
 use std::{collections::HashMap, sync::Mutex};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
