@@ -25,7 +25,7 @@ pub fn targets(results: &Results) -> Vec<Check> {
         .gbit_per_second
         .ratio()
         .min(streams.out_of_pod.gbit_per_second.ratio());
-    let bystander = results.bystander.ratios();
+    let bystander = &results.bystander.ratios;
     let bystander_cost = [
         1.0 / bystander.requests_per_second,
         1.0 / bystander.stream_gbit_per_second,

@@ -1,6 +1,8 @@
 //! What the attached programs cost traffic they do not take: the same pod's
 //! other ports, measured without remocal and with a steal active on port 80,
-//! in alternating rounds so the machine's drift hits both alike.
+//! in alternating rounds so the machine's drift hits both alike. The cost is
+//! the median of each round's ratio: a slow spell of the machine then skews
+//! one round, not the verdict.
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -19,6 +21,9 @@ pub struct Bystander {
     /// Medians over the rounds.
     pub without: Figures,
     pub with: Figures,
+    /// `with / without` of each figure, the median over the rounds; 1.0 is
+    /// no cost at all.
+    pub ratios: Figures,
 }
 
 #[derive(Clone, Copy, Serialize)]
@@ -29,15 +34,13 @@ pub struct Figures {
     pub stream_gbit_per_second: f64,
 }
 
-impl Bystander {
-    /// `with / without` of each figure; 1.0 is no cost at all.
-    pub fn ratios(&self) -> Figures {
-        let (a, b) = (&self.without, &self.with);
+impl Figures {
+    fn ratio(&self, without: &Figures) -> Figures {
         Figures {
-            latency_p50_us: b.latency_p50_us / a.latency_p50_us,
-            latency_p99_us: b.latency_p99_us / a.latency_p99_us,
-            requests_per_second: b.requests_per_second / a.requests_per_second,
-            stream_gbit_per_second: b.stream_gbit_per_second / a.stream_gbit_per_second,
+            latency_p50_us: self.latency_p50_us / without.latency_p50_us,
+            latency_p99_us: self.latency_p99_us / without.latency_p99_us,
+            requests_per_second: self.requests_per_second / without.requests_per_second,
+            stream_gbit_per_second: self.stream_gbit_per_second / without.stream_gbit_per_second,
         }
     }
 }
@@ -55,10 +58,12 @@ pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Bystander> 
             .await?;
         with.push(measured);
     }
+    let ratios: Vec<Figures> = with.iter().zip(&without).map(|(b, a)| b.ratio(a)).collect();
     Ok(Bystander {
         rounds: profile.bystander_rounds,
         without: medians(&without),
         with: medians(&with),
+        ratios: medians(&ratios),
     })
 }
 
