@@ -2,7 +2,8 @@
 //! namespace joined by a veth (as a CNI wires pods), the pod's own servers,
 //! and a remocal agent on the host. Direct traffic goes node → pod's server;
 //! stolen traffic goes node → pod → eBPF → agent → gRPC → remocal → a local
-//! server running the very same code.
+//! server running the very same code. The floor takes the stolen hops through
+//! two plain relays instead (`measure::floor`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,6 +28,9 @@ pub const STREAM_PORT: u16 = 5201;
 pub const BYSTANDER_STREAM_PORT: u16 = 5202;
 /// A sink in the pod whose traffic the mirror copies.
 pub const MIRROR_PORT: u16 = 9000;
+/// The pod's port the floor's first relay listens on; no server of the pod
+/// has it.
+pub const FLOOR_PORT: u16 = 8090;
 
 /// What the pod's HTTP servers answer, and what the local one answers: who
 /// served a request is visible in its body.

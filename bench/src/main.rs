@@ -12,6 +12,7 @@ mod measure;
 mod probe;
 mod process_memory;
 mod profile;
+mod relay;
 mod report;
 mod request_run;
 mod server_process;
@@ -50,6 +51,18 @@ enum Command {
         #[arg(long)]
         body: String,
     },
+    /// The plain TCP relay of the floor measurement (started by the
+    /// benchmark itself).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        /// Listen in this network namespace; the process stays in its own.
+        #[arg(long, value_name = "PATH")]
+        listen_netns: Option<PathBuf>,
+    },
 }
 
 /// Errors end as one `error:` line: they are about the machine, not a bug.
@@ -57,6 +70,11 @@ fn main() -> ExitCode {
     let options = Options::parse();
     let result = match options.command {
         Some(Command::ServeHttp { listen, body }) => server_process::serve_http(listen, body),
+        Some(Command::Relay {
+            listen,
+            to,
+            listen_netns,
+        }) => relay::run(listen, to, listen_netns.as_deref()),
         None => run(options.quick, &options.out),
     };
     match result {

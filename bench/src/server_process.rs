@@ -1,7 +1,7 @@
 //! Servers as separate processes, started the same way in the pod and
 //! locally so direct and stolen traffic meet the same program: iperf3, and
-//! this binary's own `serve-http`. Separate processes also keep their sockets
-//! out of this one's open-file limit.
+//! this binary's own `serve-http` and `relay`. Separate processes also keep
+//! their sockets out of this one's open-file limit.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Stdio;
@@ -68,6 +68,28 @@ impl ServerProcess {
             .arg("--body")
             .arg(body);
         ServerProcess::start(command, place, port, "remocal-bench serve-http").await
+    }
+
+    /// `remocal-bench relay` from `port` at `listen` to `to`. The process
+    /// runs on this host even when it listens in the pod, as the agent does:
+    /// only its listener is the pod's.
+    pub async fn relay(
+        listen: Place<'_>,
+        port: u16,
+        to: SocketAddr,
+    ) -> anyhow::Result<ServerProcess> {
+        let exe = std::env::current_exe().context("cannot find remocal-bench's own binary")?;
+        let mut command = Command::new(exe);
+        command
+            .arg("relay")
+            .arg("--listen")
+            .arg(listen.listen_addr(port).to_string())
+            .arg("--to")
+            .arg(to.to_string());
+        if let Place::Pod(netns) = listen {
+            command.arg("--listen-netns").arg(netns.path());
+        }
+        ServerProcess::start(command, listen, port, "remocal-bench relay").await
     }
 
     async fn start(

@@ -24,8 +24,7 @@ pub struct ConnectRate {
 }
 
 pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<ConnectRate> {
-    let url = bed.pod_url(HTTP_PORT);
-    let run = || wrk::new_connections(bed.node(), &url, 2, IN_FLIGHT, profile.connect_run);
+    let run = || connections(bed, HTTP_PORT, profile);
     let direct = run().await.context("direct new connections")?;
     let stolen = bed
         .while_http_stolen(async || run().await.context("stolen new connections"))
@@ -38,4 +37,15 @@ pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<ConnectRate
         direct,
         stolen,
     })
+}
+
+/// The one wrk run of new connections to the pod's `port`, so every path
+/// that is compared meets the same load.
+pub(super) async fn connections(
+    bed: &Bed,
+    port: u16,
+    profile: &Profile,
+) -> anyhow::Result<RequestRun> {
+    let url = bed.pod_url(port);
+    wrk::new_connections(bed.node(), &url, 2, IN_FLIGHT, profile.connect_run).await
 }

@@ -23,10 +23,20 @@ impl Latency {
 }
 
 pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Latency> {
-    let run = || probe::keep_alive(bed.node(), bed.pod_addr(HTTP_PORT), profile.latency_run);
+    let run = || requests(bed, HTTP_PORT, profile);
     let direct = run().await.context("direct keep-alive requests")?;
     let stolen = bed
         .while_http_stolen(async || run().await.context("stolen keep-alive requests"))
         .await?;
     Ok(Latency { direct, stolen })
+}
+
+/// The one run of keep-alive requests to the pod's `port`, so every path
+/// that is compared meets the same probe.
+pub(super) async fn requests(
+    bed: &Bed,
+    port: u16,
+    profile: &Profile,
+) -> anyhow::Result<RequestRun> {
+    probe::keep_alive(bed.node(), bed.pod_addr(port), profile.latency_run).await
 }

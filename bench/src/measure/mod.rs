@@ -3,6 +3,7 @@
 mod bystander;
 mod concurrency;
 mod connect_rate;
+mod floor;
 mod latency;
 mod mirror_rate;
 mod startup;
@@ -16,6 +17,7 @@ use crate::profile::Profile;
 pub use bystander::Bystander;
 pub use concurrency::Concurrency;
 pub use connect_rate::ConnectRate;
+pub use floor::Floor;
 pub use latency::Latency;
 pub use mirror_rate::MirrorRate;
 pub use startup::Startup;
@@ -30,6 +32,8 @@ pub struct Results {
     pub cpus: usize,
     pub latency: Latency,
     pub connect_rate: ConnectRate,
+    /// The same hops as stolen traffic through two plain relays.
+    pub floor: Floor,
     pub streams: Streams,
     pub concurrency: Concurrency,
     pub bystander: Bystander,
@@ -43,6 +47,8 @@ pub async fn all(profile: &Profile) -> anyhow::Result<Results> {
     let latency = latency::measure(&bed, profile).await?;
     step("new-connection rate");
     let connect_rate = connect_rate::measure(&bed, profile).await?;
+    step("the same hops through two plain relays");
+    let floor = floor::measure(&bed, profile).await?;
     step("single-stream throughput");
     let streams = stream::measure(&bed, profile).await?;
     step("traffic remocal does not steal");
@@ -67,6 +73,7 @@ pub async fn all(profile: &Profile) -> anyhow::Result<Results> {
         cpus: std::thread::available_parallelism().map_or(0, usize::from),
         latency,
         connect_rate,
+        floor,
         streams,
         concurrency,
         bystander,
