@@ -71,10 +71,10 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
                 Ok(Some(SessionEvent { kind: Some(kind) })) => match kind {
                     session_event::Kind::Connection(connection) => {
                         printer.connection(&connection);
-                        tokio::spawn(forward::serve(
-                            agent.clone(), ready.session_id.clone(), connection,
-                            local.clone(), requests.clone(), printer, mode,
-                        ));
+                        tokio::spawn(forward::serve(forward::Announced {
+                            agent: agent.clone(), session_id: ready.session_id.clone(), connection,
+                            local: local.clone(), requests: requests.clone(), printer, mode,
+                        }));
                     }
                     session_event::Kind::Closed(closed) => printer.closed(&closed),
                     session_event::Kind::Warning(warning) => printer.warning(&warning.message),

@@ -13,19 +13,26 @@ mod tcp_stats;
 use std::{
     io,
     net::Shutdown,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use remocal_agent_common::FlowStats;
 use remocal_proto::v1::{ConnectionUpstream, connection_upstream};
 use socket2::SockRef;
-use tokio::{net::TcpStream, sync::oneshot};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpStream, tcp::OwnedWriteHalf},
+    sync::oneshot,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use remote_reader::ReadEnd;
 pub use remote_reader::RemoteReader;
-use remote_reader::{ReadEnd, Shared};
 
 /// Large enough for throughput (128 KiB moved a stolen stream 10% faster
 /// than 64 KiB), small enough that a stalled connection pins little memory
@@ -72,29 +79,32 @@ pub fn start(
     session_ended: CancellationToken,
     closed: impl FnOnce(Outcome) + Send + 'static,
 ) -> (RemoteReader, impl Future<Output = ()> + Send + 'static) {
-    let shared = Arc::new(Shared::new(stream));
+    let (read, mut write) = stream.into_split();
+    let from_remote = Arc::new(AtomicU64::new(0));
     let (read_end_tx, read_end) = oneshot::channel();
     // Sent to end the call with an error; dropped to end it cleanly.
     let (finish, finish_rx) = oneshot::channel();
-    let reader = RemoteReader::new(shared.clone(), read_end_tx, finish_rx);
+    let reader = RemoteReader::new(read, from_remote.clone(), read_end_tx, finish_rx);
     let pipe = async move {
-        let stream = &shared.stream;
         let mut bytes_to_remote = 0;
-        let from_remote = async {
-            match read_end.await {
-                Ok(ReadEnd::Eof) => Ok(()),
-                Ok(ReadEnd::Failed(err)) => Err(Ended::RemoteFailed(err)),
-                Ok(ReadEnd::ClientGone) | Err(_) => Err(Ended::ClientGone),
+        let ended = {
+            let remote_done = async {
+                match read_end.await {
+                    Ok(ReadEnd::Eof) => Ok(()),
+                    Ok(ReadEnd::Failed(err)) => Err(Ended::RemoteFailed(err)),
+                    Ok(ReadEnd::ClientGone) | Err(_) => Err(Ended::ClientGone),
+                }
+            };
+            let to_remote = client_to_remote(&mut upstream, &mut write, &mut bytes_to_remote);
+            // Biased: when the session ends, the client's calls break right
+            // after; the end of the session must win that race.
+            tokio::select! {
+                biased;
+                () = session_ended.cancelled() => None,
+                result = futures::future::try_join(remote_done, to_remote) => Some(result.map(|_| ())),
             }
         };
-        let to_remote = client_to_remote(&mut upstream, stream, &mut bytes_to_remote);
-        // Biased: when the session ends, the client's calls break right
-        // after; the end of the session must win that race.
-        let ended = tokio::select! {
-            biased;
-            () = session_ended.cancelled() => None,
-            result = futures::future::try_join(from_remote, to_remote) => Some(result.map(|_| ())),
-        };
+        let stream = write.as_ref();
         let error = match ended {
             Some(Ok(())) => String::new(),
             None => {
@@ -121,11 +131,14 @@ pub fn start(
                 "client went away".to_string()
             }
         };
+        let stats = tcp_stats::read(stream);
+        // Every FIN due was sent above; a reset must not get one first.
+        write.forget();
         closed(Outcome {
-            bytes_from_remote: shared.from_remote.load(Ordering::Relaxed),
+            bytes_from_remote: from_remote.load(Ordering::Relaxed),
             bytes_to_remote,
             error,
-            stats: tcp_stats::read(stream),
+            stats,
             sockets: None,
         });
     };
@@ -134,7 +147,7 @@ pub fn start(
 
 async fn client_to_remote(
     upstream: &mut Streaming<ConnectionUpstream>,
-    stream: &TcpStream,
+    write: &mut OwnedWriteHalf,
     bytes: &mut u64,
 ) -> Result<(), Ended> {
     loop {
@@ -142,9 +155,7 @@ async fn client_to_remote(
             Ok(Some(ConnectionUpstream {
                 kind: Some(connection_upstream::Kind::Data(data)),
             })) => {
-                write_all(stream, &data)
-                    .await
-                    .map_err(Ended::RemoteFailed)?;
+                write.write_all(&data).await.map_err(Ended::RemoteFailed)?;
                 *bytes += data.len() as u64;
             }
             Ok(Some(ConnectionUpstream {
@@ -153,27 +164,12 @@ async fn client_to_remote(
             // A second attach or an empty frame carries nothing to deliver.
             Ok(Some(_)) => {}
             Ok(None) => {
-                SockRef::from(stream)
-                    .shutdown(Shutdown::Write)
-                    .map_err(Ended::RemoteFailed)?;
+                write.shutdown().await.map_err(Ended::RemoteFailed)?;
                 return Ok(());
             }
             Err(_) => return Err(Ended::ClientGone),
         }
     }
-}
-
-/// The socket is shared with its reader, so this writes through `&TcpStream`.
-async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(())
 }
 
 /// Sends a FIN and reads (and drops) what the remote still sends for a

@@ -12,26 +12,11 @@ use std::{
 
 use bytes::BytesMut;
 use remocal_proto::v1::{ConnectionDownstream, Eof, connection_downstream};
-use tokio::{net::TcpStream, sync::oneshot};
+use tokio::{net::tcp::OwnedReadHalf, sync::oneshot};
 use tokio_stream::Stream;
 use tonic::Status;
 
 use super::CHUNK;
-
-/// The socket, shared by the reader and the task writing to it.
-pub(super) struct Shared {
-    pub stream: TcpStream,
-    pub from_remote: AtomicU64,
-}
-
-impl Shared {
-    pub fn new(stream: TcpStream) -> Self {
-        Self {
-            stream,
-            from_remote: AtomicU64::new(0),
-        }
-    }
-}
 
 /// Why the reader stopped reading.
 pub(super) enum ReadEnd {
@@ -42,7 +27,9 @@ pub(super) enum ReadEnd {
 }
 
 pub struct RemoteReader {
-    shared: Arc<Shared>,
+    read: OwnedReadHalf,
+    /// Bytes read, for the connection's outcome.
+    from_remote: Arc<AtomicU64>,
     /// Present while reading; tells the connection's task why reading ended.
     read_end: Option<oneshot::Sender<ReadEnd>>,
     /// The connection's task ends the call: with a status, or cleanly by
@@ -52,12 +39,14 @@ pub struct RemoteReader {
 
 impl RemoteReader {
     pub(super) fn new(
-        shared: Arc<Shared>,
+        read: OwnedReadHalf,
+        from_remote: Arc<AtomicU64>,
         read_end: oneshot::Sender<ReadEnd>,
         finish: oneshot::Receiver<Status>,
     ) -> Self {
         Self {
-            shared,
+            read,
+            from_remote,
             read_end: Some(read_end),
             finish: Some(finish),
         }
@@ -70,24 +59,21 @@ impl RemoteReader {
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<ConnectionDownstream> {
-        let stream = &self.shared.stream;
         loop {
-            if let Err(err) = ready!(stream.poll_read_ready(cx)) {
+            if let Err(err) = ready!(self.read.as_ref().poll_read_ready(cx)) {
                 self.stop_reading(ReadEnd::Failed(err));
                 return Poll::Pending;
             }
             // A buffer exists only while there is something to read: an
             // idle connection (most of a large session's) holds no memory.
             let mut buffer = BytesMut::with_capacity(CHUNK);
-            let kind = match stream.try_read_buf(&mut buffer) {
+            let kind = match self.read.try_read_buf(&mut buffer) {
                 Ok(0) => {
                     self.stop_reading(ReadEnd::Eof);
                     connection_downstream::Kind::Eof(Eof {})
                 }
                 Ok(n) => {
-                    self.shared
-                        .from_remote
-                        .fetch_add(n as u64, Ordering::Relaxed);
+                    self.from_remote.fetch_add(n as u64, Ordering::Relaxed);
                     connection_downstream::Kind::Data(buffer.freeze())
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,

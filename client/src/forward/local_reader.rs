@@ -4,13 +4,12 @@
 use std::{
     io,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll, ready},
 };
 
 use bytes::BytesMut;
 use remocal_proto::v1::{ConnectionUpstream, Reset, connection_upstream};
-use tokio::{net::TcpStream, sync::oneshot};
+use tokio::{net::tcp::OwnedReadHalf, sync::oneshot};
 use tokio_stream::Stream;
 
 use super::CHUNK;
@@ -25,7 +24,7 @@ pub struct LocalReader {
 }
 
 struct Local {
-    stream: Arc<TcpStream>,
+    read: OwnedReadHalf,
     /// Present while reading; says how reading ended (FIN or failure).
     read_end: Option<oneshot::Sender<Result<(), Failed>>>,
     /// Fired when writing to the local process failed: the agent must reset
@@ -37,7 +36,8 @@ struct Local {
 /// reader send a reset.
 pub struct Handle {
     pub read_end: oneshot::Receiver<Result<(), Failed>>,
-    pub reset: oneshot::Sender<()>,
+    /// Taken when used.
+    pub reset: Option<oneshot::Sender<()>>,
 }
 
 impl LocalReader {
@@ -48,18 +48,24 @@ impl LocalReader {
         }
     }
 
-    pub fn steal(attach: ConnectionUpstream, stream: Arc<TcpStream>) -> (Self, Handle) {
+    pub fn steal(attach: ConnectionUpstream, read: OwnedReadHalf) -> (Self, Handle) {
         let (read_end_tx, read_end) = oneshot::channel();
         let (reset, reset_rx) = oneshot::channel();
         let reader = Self {
             attach: Some(attach),
             local: Some(Local {
-                stream,
+                read,
                 read_end: Some(read_end_tx),
                 reset: reset_rx,
             }),
         };
-        (reader, Handle { read_end, reset })
+        (
+            reader,
+            Handle {
+                read_end,
+                reset: Some(reset),
+            },
+        )
     }
 }
 
@@ -79,14 +85,14 @@ impl Local {
             return Poll::Ready(Some(reset_frame()));
         }
         loop {
-            if ready!(self.stream.poll_read_ready(cx)).is_err() {
+            if ready!(self.read.as_ref().poll_read_ready(cx)).is_err() {
                 self.stop_reading(Err(Failed));
                 return Poll::Ready(Some(reset_frame()));
             }
             // A buffer exists only while there is something to read: an idle
             // connection holds no memory of its own.
             let mut buffer = BytesMut::with_capacity(CHUNK);
-            return match self.stream.try_read_buf(&mut buffer) {
+            return match self.read.try_read_buf(&mut buffer) {
                 // The end of this stream is the local side's FIN: the agent
                 // passes it on to the remote.
                 Ok(0) => {

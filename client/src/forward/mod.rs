@@ -8,14 +8,21 @@
 //! ([`LocalReader`]); the agent's are written by the connection's task.
 mod local_reader;
 
-use std::{fmt, io, net::Shutdown, sync::Arc, time::Duration};
+use std::{fmt, time::Duration};
 
 use remocal_proto::v1::{
     Attach, ConnectionDownstream, ConnectionUpstream, Mode, NewConnection, RejectConnection,
     SessionRequest, connection_downstream, connection_upstream, session_request,
 };
 use socket2::SockRef;
-use tokio::{net::TcpStream, sync::mpsc};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::{
+        TcpStream,
+        tcp::{OwnedWriteHalf, ReadHalf},
+    },
+    sync::mpsc,
+};
 use tonic::Streaming;
 
 use crate::{agent_link::Agent, output::Printer};
@@ -44,21 +51,22 @@ impl fmt::Display for Local {
     }
 }
 
+/// A connection the agent announced, with what serving it needs.
+pub struct Announced {
+    pub agent: Agent,
+    pub session_id: String,
+    pub connection: NewConnection,
+    pub local: Local,
+    pub requests: mpsc::Sender<SessionRequest>,
+    pub printer: Printer,
+    pub mode: Mode,
+}
+
 /// Serves one connection until it ends. Setting it up takes a lot of state
 /// (the agent's client, the connection's details) and is boxed, so the
 /// future that lives as long as the connection holds only the connection.
-pub fn serve(
-    agent: Agent,
-    session_id: String,
-    connection: NewConnection,
-    local: Local,
-    requests: mpsc::Sender<SessionRequest>,
-    printer: Printer,
-    mode: Mode,
-) -> impl Future<Output = ()> + Send + 'static {
-    let opening = Box::pin(open(
-        agent, session_id, connection, local, requests, printer, mode,
-    ));
+pub fn serve(announced: Announced) -> impl Future<Output = ()> + Send + 'static {
+    let opening = Box::pin(open(announced));
     async move {
         let Some(opened) = opening.await else {
             return;
@@ -69,21 +77,46 @@ pub fn serve(
 
 /// A connection whose local side is connected and whose call is open.
 struct Opened {
-    stream: Arc<TcpStream>,
     downstream: Streaming<ConnectionDownstream>,
-    /// None for a mirrored copy, which only flows toward the local process.
-    handle: Option<Handle>,
+    local: LocalSide,
 }
 
-async fn open(
-    mut agent: Agent,
-    session_id: String,
-    connection: NewConnection,
-    local: Local,
-    requests: mpsc::Sender<SessionRequest>,
-    printer: Printer,
-    mode: Mode,
-) -> Option<Opened> {
+enum LocalSide {
+    /// The read half belongs to the call's request stream.
+    Stolen {
+        write: OwnedWriteHalf,
+        handle: Handle,
+    },
+    /// A copy only flows toward the local process.
+    Mirrored(TcpStream),
+}
+
+impl LocalSide {
+    /// Closing with a zero linger sends RST, so the local process sees the
+    /// failure instead of a clean end of data.
+    fn reset(self) {
+        let stream = match &self {
+            LocalSide::Stolen { write, .. } => write.as_ref(),
+            LocalSide::Mirrored(stream) => stream,
+        };
+        let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+        if let LocalSide::Stolen { write, .. } = self {
+            // Dropping the write half would send a FIN before the RST.
+            write.forget();
+        }
+    }
+}
+
+async fn open(announced: Announced) -> Option<Opened> {
+    let Announced {
+        mut agent,
+        session_id,
+        connection,
+        local,
+        requests,
+        printer,
+        mode,
+    } = announced;
     let id = connection.connection_id;
     let connected = tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -93,7 +126,7 @@ async fn open(
     let why = match connected {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
-            return call(&mut agent, session_id, id, Arc::new(stream), printer, mode).await;
+            return call(&mut agent, session_id, id, stream, printer, mode).await;
         }
         Ok(Err(err)) => err.to_string(),
         Err(_) => "timed out".to_string(),
@@ -106,7 +139,7 @@ async fn call(
     agent: &mut Agent,
     session_id: String,
     id: u64,
-    stream: Arc<TcpStream>,
+    stream: TcpStream,
     printer: Printer,
     mode: Mode,
 ) -> Option<Opened> {
@@ -117,24 +150,24 @@ async fn call(
         })),
     };
     // A copy is read-only: nothing goes upstream after `attach`.
-    let (reader, handle) = if mode == Mode::Mirror {
-        (LocalReader::mirror(attach), None)
+    let (reader, local) = if mode == Mode::Mirror {
+        (LocalReader::mirror(attach), LocalSide::Mirrored(stream))
     } else {
-        let (reader, handle) = LocalReader::steal(attach, stream.clone());
-        (reader, Some(handle))
+        let (read, write) = stream.into_split();
+        let (reader, handle) = LocalReader::steal(attach, read);
+        (reader, LocalSide::Stolen { write, handle })
     };
     match agent.connection(reader).await {
         Ok(response) => Some(Opened {
-            stream,
             downstream: response.into_inner(),
-            handle,
+            local,
         }),
         Err(status) => {
             printer.warning(&format!(
                 "connection {id} could not be picked up: {}",
                 status.message()
             ));
-            reset(&stream);
+            local.reset();
             None
         }
     }
@@ -143,22 +176,26 @@ async fn call(
 impl Opened {
     fn run(self) -> impl Future<Output = ()> + Send {
         let Opened {
-            stream,
             mut downstream,
-            handle,
+            mut local,
         } = self;
         async move {
-            let failed = match handle {
+            let failed = match &mut local {
                 // Boxed: its linger timer would otherwise enlarge every
                 // stolen connection's future too.
-                None => Box::pin(copy_to_local(&mut downstream, &stream)).await,
-                Some(Handle { read_end, reset }) => {
+                LocalSide::Mirrored(stream) => {
+                    Box::pin(copy_to_local(&mut downstream, stream)).await
+                }
+                LocalSide::Stolen { write, handle } => {
+                    let read_end = &mut handle.read_end;
                     let from_local = async { read_end.await.unwrap_or(Err(Failed)) };
                     let to_local = async {
-                        let written = agent_to_local(&mut downstream, &stream).await;
+                        let written = agent_to_local(&mut downstream, write).await;
                         if written.is_err() {
                             // The agent resets the remote side too.
-                            let _ = reset.send(());
+                            if let Some(reset) = handle.reset.take() {
+                                let _ = reset.send(());
+                            }
                         }
                         written
                     };
@@ -168,7 +205,7 @@ impl Opened {
                 }
             };
             if failed {
-                reset(&stream);
+                local.reset();
             }
         }
     }
@@ -195,7 +232,7 @@ async fn reject(
 
 async fn agent_to_local(
     downstream: &mut Streaming<ConnectionDownstream>,
-    stream: &TcpStream,
+    mut write: impl AsyncWrite + Unpin,
 ) -> Result<(), Failed> {
     loop {
         let kind = match downstream.message().await {
@@ -208,34 +245,22 @@ async fn agent_to_local(
             Err(_) => return Err(Failed),
         };
         let written = match kind {
-            connection_downstream::Kind::Data(data) => write_all(stream, &data).await,
-            connection_downstream::Kind::Eof(_) => SockRef::from(stream).shutdown(Shutdown::Write),
+            connection_downstream::Kind::Data(data) => write.write_all(&data).await,
+            connection_downstream::Kind::Eof(_) => write.shutdown().await,
         };
         written.map_err(|_| Failed)?;
     }
-}
-
-/// The socket is shared with its reader, so this writes through `&TcpStream`.
-async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(())
 }
 
 /// Writes a mirrored connection's bytes to the local process while dropping
 /// its answers; true if the copy ended in failure.
 async fn copy_to_local(
     downstream: &mut Streaming<ConnectionDownstream>,
-    stream: &TcpStream,
+    stream: &mut TcpStream,
 ) -> bool {
-    let copy = agent_to_local(downstream, stream);
-    let drain = discard(stream);
+    let (read, write) = stream.split();
+    let copy = agent_to_local(downstream, write);
+    let drain = discard(read);
     tokio::pin!(copy, drain);
     let mut drained = false;
     let failed = loop {
@@ -253,23 +278,11 @@ async fn copy_to_local(
 
 /// Reads and drops what the local process sends (its answers to a mirrored
 /// request), so it never blocks on a full socket.
-async fn discard(stream: &TcpStream) {
+async fn discard(mut read: ReadHalf<'_>) {
     let mut sink = vec![0u8; CHUNK];
-    loop {
-        if stream.readable().await.is_err() {
-            return;
-        }
-        match stream.try_read(&mut sink) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+    while let Ok(n) = read.read(&mut sink).await {
+        if n == 0 {
+            break;
         }
     }
-}
-
-/// Closing with a zero linger sends RST, so the local process sees the
-/// failure instead of a clean end of data.
-fn reset(stream: &TcpStream) {
-    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
