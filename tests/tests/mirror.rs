@@ -379,3 +379,46 @@ async fn a_mirror_and_a_steal_on_different_ports_of_one_pod_coexist() {
     );
     assert_eq!(scenario.curl(scenario.pod(0).v6(80)).await, "stolen");
 }
+
+/// Each classifier runs on every packet reaching the pod, so it is attached
+/// only while a session of its kind needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_classifier_is_attached_only_while_a_session_needs_it() {
+    let scenario = Scenario::start(1, &[80]).await;
+    let _pod = TcpServer::in_netns(&scenario.pod(0).netns, PORT, servers::echo);
+    let stealer = TcpServer::local(|s| servers::http(s, "stolen"));
+    let (local, _copies) = recording_local();
+
+    let mut steal = scenario.steal(0, 80, &stealer).start().await;
+    assert_classifiers(&scenario, &["remocal_steal"]).await;
+    let mut mirror = scenario.mirror(0, PORT, &local).start().await;
+    assert_classifiers(&scenario, &["remocal_mirror", "remocal_steal"]).await;
+    steal.stop().await;
+    assert_classifiers(&scenario, &["remocal_mirror"]).await;
+    run_workload(&scenario, &[(5, 20_000)]).await;
+    mirror.stop().await;
+    assert_classifiers(&scenario, &[]).await;
+}
+
+/// Waits (sessions end asynchronously in the agent) until exactly `expected`
+/// are attached to the pod's eth0 ingress.
+async fn assert_classifiers(scenario: &Scenario, expected: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut attached: Vec<String> = scenario
+            .tcx_programs(0)
+            .into_iter()
+            .filter(|p| p.interface == "eth0" && p.direction == "ingress")
+            .map(|p| p.name)
+            .collect();
+        attached.sort();
+        if attached == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {expected:?} on the pod's eth0 ingress, found {attached:?}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -17,10 +17,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
-    programs::{
-        CgroupAttachMode, LinkOrder, Program, ProgramError, SchedClassifier, SkLookup, SockOps,
-        TcAttachType, tc::TcAttachOptions,
-    },
+    programs::{CgroupAttachMode, Program, ProgramError, SchedClassifier, SkLookup, SockOps},
 };
 use aya_log::EbpfLogger;
 use prometheus_client::{
@@ -39,6 +36,7 @@ use tracing::{info, warn};
 use super::{
     ActiveRedirection, RedirectError, Redirection, Redirector, Tap,
     capture_ring::{self, Taps},
+    classifiers::{Classifier, Classifiers},
     flow_ports::FlowPorts,
     listener::steal_listener,
 };
@@ -46,7 +44,7 @@ use crate::netns::{Netns, NsId};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/remocal"));
 
-const PRIVILEGE_HINT: &str = "run remocal-agent as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) on Linux 6.6 or newer";
+pub(super) const PRIVILEGE_HINT: &str = "run remocal-agent as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) on Linux 6.6 or newer";
 
 pub struct EbpfRedirector {
     runtime: Handle,
@@ -109,6 +107,7 @@ impl EbpfRedirector {
 impl Redirector for EbpfRedirector {
     fn steal(&self, target: &Netns, port: u16) -> Result<Redirection, RedirectError> {
         let attachment = self.attachment_for(target)?;
+        let classifier = ClassifierUse::acquire(&attachment, target, Classifier::Steal)?;
         let registered = target
             .run_in(steal_listener)
             .and_then(|created| created)
@@ -130,7 +129,11 @@ impl Redirector for EbpfRedirector {
         match registered {
             Ok(listener) => Ok(Redirection {
                 listener,
-                active: ActiveRedirection::new(StolenPort { attachment, port }),
+                active: ActiveRedirection::new(StolenPort {
+                    attachment,
+                    port,
+                    _classifier: classifier,
+                }),
             }),
             Err(err) => Err(err),
         }
@@ -152,12 +155,14 @@ impl Redirector for EbpfRedirector {
 
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError> {
         let attachment = self.attachment_for(target)?;
+        let classifier = ClassifierUse::acquire(&attachment, target, Classifier::Mirror)?;
         attachment.flow_ports.add(port)?;
         let (id, captures, queued, lost) = attachment.taps.add(port);
         let mirrored = MirroredPort {
             attachment,
             id,
             port,
+            _classifier: classifier,
         };
         mirrored.attachment.start_capture()?;
         mirrored
@@ -190,8 +195,8 @@ struct Attachment {
     ring: OwnedFd,
     capture_reader: Mutex<Option<JoinHandle<()>>>,
     runtime: Handle,
-    /// Owns the programs and, through them, the tcx links.
-    _ebpf: Ebpf,
+    /// Owns the programs and, through them, every link.
+    classifiers: Mutex<Classifiers>,
     log_drain: JoinHandle<()>,
     shared: Arc<Shared>,
 }
@@ -216,7 +221,7 @@ impl Attachment {
         let log_drain = runtime.spawn(drain_logs(logger));
         load_programs(&mut ebpf)?;
         let interfaces = target
-            .run_in(|| attach_classifiers(&mut ebpf))
+            .run_in(interfaces)
             .map_err(|err| RedirectError::kernel(format!("entering {target} failed"), err))??;
         program::<SkLookup>(&mut ebpf, STEAL_LOOKUP_PROGRAM)?
             .attach(target)
@@ -235,7 +240,7 @@ impl Attachment {
                     err,
                 )
             })?;
-        info!(%target, interfaces = %interfaces.join(","), "programs attached (tcx ingress, sk_lookup, sock_ops)");
+        info!(%target, interfaces = %interfaces.join(","), "programs loaded (sk_lookup and sock_ops attached; the tcx classifiers attach with the sessions that need them)");
         let flows = BpfHashMap::try_from(take_map(&mut ebpf, FLOW_STATS_MAP)?).map_err(|err| {
             RedirectError::kernel("the flow statistics map has the wrong type", err)
         })?;
@@ -272,7 +277,7 @@ impl Attachment {
             ring,
             capture_reader: Mutex::default(),
             runtime: runtime.clone(),
-            _ebpf: ebpf,
+            classifiers: Mutex::new(Classifiers::new(ebpf, interfaces)),
             log_drain,
             shared,
         })
@@ -392,6 +397,8 @@ impl Drop for Attachment {
 struct StolenPort {
     attachment: Arc<Attachment>,
     port: u16,
+    /// Dropped after the port is removed (fields drop after `drop`).
+    _classifier: ClassifierUse,
 }
 
 impl Drop for StolenPort {
@@ -468,6 +475,43 @@ struct MirroredPort {
     attachment: Arc<Attachment>,
     id: u64,
     port: u16,
+    /// Dropped after the port is removed (fields drop after `drop`).
+    _classifier: ClassifierUse,
+}
+
+/// One session's use of a classifier: the first attaches it, the last one
+/// dropped detaches it.
+struct ClassifierUse {
+    attachment: Arc<Attachment>,
+    which: Classifier,
+}
+
+impl ClassifierUse {
+    fn acquire(
+        attachment: &Arc<Attachment>,
+        target: &Netns,
+        which: Classifier,
+    ) -> Result<Self, RedirectError> {
+        attachment
+            .classifiers
+            .lock()
+            .expect("classifiers lock")
+            .acquire(which, target)?;
+        Ok(Self {
+            attachment: attachment.clone(),
+            which,
+        })
+    }
+}
+
+impl Drop for ClassifierUse {
+    fn drop(&mut self) {
+        self.attachment
+            .classifiers
+            .lock()
+            .expect("classifiers lock")
+            .release(self.which);
+    }
 }
 
 impl Drop for MirroredPort {
@@ -573,7 +617,7 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map, RedirectError> {
         .ok_or_else(|| RedirectError::kernel("the eBPF object lacks a map", name))
 }
 
-fn program<'e, P>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut P, RedirectError>
+pub(super) fn program<'e, P>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut P, RedirectError>
 where
     &'e mut P: TryFrom<&'e mut Program, Error = ProgramError>,
 {
@@ -592,7 +636,8 @@ fn refused(name: &str, err: ProgramError) -> RedirectError {
 
 /// Runs inside the target namespace: interface names resolve there. The
 /// mirror comes first so that it sees every packet the steal program sees.
-fn attach_classifiers(ebpf: &mut Ebpf) -> Result<Vec<String>, RedirectError> {
+/// The target's interfaces but loopback: the classifiers go on each.
+fn interfaces() -> Result<Vec<String>, RedirectError> {
     let interfaces: Vec<String> = nix::net::if_::if_nameindex()
         .map_err(|err| RedirectError::kernel("listing the target's interfaces failed", err))?
         .iter()
@@ -603,25 +648,6 @@ fn attach_classifiers(ebpf: &mut Ebpf) -> Result<Vec<String>, RedirectError> {
         return Err(RedirectError::NoInterfaces {
             target: "the target namespace".into(),
         });
-    }
-    for program_name in [MIRROR_PROGRAM, STEAL_PROGRAM] {
-        let program = program::<SchedClassifier>(ebpf, program_name)?;
-        for name in &interfaces {
-            program
-                .attach_with_options(
-                    name,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|err| {
-                    RedirectError::kernel(
-                        format!(
-                            "attaching {program_name} to {name} with tcx failed ({PRIVILEGE_HINT})"
-                        ),
-                        err,
-                    )
-                })?;
-        }
     }
     Ok(interfaces)
 }

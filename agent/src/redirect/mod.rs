@@ -1,6 +1,7 @@
 //! The kernel-facing half of a steal, behind a small trait so the session and
 //! proxy logic can be tested in-process against a plain loopback listener.
 mod capture_ring;
+mod classifiers;
 mod ebpf;
 mod flow_ports;
 mod listener;
