@@ -455,12 +455,10 @@ impl LiveSession {
             let (local, remote) = outcome.sockets?;
             self.redirector.flow_stats(self.target, local, remote)
         });
-        // The kernel counts each FIN as a byte of sequence space; a stolen
-        // connection that closed normally exchanged one each way.
-        if let Some(stats) = stats
-            .as_mut()
-            .filter(|_| self.mode == metrics::Mode::steal && outcome.error.is_empty())
-        {
+        // The kernel counts each FIN as a byte of sequence space; a
+        // connection that closed normally (stolen or mirrored) exchanged one
+        // each way. (Acked stays a lower bound: the last ACK may be in flight.)
+        if let Some(stats) = stats.as_mut().filter(|_| outcome.error.is_empty()) {
             stats.bytes_received = stats.bytes_received.saturating_sub(1);
             stats.bytes_acked = stats.bytes_acked.saturating_sub(1);
         }
