@@ -1,10 +1,11 @@
 //! Per-connection TCP statistics (smoothed RTT, retransmits, bytes) of the
 //! pod's own connections on mirrored ports. (Stolen connections are the
 //! agent's sockets: it reads theirs with TCP_INFO, with no per-ACK callback
-//! on the data path.) Attached to the root of the cgroup v2 hierarchy so the
-//! agent needs no knowledge of the pod's cgroup; the namespace cookie keeps
-//! it to the target, and the port set keeps the pod's other traffic free of
-//! per-ACK callbacks (they cost a busy stream on another port about 10%).
+//! on the data path.) Attached, while the namespace has a mirror, to the root
+//! of the cgroup v2 hierarchy so the agent needs no knowledge of the pod's
+//! cgroup; the namespace cookie keeps it to the target, and the port set
+//! keeps the pod's other traffic free of per-ACK callbacks (they cost a busy
+//! stream on another port about 10%).
 use aya_ebpf::{
     Global,
     bindings::{

@@ -17,7 +17,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
-    programs::{CgroupAttachMode, Program, ProgramError, SchedClassifier, SkLookup, SockOps},
+    programs::{Program, ProgramError, SchedClassifier, SkLookup, SockOps},
 };
 use aya_log::EbpfLogger;
 use prometheus_client::{
@@ -36,9 +36,9 @@ use tracing::{info, warn};
 use super::{
     ActiveRedirection, RedirectError, Redirection, Redirector, Tap,
     capture_ring::{self, Taps},
-    classifiers::{Classifier, Classifiers},
     flow_ports::FlowPorts,
     listener::steal_listener,
+    session_links::{SessionKind, SessionLinks},
 };
 use crate::netns::{Netns, NsId};
 
@@ -107,7 +107,7 @@ impl EbpfRedirector {
 impl Redirector for EbpfRedirector {
     fn steal(&self, target: &Netns, port: u16) -> Result<Redirection, RedirectError> {
         let attachment = self.attachment_for(target)?;
-        let classifier = ClassifierUse::acquire(&attachment, target, Classifier::Steal)?;
+        let links = LinkUse::acquire(&attachment, target, SessionKind::Steal)?;
         let registered = target
             .run_in(steal_listener)
             .and_then(|created| created)
@@ -132,7 +132,7 @@ impl Redirector for EbpfRedirector {
                 active: ActiveRedirection::new(StolenPort {
                     attachment,
                     port,
-                    _classifier: classifier,
+                    _links: links,
                 }),
             }),
             Err(err) => Err(err),
@@ -155,14 +155,14 @@ impl Redirector for EbpfRedirector {
 
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError> {
         let attachment = self.attachment_for(target)?;
-        let classifier = ClassifierUse::acquire(&attachment, target, Classifier::Mirror)?;
+        let links = LinkUse::acquire(&attachment, target, SessionKind::Mirror)?;
         attachment.flow_ports.add(port)?;
         let (id, captures, queued, lost) = attachment.taps.add(port);
         let mirrored = MirroredPort {
             attachment,
             id,
             port,
-            _classifier: classifier,
+            _links: links,
         };
         mirrored.attachment.start_capture()?;
         mirrored
@@ -196,7 +196,7 @@ struct Attachment {
     capture_reader: Mutex<Option<JoinHandle<()>>>,
     runtime: Handle,
     /// Owns the programs and, through them, every link.
-    classifiers: Mutex<Classifiers>,
+    links: Mutex<SessionLinks>,
     log_drain: JoinHandle<()>,
     shared: Arc<Shared>,
 }
@@ -231,16 +231,7 @@ impl Attachment {
                     err,
                 )
             })?;
-        let cgroup = cgroup_root()?;
-        program::<SockOps>(&mut ebpf, FLOW_PROGRAM)?
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|err| {
-                RedirectError::kernel(
-                    "attaching the flow statistics program to the cgroup root failed",
-                    err,
-                )
-            })?;
-        info!(%target, interfaces = %interfaces.join(","), "programs loaded (sk_lookup and sock_ops attached; the tcx classifiers attach with the sessions that need them)");
+        info!(%target, interfaces = %interfaces.join(","), "programs loaded (sk_lookup attached; the classifiers and sock_ops attach with the sessions that need them)");
         let flows = BpfHashMap::try_from(take_map(&mut ebpf, FLOW_STATS_MAP)?).map_err(|err| {
             RedirectError::kernel("the flow statistics map has the wrong type", err)
         })?;
@@ -277,7 +268,7 @@ impl Attachment {
             ring,
             capture_reader: Mutex::default(),
             runtime: runtime.clone(),
-            classifiers: Mutex::new(Classifiers::new(ebpf, interfaces)),
+            links: Mutex::new(SessionLinks::new(ebpf, interfaces)),
             log_drain,
             shared,
         })
@@ -398,7 +389,7 @@ struct StolenPort {
     attachment: Arc<Attachment>,
     port: u16,
     /// Dropped after the port is removed (fields drop after `drop`).
-    _classifier: ClassifierUse,
+    _links: LinkUse,
 }
 
 impl Drop for StolenPort {
@@ -476,41 +467,41 @@ struct MirroredPort {
     id: u64,
     port: u16,
     /// Dropped after the port is removed (fields drop after `drop`).
-    _classifier: ClassifierUse,
+    _links: LinkUse,
 }
 
-/// One session's use of a classifier: the first attaches it, the last one
-/// dropped detaches it.
-struct ClassifierUse {
+/// One session's use of the programs of its kind: the first use attaches
+/// them, the last one dropped detaches them.
+struct LinkUse {
     attachment: Arc<Attachment>,
-    which: Classifier,
+    kind: SessionKind,
 }
 
-impl ClassifierUse {
+impl LinkUse {
     fn acquire(
         attachment: &Arc<Attachment>,
         target: &Netns,
-        which: Classifier,
+        kind: SessionKind,
     ) -> Result<Self, RedirectError> {
         attachment
-            .classifiers
+            .links
             .lock()
-            .expect("classifiers lock")
-            .acquire(which, target)?;
+            .expect("links lock")
+            .acquire(kind, target)?;
         Ok(Self {
             attachment: attachment.clone(),
-            which,
+            kind,
         })
     }
 }
 
-impl Drop for ClassifierUse {
+impl Drop for LinkUse {
     fn drop(&mut self) {
         self.attachment
-            .classifiers
+            .links
             .lock()
-            .expect("classifiers lock")
-            .release(self.which);
+            .expect("links lock")
+            .release(self.kind);
     }
 }
 
@@ -592,7 +583,7 @@ fn netns_cookie() -> std::io::Result<u64> {
 
 /// The root of the cgroup v2 hierarchy, where the flow statistics program
 /// sees every socket of the node.
-fn cgroup_root() -> Result<std::fs::File, RedirectError> {
+pub(super) fn cgroup_root() -> Result<std::fs::File, RedirectError> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|err| RedirectError::kernel("reading /proc/self/mountinfo failed", err))?;
     let root = mountinfo

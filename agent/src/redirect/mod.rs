@@ -1,10 +1,10 @@
 //! The kernel-facing half of a steal, behind a small trait so the session and
 //! proxy logic can be tested in-process against a plain loopback listener.
 mod capture_ring;
-mod classifiers;
 mod ebpf;
 mod flow_ports;
 mod listener;
+mod session_links;
 
 use std::{
     net::{SocketAddr, TcpListener},
