@@ -15,18 +15,7 @@ async fn a_closed_stolen_connection_reports_its_rtt_and_bytes() {
     let local = TcpServer::local(servers::reverse_after_eof);
     let session = scenario.steal(0, 80, &local).arg("-v").start().await;
 
-    let request = vec![42u8; 100_000];
-    let mut stream = scenario
-        .node()
-        .connect(scenario.pod(0).v4(80))
-        .await
-        .unwrap();
-    stream.write_all(&request).await.unwrap();
-    stream.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
-    assert_eq!(answer.len(), request.len());
-    drop(stream);
+    let request = exchange(&scenario, 80).await;
 
     let closed = closed_line(&session).await;
     let field = |name: &str| field(&closed, name);
@@ -54,18 +43,7 @@ async fn a_closed_mirrored_connection_reports_its_rtt_and_bytes() {
     let local = TcpServer::local(servers::reverse_after_eof);
     let session = scenario.mirror(0, 7000, &local).arg("-v").start().await;
 
-    let request = vec![42u8; 100_000];
-    let mut stream = scenario
-        .node()
-        .connect(scenario.pod(0).v4(7000))
-        .await
-        .unwrap();
-    stream.write_all(&request).await.unwrap();
-    stream.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
-    assert_eq!(answer.len(), request.len(), "the pod answered");
-    drop(stream);
+    let request = exchange(&scenario, 7000).await;
 
     let closed = closed_line(&session).await;
     assert!(field(&closed, "rtt") > 0, "a measured RTT: {closed}");
@@ -74,6 +52,23 @@ async fn a_closed_mirrored_connection_reports_its_rtt_and_bytes() {
         request.len() as u64,
         "bytes the pod received from the remote: {closed}"
     );
+}
+
+/// One connection from the node to the pod's `port`: 100,000 bytes, a FIN,
+/// and the whole answer read (the servers here answer the reversed bytes).
+async fn exchange(scenario: &Scenario, port: u16) -> Vec<u8> {
+    let request = vec![42u8; 100_000];
+    let mut stream = scenario
+        .node()
+        .connect(scenario.pod(0).v4(port))
+        .await
+        .unwrap();
+    stream.write_all(&request).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer.len(), request.len(), "the whole answer");
+    request
 }
 
 /// The first `closed ...` line the session prints, within 10 s.
