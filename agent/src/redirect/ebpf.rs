@@ -108,7 +108,7 @@ impl Redirector for EbpfRedirector {
     fn steal(&self, target: &Netns, port: u16) -> Result<Redirection, RedirectError> {
         let attachment = self.attachment_for(target)?;
         let links = LinkUse::acquire(&attachment, target, SessionKind::Steal)?;
-        let registered = target
+        let listener = target
             .run_in(steal_listener)
             .and_then(|created| created)
             .map_err(|source| RedirectError::Listener {
@@ -125,18 +125,15 @@ impl Redirector for EbpfRedirector {
                         RedirectError::kernel("registering the steal listener failed", err)
                     })?;
                 Ok(listener)
-            });
-        match registered {
-            Ok(listener) => Ok(Redirection {
-                listener,
-                active: ActiveRedirection::new(StolenPort {
-                    attachment,
-                    port,
-                    _links: links,
-                }),
+            })?;
+        Ok(Redirection {
+            listener,
+            active: ActiveRedirection::new(StolenPort {
+                attachment,
+                port,
+                _links: links,
             }),
-            Err(err) => Err(err),
-        }
+        })
     }
 
     fn flow_stats(&self, target: NsId, local: SocketAddr, remote: SocketAddr) -> Option<FlowStats> {
