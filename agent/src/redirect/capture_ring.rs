@@ -2,14 +2,19 @@
 //! the mirror sessions of its port. Never blocks on a slow session: a tap
 //! whose queue is full misses the capture and learns that it did (`lost`),
 //! exactly like a capture the kernel could not fit in the ring.
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, AtomicUsize, Ordering},
+use std::{
+    io::{PipeReader, PipeWriter},
+    ops::ControlFlow,
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use remocal_agent_common::Counter;
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::ebpf::total;
@@ -100,33 +105,125 @@ impl Taps {
     }
 }
 
-pub async fn read(
+/// Reads the ring on a thread of its own until the returned reader is
+/// stopped. Copying captures out of the ring is the mirror's heaviest work
+/// (the ring is written on another CPU, so every byte is a cache miss); on
+/// the runtime's thread a draining ring starved the sessions that forward
+/// those bytes, and the captures piled up until they were cut off.
+pub fn spawn_reader(
     ring: RingBuf<MapData>,
     counters: Arc<PerCpuArray<MapData, u64>>,
     taps: Arc<Taps>,
+) -> std::io::Result<Reader> {
+    let (stop_rx, stop) = std::io::pipe()?;
+    let thread = std::thread::Builder::new()
+        .name("remocal-capture".into())
+        .spawn(move || read(ring, &stop_rx, &counters, &taps))?;
+    Ok(Reader {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+/// A running ring reader; dropping it stops the thread and waits for it, so
+/// a new reader of the same ring never races an old one for records.
+pub struct Reader {
+    stop: Option<PipeWriter>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // Closing the pipe's write end wakes the thread's poll.
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Records handled between looks at the stop pipe, which bounds how long
+/// stopping a reader of a busy ring takes.
+const BATCH: usize = 4096;
+/// After finding records, how long the reader lets more pile up before it
+/// looks again. The kernel wakes an idle reader for every record, and at
+/// line rate those wakeups (and the reader's wakeups of the sessions) cost
+/// more than the copying; a mirror is a copy, so a millisecond is no harm.
+const GATHER_MS: i32 = 1;
+
+/// Longest wait on an empty ring. The kernel wakes a waiting reader only
+/// when a record lands exactly where the reader stopped, and that wakeup
+/// was measured to go missing at line rate: a connection's last segments
+/// then sat in the ring until the next packet came. Looking again after this
+/// long bounds that delay for a quiet connection.
+const IDLE_MS: i32 = 10;
+
+fn read(
+    mut ring: RingBuf<MapData>,
+    stop: &PipeReader,
+    counters: &PerCpuArray<MapData, u64>,
+    taps: &Taps,
 ) {
-    // SAFETY: the ring buffer owns its fd, which stays open as long as the AsyncFd owns it.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut ring = match registered {
-        Ok(ring) => ring,
-        Err(err) => return warn!(%err, "mirroring is unavailable: cannot watch the capture ring"),
-    };
-    let mut dropped = total(&counters, Counter::CaptureDropped);
+    let mut dropped = total(counters, Counter::CaptureDropped);
+    let mut fds = [
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
     loop {
-        let Ok(mut ready) = ring.readable_mut().await else {
-            return;
-        };
-        while let Some(record) = ready.get_inner_mut().next() {
+        let mut handled = 0;
+        while handled < BATCH
+            && let Some(record) = ring.next()
+        {
             if let Some(capture) = Capture::parse(&record) {
+                drop(record);
                 taps.dispatch(&capture);
             }
+            handled += 1;
         }
-        ready.clear_ready();
-        let now = total(&counters, Counter::CaptureDropped);
+        let now = total(counters, Counter::CaptureDropped);
         if now > dropped {
             taps.lost_everywhere(now - dropped);
             dropped = now;
         }
+        let waited = match handled {
+            BATCH => wait(&mut fds[..1], 0),
+            0 => wait(&mut fds, IDLE_MS),
+            _ => wait(&mut fds[..1], GATHER_MS),
+        };
+        if waited.is_break() {
+            return;
+        }
+    }
+}
+
+/// Waits up to `timeout_ms` on the stop pipe (first) and, if given, the
+/// ring; breaks once the reader must stop.
+fn wait(fds: &mut [libc::pollfd], timeout_ms: i32) -> ControlFlow<()> {
+    for fd in fds.iter_mut() {
+        fd.revents = 0;
+    }
+    // SAFETY: the descriptors stay open for the reader's lifetime and the
+    // slice's length is passed with it.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if ready < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() == std::io::ErrorKind::Interrupted {
+            return ControlFlow::Continue(());
+        }
+        warn!(%err, "mirroring stopped: waiting on the capture ring failed");
+        return ControlFlow::Break(());
+    }
+    if fds[0].revents != 0 {
+        ControlFlow::Break(())
+    } else {
+        ControlFlow::Continue(())
     }
 }

@@ -190,8 +190,7 @@ struct Attachment {
     /// The capture ring, mapped into our memory (twice its size of resident
     /// pages) only while a mirror session reads it.
     ring: OwnedFd,
-    capture_reader: Mutex<Option<JoinHandle<()>>>,
-    runtime: Handle,
+    capture_reader: Mutex<Option<capture_ring::Reader>>,
     /// Owns the programs and, through them, every link.
     links: Mutex<SessionLinks>,
     log_drain: JoinHandle<()>,
@@ -264,7 +263,6 @@ impl Attachment {
             counters,
             ring,
             capture_reader: Mutex::default(),
-            runtime: runtime.clone(),
             links: Mutex::new(SessionLinks::new(ebpf, interfaces)),
             log_drain,
             shared,
@@ -298,21 +296,17 @@ impl Attachment {
             });
         let mut ring = mapped?;
         while ring.next().is_some() {}
-        *reader = Some(self.runtime.spawn(capture_ring::read(
-            ring,
-            self.counters.clone(),
-            self.taps.clone(),
-        )));
+        let started = capture_ring::spawn_reader(ring, self.counters.clone(), self.taps.clone())
+            .map_err(|err| RedirectError::kernel("starting the capture reader failed", err))?;
+        *reader = Some(started);
         Ok(())
     }
 
     /// Stops reading (and unmaps) the capture ring once no tap is left.
     fn stop_capture_if_unused(&self) {
         let mut reader = self.capture_reader.lock().expect("capture reader lock");
-        if self.taps.is_empty()
-            && let Some(reader) = reader.take()
-        {
-            reader.abort();
+        if self.taps.is_empty() {
+            drop(reader.take());
         }
     }
 }
@@ -355,14 +349,12 @@ pub(super) fn total(counters: &PerCpuArray<MapData, u64>, counter: Counter) -> u
 impl Drop for Attachment {
     fn drop(&mut self) {
         self.log_drain.abort();
-        if let Some(reader) = self
-            .capture_reader
-            .get_mut()
-            .expect("capture reader lock")
-            .take()
-        {
-            reader.abort();
-        }
+        drop(
+            self.capture_reader
+                .get_mut()
+                .expect("capture reader lock")
+                .take(),
+        );
         let mut retired = self.shared.retired.lock().expect("retired lock");
         for (total, counter) in retired.iter_mut().zip(Counter::ALL) {
             *total += self.total(counter);
