@@ -12,6 +12,7 @@ mod measure;
 mod probe;
 mod process_memory;
 mod profile;
+mod program_run_time;
 mod relay;
 mod report;
 mod request_run;
