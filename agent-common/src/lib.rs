@@ -62,6 +62,11 @@ pub const MAX_STOLEN_PORTS: u32 = 1024;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+/// A control record (not a TCP bit): the pod's side reset the connection.
+/// The mirror classifier sees only what reaches the pod; this reset leaves
+/// it, so another program reports it, naming the flow remote → pod as every
+/// other record does.
+pub const CAPTURE_POD_RESET: u8 = 0x80;
 
 /// Start of every record in the mirror ring buffer; `len` payload bytes
 /// follow. One record per segment, GRO/GSO segments of up to
@@ -80,7 +85,8 @@ pub struct CaptureHeader {
     /// Payload bytes following this header (the record may be longer: it
     /// is reserved in a few fixed sizes).
     pub len: u32,
-    /// SYN, FIN or RST for a control record (then `len` is 0), 0 for data.
+    /// SYN, FIN, RST or [`CAPTURE_POD_RESET`] for a control record (then
+    /// `len` is 0), 0 for data.
     pub flags: u8,
     /// 4 or 6.
     pub family: u8,
@@ -100,6 +106,9 @@ pub const DEFAULT_CAPTURE_BUFFER: u32 = 16 << 20;
 
 /// Name of the mirror classifier.
 pub const MIRROR_PROGRAM: &str = "remocal_mirror";
+/// Name of the classifier on the pod's egress that reports the pod's resets
+/// of mirrored connections (the kernel keeps 15 characters of a name).
+pub const MIRROR_RESET_PROGRAM: &str = "remocal_pod_rst";
 /// Name of the set of mirrored ports.
 pub const MIRROR_PORTS_MAP: &str = "MIRROR_PORTS";
 /// Name of the ring buffer carrying capture records.

@@ -8,6 +8,7 @@ mod flows;
 mod listeners;
 mod mirror;
 mod packet;
+mod pod_reset;
 mod steal;
 mod steal_lookup;
 

@@ -35,11 +35,11 @@ const HEADER: usize = size_of::<CaptureHeader>();
 
 /// Ports being mirrored in this namespace (the value is unused).
 #[map(name = "MIRROR_PORTS")]
-static MIRROR_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(1024, 0);
+pub(crate) static MIRROR_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(1024, 0);
 
 /// Capture records for the agent. The agent sets the size at load time.
 #[map(name = "MIRROR_EVENTS")]
-static MIRROR_EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_CAPTURE_BUFFER, 0);
+pub(crate) static MIRROR_EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_CAPTURE_BUFFER, 0);
 
 #[classifier]
 pub fn remocal_mirror(ctx: TcContext) -> i32 {
@@ -131,7 +131,7 @@ fn data<const N: usize>(
 }
 
 #[inline(always)]
-fn control(header: &mut CaptureHeader, flag: u8, seq: u32) {
+pub(crate) fn control(header: &mut CaptureHeader, flag: u8, seq: u32) {
     header.seq = seq;
     header.len = 0;
     header.flags = flag;

@@ -337,6 +337,59 @@ async fn connections_open_before_the_mirror_are_skipped() {
     assert_complete(&copies, &[(2, 10_000)], "the local process");
 }
 
+/// The pod may end a connection abortively while the remote client, reset,
+/// never sends anything again: the mirror classifier, which sees only what
+/// reaches the pod, would see no end. The copy must end with the original
+/// rather than hang on until it idles out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_pod_resets_ends_its_copy_too() {
+    let scenario = Scenario::start(1, &[]).await;
+    let _pod = TcpServer::in_netns(
+        &scenario.pod(0).netns,
+        PORT,
+        |mut stream: tokio::net::TcpStream| async move {
+            let mut greeting = [0u8; 5];
+            let _ = stream.read_exact(&mut greeting).await;
+            let _ = stream.set_zero_linger();
+        },
+    );
+    let (ends_tx, mut ends) = tokio::sync::mpsc::unbounded_channel();
+    let local = TcpServer::local(move |mut stream: tokio::net::TcpStream| {
+        let ends_tx = ends_tx.clone();
+        async move {
+            let mut received = Vec::new();
+            let ended = stream.read_to_end(&mut received).await;
+            let _ = ends_tx.send((received, ended.map(|_| ()).map_err(|err| err.kind())));
+        }
+    });
+    let _mirror = scenario.mirror(0, PORT, &local).start().await;
+
+    let mut remote = scenario
+        .node()
+        .connect(scenario.pod(0).v4(PORT))
+        .await
+        .unwrap();
+    remote.write_all(b"hello").await.unwrap();
+    let mut answer = [0u8; 1];
+    let reset = timeout(Duration::from_secs(5), remote.read(&mut answer)).await;
+    assert!(
+        matches!(&reset, Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionReset),
+        "the pod resets the remote client: {reset:?}"
+    );
+    // `remote` stays open and silent from here on.
+    let copy = timeout(Duration::from_secs(10), ends.recv()).await;
+    let Ok(Some((received, ended))) = copy else {
+        panic!("the copy of a connection the pod reset was still open after 10 s");
+    };
+    assert_eq!(received, b"hello", "the copy holds what the pod received");
+    assert_eq!(
+        ended,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the copy ends in a reset, as the original did"
+    );
+    drop(remote);
+}
+
 /// A local process that stops reading must not grow the agent's memory: past its
 /// limit the copy is cut off and reported, while the pod serves the connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,34 +443,44 @@ async fn each_classifier_is_attached_only_while_a_session_needs_it() {
     let (local, _copies) = recording_local();
 
     let mut steal = scenario.steal(0, 80, &stealer).start().await;
-    assert_classifiers(&scenario, &["remocal_steal"]).await;
+    assert_classifiers(&scenario, &["remocal_steal"], &[]).await;
     let mut mirror = scenario.mirror(0, PORT, &local).start().await;
-    assert_classifiers(&scenario, &["remocal_mirror", "remocal_steal"]).await;
+    assert_classifiers(
+        &scenario,
+        &["remocal_mirror", "remocal_steal"],
+        &["remocal_pod_rst"],
+    )
+    .await;
     steal.stop().await;
-    assert_classifiers(&scenario, &["remocal_mirror"]).await;
+    assert_classifiers(&scenario, &["remocal_mirror"], &["remocal_pod_rst"]).await;
     run_workload(&scenario, &[(5, 20_000)]).await;
     mirror.stop().await;
-    assert_classifiers(&scenario, &[]).await;
+    assert_classifiers(&scenario, &[], &[]).await;
 }
 
-/// Waits (sessions end asynchronously in the agent) until exactly `expected`
-/// are attached to the pod's eth0 ingress.
-async fn assert_classifiers(scenario: &Scenario, expected: &[&str]) {
+/// Waits (sessions end asynchronously in the agent) until exactly these are
+/// attached to the pod's eth0, on ingress and on egress.
+async fn assert_classifiers(scenario: &Scenario, ingress: &[&str], egress: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(5);
+    let expected = (ingress, egress);
     loop {
-        let mut attached: Vec<String> = scenario
-            .tcx_programs(0)
-            .into_iter()
-            .filter(|p| p.interface == "eth0" && p.direction == "ingress")
-            .map(|p| p.name)
-            .collect();
-        attached.sort();
-        if attached == expected {
+        let programs = scenario.tcx_programs(0);
+        let on = |direction: &str| {
+            let mut names: Vec<String> = programs
+                .iter()
+                .filter(|p| p.interface == "eth0" && p.direction == direction)
+                .map(|p| p.name.clone())
+                .collect();
+            names.sort();
+            names
+        };
+        let attached = (on("ingress"), on("egress"));
+        if attached.0 == expected.0 && attached.1 == expected.1 {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "expected {expected:?} on the pod's eth0 ingress, found {attached:?}"
+            "expected {expected:?} on the pod's eth0 (ingress, egress), found {attached:?}"
         );
         sleep(Duration::from_millis(50)).await;
     }

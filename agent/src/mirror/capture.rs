@@ -2,7 +2,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Bytes;
-use remocal_agent_common::{CaptureHeader, TCP_FIN, TCP_RST, TCP_SYN};
+use remocal_agent_common::{CAPTURE_POD_RESET, CaptureHeader, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// One direction of one connection: remote client → pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -28,6 +28,8 @@ pub enum Capture {
     },
     Rst {
         flow: Flow,
+        /// Sent by the pod rather than by the remote client.
+        by_pod: bool,
     },
 }
 
@@ -54,7 +56,11 @@ impl Capture {
                 flow,
                 seq: header.seq,
             },
-            TCP_RST => Capture::Rst { flow },
+            TCP_RST => Capture::Rst {
+                flow,
+                by_pod: false,
+            },
+            CAPTURE_POD_RESET => Capture::Rst { flow, by_pod: true },
             _ => {
                 let payload = record.get(header_len..header_len + header.len as usize)?;
                 Capture::Data {
@@ -79,7 +85,7 @@ impl Capture {
             Capture::Syn { flow, .. }
             | Capture::Data { flow, .. }
             | Capture::Fin { flow, .. }
-            | Capture::Rst { flow } => *flow,
+            | Capture::Rst { flow, .. } => *flow,
         }
     }
 }
@@ -150,6 +156,11 @@ mod tests {
             "[fd72:656d::2]:80".parse().unwrap()
         );
         assert!(matches!(parsed, Capture::Syn { isn: 7, .. }));
+        v6.flags = CAPTURE_POD_RESET;
+        assert!(matches!(
+            Capture::parse(&record(v6, b"")),
+            Some(Capture::Rst { by_pod: true, .. })
+        ));
         assert_eq!(
             Capture::parse(&record(v4, b"ab")),
             None,

@@ -55,7 +55,7 @@ struct MirroredFlow {
 enum Cut {
     Lost,
     TooSlow(usize),
-    Reset,
+    Reset { by_pod: bool },
     SessionEnded,
     Idle,
 }
@@ -69,7 +69,10 @@ impl Cut {
             Cut::TooSlow(held) => Status::resource_exhausted(format!(
                 "the local process fell {held} bytes behind; this mirrored connection was cut off to bound the agent's memory"
             )),
-            Cut::Reset => Status::aborted("the remote client reset the connection"),
+            Cut::Reset { by_pod: false } => {
+                Status::aborted("the remote client reset the connection")
+            }
+            Cut::Reset { by_pod: true } => Status::aborted("the pod reset the connection"),
             Cut::SessionEnded => Status::unavailable("the session ended"),
             Cut::Idle => Status::deadline_exceeded("the connection was idle too long"),
         }
@@ -79,7 +82,8 @@ impl Cut {
         match self {
             Cut::Lost => "data lost in capture",
             Cut::TooSlow(_) => "local side too slow",
-            Cut::Reset => "remote reset",
+            Cut::Reset { by_pod: false } => "remote reset",
+            Cut::Reset { by_pod: true } => "pod reset",
             Cut::SessionEnded => "session ended",
             Cut::Idle => "idle",
         }
@@ -189,9 +193,9 @@ impl Mirror {
                     self.pump(&flow);
                 }
             }
-            Capture::Rst { .. } => {
+            Capture::Rst { by_pod, .. } => {
                 if self.flows.contains_key(&flow) {
-                    self.cut(&flow, Cut::Reset);
+                    self.cut(&flow, Cut::Reset { by_pod });
                 }
             }
         }

@@ -27,8 +27,8 @@ use prometheus_client::{
 };
 use remocal_agent_common::{
     COUNTERS_MAP, Counter, FLOW_PORTS_MAP, FLOW_PROGRAM, FLOW_STATS_MAP, FlowKey, FlowStats,
-    MIRROR_EVENTS_MAP, MIRROR_PORTS_MAP, MIRROR_PROGRAM, PortKey, STEAL_LISTENERS_MAP,
-    STEAL_LOOKUP_PROGRAM, STEAL_PROGRAM, TARGET_NETNS_COOKIE,
+    MIRROR_EVENTS_MAP, MIRROR_PORTS_MAP, MIRROR_PROGRAM, MIRROR_RESET_PROGRAM, PortKey,
+    STEAL_LISTENERS_MAP, STEAL_LOOKUP_PROGRAM, STEAL_PROGRAM, TARGET_NETNS_COOKIE,
 };
 use tokio::{io::unix::AsyncFd, runtime::Handle, task::JoinHandle};
 use tracing::{info, warn};
@@ -534,7 +534,7 @@ fn load(
 }
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
-    for name in [STEAL_PROGRAM, MIRROR_PROGRAM] {
+    for name in [STEAL_PROGRAM, MIRROR_PROGRAM, MIRROR_RESET_PROGRAM] {
         program::<SchedClassifier>(ebpf, name)?
             .load()
             .map_err(|err| refused(name, err))?;

@@ -2,9 +2,10 @@
 //! on every packet that reaches the pod (about 0.35 us a run here), and the
 //! flow statistics program on socket events of the whole node, so each is
 //! attached only while a session of its kind needs it: a steal attaches the
-//! steal classifier; a mirror, the mirror classifier and the statistics
-//! program (a stolen connection's statistics come from the agent's own
-//! socket). A namespace whose sessions ended runs none of them.
+//! steal classifier; a mirror, the mirror classifier, the classifier that
+//! reports the pod's resets (on egress) and the statistics program (a stolen
+//! connection's statistics come from the agent's own socket). A namespace
+//! whose sessions ended runs none of them.
 use aya::{
     Ebpf,
     programs::{
@@ -13,7 +14,7 @@ use aya::{
         tc::{SchedClassifierLinkId, TcAttachOptions},
     },
 };
-use remocal_agent_common::{FLOW_PROGRAM, MIRROR_PROGRAM, STEAL_PROGRAM};
+use remocal_agent_common::{FLOW_PROGRAM, MIRROR_PROGRAM, MIRROR_RESET_PROGRAM, STEAL_PROGRAM};
 use tracing::{debug, warn};
 
 use super::{
@@ -28,11 +29,17 @@ pub enum SessionKind {
     Mirror,
 }
 
+/// A classifier and where it goes on each of the pod's interfaces.
+type Classifier = (&'static str, TcAttachType);
+
 impl SessionKind {
-    fn classifier(self) -> &'static str {
+    fn classifiers(self) -> &'static [Classifier] {
         match self {
-            SessionKind::Steal => STEAL_PROGRAM,
-            SessionKind::Mirror => MIRROR_PROGRAM,
+            SessionKind::Steal => &[(STEAL_PROGRAM, TcAttachType::Ingress)],
+            SessionKind::Mirror => &[
+                (MIRROR_PROGRAM, TcAttachType::Ingress),
+                (MIRROR_RESET_PROGRAM, TcAttachType::Egress),
+            ],
         }
     }
 
@@ -45,7 +52,7 @@ impl SessionKind {
 #[derive(Default)]
 struct Links {
     users: usize,
-    classifier: Vec<SchedClassifierLinkId>,
+    classifiers: Vec<(&'static str, SchedClassifierLinkId)>,
     flows: Option<SockOpsLinkId>,
 }
 
@@ -71,20 +78,20 @@ impl SessionLinks {
         let index = kind.index();
         if self.kinds[index].users == 0 {
             let (ebpf, interfaces) = (&mut self.ebpf, &self.interfaces);
-            let classifier = target
-                .run_in(|| attach_classifier(ebpf, kind.classifier(), interfaces))
+            let classifiers = target
+                .run_in(|| attach_classifiers(ebpf, kind.classifiers(), interfaces))
                 .map_err(|err| RedirectError::kernel(format!("entering {target} failed"), err))??;
             let flows = match kind {
                 SessionKind::Steal => None,
                 SessionKind::Mirror => match attach_flows(&mut self.ebpf) {
                     Ok(link) => Some(link),
                     Err(err) => {
-                        detach_classifier(&mut self.ebpf, kind.classifier(), classifier);
+                        detach_classifiers(&mut self.ebpf, classifiers);
                         return Err(err);
                     }
                 },
             };
-            self.kinds[index].classifier = classifier;
+            self.kinds[index].classifiers = classifiers;
             self.kinds[index].flows = flows;
             debug!(%target, ?kind, "programs attached");
         }
@@ -99,9 +106,9 @@ impl SessionLinks {
         if links.users > 0 {
             return;
         }
-        let classifier = std::mem::take(&mut links.classifier);
+        let classifiers = std::mem::take(&mut links.classifiers);
         let flows = links.flows.take();
-        detach_classifier(&mut self.ebpf, kind.classifier(), classifier);
+        detach_classifiers(&mut self.ebpf, classifiers);
         if let Some(link) = flows
             && let Ok(program) = program::<SockOps>(&mut self.ebpf, FLOW_PROGRAM)
             && let Err(err) = program.detach(link)
@@ -111,40 +118,52 @@ impl SessionLinks {
     }
 }
 
-fn attach_classifier(
+/// Every classifier on every interface, or none: a half-attached set would
+/// act on some paths to the pod only.
+fn attach_classifiers(
     ebpf: &mut Ebpf,
-    name: &str,
+    classifiers: &[Classifier],
     interfaces: &[String],
-) -> Result<Vec<SchedClassifierLinkId>, RedirectError> {
-    let mut links = Vec::with_capacity(interfaces.len());
-    for interface in interfaces {
-        let attached = program::<SchedClassifier>(ebpf, name)?.attach_with_options(
-            interface,
-            TcAttachType::Ingress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        );
-        match attached {
-            Ok(link) => links.push(link),
-            Err(err) => {
-                // All interfaces or none: a half-attached classifier would
-                // act on some paths to the pod only.
-                detach_classifier(ebpf, name, links);
-                return Err(RedirectError::kernel(
-                    format!("attaching {name} to {interface} with tcx failed ({PRIVILEGE_HINT})"),
-                    err,
-                ));
+) -> Result<Vec<(&'static str, SchedClassifierLinkId)>, RedirectError> {
+    let mut links = Vec::with_capacity(classifiers.len() * interfaces.len());
+    for &(name, direction) in classifiers {
+        for interface in interfaces {
+            let attached = program::<SchedClassifier>(ebpf, name).and_then(|program| {
+                program
+                    .attach_with_options(
+                        interface,
+                        direction,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|err| {
+                        RedirectError::kernel(
+                            format!(
+                                "attaching {name} to {interface} with tcx failed ({PRIVILEGE_HINT})"
+                            ),
+                            err,
+                        )
+                    })
+            });
+            match attached {
+                Ok(link) => links.push((name, link)),
+                Err(err) => {
+                    detach_classifiers(ebpf, links);
+                    return Err(err);
+                }
             }
         }
     }
     Ok(links)
 }
 
-fn detach_classifier(ebpf: &mut Ebpf, name: &str, links: Vec<SchedClassifierLinkId>) {
-    let Ok(program) = program::<SchedClassifier>(ebpf, name) else {
-        return;
-    };
-    for link in links {
-        if let Err(err) = program.detach(link) {
+fn detach_classifiers(ebpf: &mut Ebpf, links: Vec<(&'static str, SchedClassifierLinkId)>) {
+    for (name, link) in links {
+        let detached = program::<SchedClassifier>(ebpf, name).and_then(|program| {
+            program
+                .detach(link)
+                .map_err(|err| RedirectError::kernel("detaching failed", err))
+        });
+        if let Err(err) = detached {
             warn!(program = name, %err, "detaching failed");
         }
     }
