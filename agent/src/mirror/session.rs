@@ -67,7 +67,7 @@ impl Cut {
                 "part of this connection was not captured (the capture buffer overran); the copy ends here rather than skip bytes",
             ),
             Cut::TooSlow(held) => Status::resource_exhausted(format!(
-                "the local process fell {held} bytes behind; this mirrored connection was cut off to bound the agent's memory"
+                "the copy fell {held} bytes behind the original (the local process, or the link from the agent to remocal, is slower than the mirrored traffic); this mirrored connection was cut off to bound the agent's memory (the agent's --mirror-flow-limit sets how far a copy may fall behind)"
             )),
             Cut::Reset { by_pod: false } => {
                 Status::aborted("the remote client reset the connection")
@@ -81,7 +81,7 @@ impl Cut {
     fn reason(&self) -> &'static str {
         match self {
             Cut::Lost => "data lost in capture",
-            Cut::TooSlow(_) => "local side too slow",
+            Cut::TooSlow(_) => "copy too slow",
             Cut::Reset { by_pod: false } => "remote reset",
             Cut::Reset { by_pod: true } => "pod reset",
             Cut::SessionEnded => "session ended",
