@@ -224,11 +224,15 @@ pub fn table(results: &Results, checks: &[Check]) -> String {
         let paced = step
             .paced_gbit_per_second
             .map_or("unpaced".to_string(), |g| format!("{g} Gbit/s"));
+        let verdict = match (&step.cut_because, step.exact) {
+            (_, true) => "exact".to_string(),
+            (Some(why), false) => format!("CUT: {why}"),
+            (None, false) => "CUT".to_string(),
+        };
         let _ = write!(
             out,
-            " {paced} ({:.2} GB/s sent) {};",
+            " {paced} ({:.2} GB/s sent) {verdict};",
             step.sent_gbyte_per_second,
-            if step.exact { "exact" } else { "CUT" }
         );
     }
     let _ = writeln!(out);

@@ -34,6 +34,9 @@ pub struct Step {
     pub bytes_sent: u64,
     pub bytes_copied: u64,
     pub exact: bool,
+    /// Why remocal cut the copy off, as it told the developer: the copy fell
+    /// behind (CPU or link too slow) or the capture ring overran.
+    pub cut_because: Option<String>,
 }
 
 /// What the local server saw of one mirrored connection.
@@ -54,7 +57,14 @@ pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<MirrorRate>
     let mut failure = None;
     for &gbit in profile.mirror_rates_gbit {
         let paced = (gbit > 0.0).then_some(gbit);
-        match step(bed, &sequence, &mut copies, paced, profile.mirror_bytes).await {
+        let warnings_before = session.stderr().len();
+        let measured = step(bed, &sequence, &mut copies, paced, profile.mirror_bytes).await;
+        // Unchanged text before `warnings_before`: stderr only grows.
+        let cut_because = cut_reason(session.stderr().get(warnings_before..).unwrap_or(""));
+        match measured.map(|step| Step {
+            cut_because: (!step.exact).then_some(cut_because).flatten(),
+            ..step
+        }) {
             Ok(step) => steps.push(step),
             Err(err) => {
                 failure = Some(err);
@@ -110,7 +120,22 @@ async fn step(
         bytes_sent: bytes,
         bytes_copied,
         exact,
+        cut_because: None,
     })
+}
+
+/// The reason in remocal's first "cut off" warning, up to its explanation.
+fn cut_reason(warnings: &str) -> Option<String> {
+    let line = warnings
+        .lines()
+        .find(|line| line.contains("was cut off: "))?;
+    let reason = line.split_once("was cut off: ")?.1;
+    let end = [reason.find(" ("), reason.find(';')]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(reason.len());
+    Some(reason[..end].to_string())
 }
 
 /// Writes `bytes` of the sequence, sleeping whenever it is ahead of the pace,
@@ -201,6 +226,18 @@ impl Sequence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_is_explained_by_the_first_warning() {
+        let warnings = "ready\nwarning: connection 4 was cut off: the copy fell 33554432 bytes \
+            behind the original (the local process ...); this ...\nwarning: connection 6 was cut \
+            off: part of this connection was not captured (the capture buffer overran)\n";
+        assert_eq!(
+            cut_reason(warnings).as_deref(),
+            Some("the copy fell 33554432 bytes behind the original")
+        );
+        assert_eq!(cut_reason("ready\n"), None);
+    }
 
     #[test]
     fn windows_continue_across_the_period() {
