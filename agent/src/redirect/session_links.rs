@@ -128,23 +128,7 @@ fn attach_classifiers(
     let mut links = Vec::with_capacity(classifiers.len() * interfaces.len());
     for &(name, direction) in classifiers {
         for interface in interfaces {
-            let attached = program::<SchedClassifier>(ebpf, name).and_then(|program| {
-                program
-                    .attach_with_options(
-                        interface,
-                        direction,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(|err| {
-                        RedirectError::kernel(
-                            format!(
-                                "attaching {name} to {interface} with tcx failed ({PRIVILEGE_HINT})"
-                            ),
-                            err,
-                        )
-                    })
-            });
-            match attached {
+            match attach_classifier(ebpf, name, interface, direction) {
                 Ok(link) => links.push((name, link)),
                 Err(err) => {
                     detach_classifiers(ebpf, links);
@@ -156,14 +140,32 @@ fn attach_classifiers(
     Ok(links)
 }
 
+fn attach_classifier(
+    ebpf: &mut Ebpf,
+    name: &str,
+    interface: &str,
+    direction: TcAttachType,
+) -> Result<SchedClassifierLinkId, RedirectError> {
+    program::<SchedClassifier>(ebpf, name)?
+        .attach_with_options(
+            interface,
+            direction,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|err| {
+            RedirectError::kernel(
+                format!("attaching {name} to {interface} with tcx failed ({PRIVILEGE_HINT})"),
+                err,
+            )
+        })
+}
+
 fn detach_classifiers(ebpf: &mut Ebpf, links: Vec<(&'static str, SchedClassifierLinkId)>) {
     for (name, link) in links {
-        let detached = program::<SchedClassifier>(ebpf, name).and_then(|program| {
-            program
-                .detach(link)
-                .map_err(|err| RedirectError::kernel("detaching failed", err))
-        });
-        if let Err(err) = detached {
+        let Ok(program) = program::<SchedClassifier>(ebpf, name) else {
+            continue;
+        };
+        if let Err(err) = program.detach(link) {
             warn!(program = name, %err, "detaching failed");
         }
     }

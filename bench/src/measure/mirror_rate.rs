@@ -13,6 +13,8 @@ use serde::Serialize;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 
+use remocal_tests::processes::Client;
+
 use crate::bed::{Bed, MIRROR_PORT};
 use crate::profile::Profile;
 
@@ -57,14 +59,16 @@ pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<MirrorRate>
     let mut failure = None;
     for &gbit in profile.mirror_rates_gbit {
         let paced = (gbit > 0.0).then_some(gbit);
-        let warnings_before = session.stderr().len();
-        let measured = step(bed, &sequence, &mut copies, paced, profile.mirror_bytes).await;
-        // Unchanged text before `warnings_before`: stderr only grows.
-        let cut_because = cut_reason(session.stderr().get(warnings_before..).unwrap_or(""));
-        match measured.map(|step| Step {
-            cut_because: (!step.exact).then_some(cut_because).flatten(),
-            ..step
-        }) {
+        match step(
+            bed,
+            &session,
+            &sequence,
+            &mut copies,
+            paced,
+            profile.mirror_bytes,
+        )
+        .await
+        {
             Ok(step) => steps.push(step),
             Err(err) => {
                 failure = Some(err);
@@ -89,6 +93,7 @@ pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<MirrorRate>
 
 async fn step(
     bed: &Bed,
+    session: &Client,
     sequence: &Arc<Sequence>,
     copies: &mut mpsc::UnboundedReceiver<Copy>,
     paced_gbit: Option<f64>,
@@ -96,6 +101,7 @@ async fn step(
 ) -> anyhow::Result<Step> {
     // A copy that came after an earlier step gave up on it is not this one's.
     while copies.try_recv().is_ok() {}
+    let warnings_before = session.stderr().len();
     let socket = bed.node().tcp_sockets(1, false).pop().context("a socket")?;
     let stream = socket
         .connect(bed.pod_addr(MIRROR_PORT))
@@ -114,13 +120,18 @@ async fn step(
         Ok(Some(copy)) => (copy.bytes, copy.intact && copy.bytes == bytes),
         _ => (0, false),
     };
+    // The text before `warnings_before` is unchanged: stderr only grows.
+    let warnings = session.stderr();
+    let cut_because = (!exact)
+        .then(|| cut_reason(warnings.get(warnings_before..).unwrap_or("")))
+        .flatten();
     Ok(Step {
         paced_gbit_per_second: paced_gbit,
         sent_gbyte_per_second: bytes as f64 / seconds / 1e9,
         bytes_sent: bytes,
         bytes_copied,
         exact,
-        cut_because: None,
+        cut_because,
     })
 }
 
