@@ -6,10 +6,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::{StreamExt as _, stream};
 use remocal_proto::v1::{
     AgentInfo, ConnectionDownstream, ConnectionUpstream, InfoRequest, SessionEvent, SessionRequest,
-    agent_server, connection_upstream, session_request,
+    agent_server, connection_downstream, connection_upstream, session_request,
 };
+use tokio::sync::oneshot;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{
     Request, Response, Status, Streaming,
@@ -21,7 +23,7 @@ use crate::{
     netns::TargetError,
     proxy,
     redirect::RedirectError,
-    session::{AttachError, OpenError, Pending, Sessions},
+    session::{AttachError, Handoff, LiveSession, OpenError, Pending, Sessions, StandbyRefused},
 };
 
 /// How long a new call may take to send its first message.
@@ -112,34 +114,25 @@ impl agent_server::Agent for AgentService {
         request: Request<Streaming<ConnectionUpstream>>,
     ) -> Result<Response<Self::ConnectionStream>, Status> {
         let mut upstream = request.into_inner();
-        let attach = match first_message(&mut upstream).await? {
-            ConnectionUpstream {
-                kind: Some(connection_upstream::Kind::Attach(attach)),
-            } => attach,
+        let downstream = match first_message(&mut upstream).await?.kind {
+            Some(connection_upstream::Kind::Attach(attach)) => {
+                let (pending, live) = self
+                    .sessions
+                    .attach(&attach.session_id, attach.connection_id)
+                    .map_err(attach_status)?;
+                carry(attach.connection_id, pending, upstream, live)
+            }
+            Some(connection_upstream::Kind::Standby(standby)) => {
+                let (handoff, live) = self
+                    .sessions
+                    .stand_by(&standby.session_id)
+                    .map_err(attach_status)?;
+                stand_by(handoff, upstream, live)
+            }
             _ => {
                 return Err(Status::invalid_argument(
-                    "the first message of a connection must be `attach`",
+                    "the first message of a connection must be `attach` or `standby`",
                 ));
-            }
-        };
-        let (pending, live) = self
-            .sessions
-            .attach(&attach.session_id, attach.connection_id)
-            .map_err(|err: AttachError| Status::not_found(err.to_string()))?;
-        let downstream: ConnectionStream = match pending {
-            Pending::Stolen(stream) => {
-                let id = attach.connection_id;
-                let (reader, pipe) = proxy::start(stream, upstream, live.ended(), move |outcome| {
-                    live.connection_closed(id, outcome);
-                });
-                tokio::spawn(pipe);
-                Box::pin(reader)
-            }
-            Pending::Mirrored(receiver) => {
-                // A copy is read-only: whatever the client sends is drained
-                // so the call's flow control never stalls.
-                tokio::spawn(async move { while let Ok(Some(_)) = upstream.message().await {} });
-                Box::pin(ReceiverStream::new(receiver))
             }
         };
         Ok(Response::new(downstream))
@@ -157,6 +150,68 @@ impl agent_server::Agent for AgentService {
             kubernetes_api: pods.has_api_access(),
             uptime_seconds: self.started.elapsed().as_secs(),
         }))
+    }
+}
+
+/// The data call of one connection, from the bytes the agent holds for it.
+fn carry(
+    id: u64,
+    pending: Pending,
+    mut upstream: Streaming<ConnectionUpstream>,
+    live: Arc<LiveSession>,
+) -> ConnectionStream {
+    match pending {
+        Pending::Stolen(stream) => {
+            let (reader, pipe) = proxy::start(stream, upstream, live.ended(), move |outcome| {
+                live.connection_closed(id, outcome);
+            });
+            tokio::spawn(pipe);
+            Box::pin(reader)
+        }
+        Pending::Mirrored(receiver) => {
+            // A copy is read-only: whatever the client sends is drained so
+            // the call's flow control never stalls.
+            tokio::spawn(async move { while let Ok(Some(_)) = upstream.message().await {} });
+            Box::pin(ReceiverStream::new(receiver))
+        }
+    }
+}
+
+/// A standby call answers at once and stays silent until the session hands
+/// it a connection: its first message then says which, and the connection's
+/// bytes follow. It ends without a message when the session ends first.
+fn stand_by(
+    handoff: oneshot::Receiver<Handoff>,
+    upstream: Streaming<ConnectionUpstream>,
+    live: Arc<LiveSession>,
+) -> ConnectionStream {
+    let downstream = stream::once(async move {
+        let Ok(Handoff {
+            id,
+            pending,
+            connection,
+        }) = handoff.await
+        else {
+            return stream::empty().boxed();
+        };
+        let first = ConnectionDownstream {
+            kind: Some(connection_downstream::Kind::Connection(connection)),
+        };
+        stream::once(std::future::ready(Ok(first)))
+            .chain(carry(id, pending, upstream, live))
+            .boxed()
+    })
+    .flatten();
+    Box::pin(downstream)
+}
+
+fn attach_status(err: AttachError) -> Status {
+    match err {
+        AttachError::Standby {
+            refused: StandbyRefused::TooMany,
+            ..
+        } => Status::resource_exhausted(err.to_string()),
+        _ => Status::not_found(err.to_string()),
     }
 }
 

@@ -9,9 +9,10 @@ use std::{
 };
 
 use remocal_proto::v1::{
-    Attach, CloseSession, ConnectionDownstream, ConnectionUpstream, Mode, OpenSession,
-    RejectConnection, SessionEvent, SessionRequest, Target, agent_client::AgentClient,
-    connection_downstream, connection_upstream, session_event, session_request, target,
+    Attach, CloseSession, ConnectionDownstream, ConnectionUpstream, Mode, NewConnection,
+    OpenSession, RejectConnection, Reset, SessionEvent, SessionRequest, Standby, Target,
+    agent_client::AgentClient, connection_downstream, connection_upstream, session_event,
+    session_request, target,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -147,6 +148,7 @@ impl Harness {
                 .last()
                 .expect("an active redirection"),
         };
+        assert!(ready.standby_calls, "the agent takes standby calls");
         Ok(Session {
             id: ready.session_id,
             requests,
@@ -195,6 +197,27 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// Opens a call ahead of its connection, as the client keeps a few.
+    async fn standby(&mut self, session: &Session) -> Result<Connection, tonic::Status> {
+        let (upstream, outgoing) = mpsc::channel(16);
+        let standby = connection_upstream::Kind::Standby(Standby {
+            session_id: session.id.clone(),
+        });
+        upstream.send(frame(standby)).await.unwrap();
+        let downstream = self
+            .client
+            .connection(ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
+        Ok(Connection {
+            id: 0,
+            upstream: Some(upstream),
+            downstream,
+        })
+    }
+}
+
 struct Session {
     id: String,
     requests: mpsc::Sender<SessionRequest>,
@@ -209,6 +232,22 @@ struct Connection {
 }
 
 impl Connection {
+    /// A standby call's first message: the connection it now carries.
+    async fn handed(&mut self) -> NewConnection {
+        let first = tokio::time::timeout(Duration::from_secs(10), self.downstream.message())
+            .await
+            .expect("a connection within 10 s")
+            .unwrap();
+        let Some(ConnectionDownstream {
+            kind: Some(connection_downstream::Kind::Connection(connection)),
+        }) = first
+        else {
+            panic!("expected a connection as the first message, got {first:?}");
+        };
+        self.id = connection.connection_id;
+        connection
+    }
+
     async fn send(&self, kind: connection_upstream::Kind) {
         self.upstream
             .as_ref()
@@ -472,6 +511,87 @@ async fn a_connection_the_client_never_picks_up_is_reset_and_reported() {
     let mut answer = [0u8; 10];
     served.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"still here");
+}
+
+#[tokio::test]
+async fn a_standby_call_carries_the_next_connection_and_later_ones_are_announced() {
+    let mut harness = Harness::start().await;
+    let mut session = harness.open(80).await.unwrap();
+    let mut standby = harness.standby(&session).await.unwrap();
+
+    let mut remote = TcpStream::connect(session.listener).await.unwrap();
+    let handed = standby.handed().await;
+    assert_eq!(handed.source, remote.local_addr().unwrap().to_string());
+    assert_eq!(handed.destination, session.listener.to_string());
+    remote.write_all(b"hello local").await.unwrap();
+    assert_eq!(standby.receive(11).await, (b"hello local".to_vec(), false));
+    standby
+        .send(connection_upstream::Kind::Data(
+            b"hello remote".as_slice().into(),
+        ))
+        .await;
+    let mut answer = [0u8; 12];
+    remote.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"hello remote");
+
+    // The one standby call is taken: the next connection is announced, and
+    // it is the first announcement the session sees.
+    let (second, announced) = harness.stolen(&mut session).await;
+    assert_ne!(announced.id, standby.id);
+    drop((second, announced));
+    standby.upstream = None;
+    drop(remote);
+    let closed = loop {
+        match next(&mut session.events).await {
+            Some(session_event::Kind::Closed(closed)) if closed.connection_id == standby.id => {
+                break closed;
+            }
+            Some(session_event::Kind::Closed(_)) => {}
+            other => panic!("expected the handed connection's close, got {other:?}"),
+        }
+    };
+    assert_eq!((closed.bytes_from_remote, closed.bytes_to_remote), (11, 12));
+}
+
+#[tokio::test]
+async fn a_standby_call_that_cannot_serve_its_connection_resets_the_remote_and_says_why() {
+    let mut harness = Harness::start().await;
+    let mut session = harness.open(80).await.unwrap();
+    let mut standby = harness.standby(&session).await.unwrap();
+    let mut remote = TcpStream::connect(session.listener).await.unwrap();
+    standby.handed().await;
+    let reason = "nothing answers at 127.0.0.1:8080 (connection refused)";
+    standby
+        .send(connection_upstream::Kind::Reset(Reset {
+            reason: reason.into(),
+        }))
+        .await;
+    assert_reset(&mut remote).await;
+    let Some(session_event::Kind::Closed(closed)) = next(&mut session.events).await else {
+        panic!("no closed event");
+    };
+    assert_eq!(closed.connection_id, standby.id);
+    assert_eq!(closed.error, reason);
+}
+
+#[tokio::test]
+async fn standby_calls_end_with_their_session_and_are_refused_after_it() {
+    let mut harness = Harness::start().await;
+    let session = harness.open(80).await.unwrap();
+    let mut standby = harness.standby(&session).await.unwrap();
+    session
+        .requests
+        .send(SessionRequest {
+            kind: Some(session_request::Kind::Close(CloseSession {})),
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), standby.downstream.message())
+        .await
+        .expect("the standby call ends with its session");
+    assert!(matches!(end, Ok(None)), "ends without a message: {end:?}");
+    let refused = harness.standby(&session).await.err().expect("refused");
+    assert_eq!(refused.code(), Code::NotFound, "{}", refused.message());
 }
 
 async fn assert_reset(remote: &mut TcpStream) {

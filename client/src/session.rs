@@ -15,13 +15,18 @@ use crate::{
     agent_link::AgentAddress,
     cli::SessionArgs,
     exit::Failure,
-    forward::{self, Local},
+    forward::{self, Forwarding, Local},
     output::Printer,
     target::{self, Named},
 };
 
 /// How long we wait for the agent to confirm the end of the session.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Calls kept open for connections to come. Each used one is replaced at
+/// once, so this only needs to cover the connections that arrive within one
+/// round trip to the agent; more arriving are announced, which costs them
+/// that round trip, and nothing else.
+const STANDBY_CALLS: usize = 16;
 
 pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
     let printer = Printer {
@@ -64,17 +69,33 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
     };
     printer.ready(mode_name, &ready, &local.to_string());
 
+    let (standby_used, mut replace_standby) = mpsc::unbounded_channel();
+    let forwarding = Forwarding {
+        agent,
+        session_id: ready.session_id.clone(),
+        local,
+        requests: requests.clone(),
+        printer,
+        mode,
+        standby_used,
+    };
+    // An older agent announces every connection.
+    if ready.standby_calls {
+        for _ in 0..STANDBY_CALLS {
+            tokio::spawn(forward::stand_by(forwarding.clone()));
+        }
+    }
     let mut stop = Box::pin(stop_requested());
     loop {
         tokio::select! {
+            Some(()) = replace_standby.recv() => {
+                tokio::spawn(forward::stand_by(forwarding.clone()));
+            }
             event = events.message() => match event {
                 Ok(Some(SessionEvent { kind: Some(kind) })) => match kind {
                     session_event::Kind::Connection(connection) => {
                         printer.connection(&connection);
-                        tokio::spawn(forward::serve(forward::Announced {
-                            agent: agent.clone(), session_id: ready.session_id.clone(), connection,
-                            local: local.clone(), requests: requests.clone(), printer, mode,
-                        }));
+                        tokio::spawn(forward::serve(forwarding.clone(), connection));
                     }
                     session_event::Kind::Closed(closed) => printer.closed(&closed),
                     session_event::Kind::Warning(warning) => printer.warning(&warning.message),

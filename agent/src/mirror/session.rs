@@ -10,8 +10,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use remocal_proto::v1::{
-    ConnectionDownstream, Eof, NewConnection, SessionEvent, SessionRequest, connection_downstream,
-    session_event,
+    ConnectionDownstream, Eof, SessionEvent, SessionRequest, connection_downstream, session_event,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -149,7 +148,11 @@ impl Mirror {
                     return; // a retransmitted SYN
                 }
                 let (downstream, receiver) = mpsc::channel(DOWNSTREAM_QUEUE);
-                let id = self.live.park(Pending::Mirrored(receiver));
+                let (id, announcement) = self.live.hand_over(
+                    Pending::Mirrored(receiver),
+                    flow.source.to_string(),
+                    flow.destination.to_string(),
+                );
                 self.flows.insert(
                     flow,
                     MirroredFlow {
@@ -162,18 +165,13 @@ impl Mirror {
                         suspect: false,
                     },
                 );
-                let announced = session_event::Kind::Connection(NewConnection {
-                    connection_id: id,
-                    source: flow.source.to_string(),
-                    destination: flow.destination.to_string(),
-                });
-                // Awaited: a client reading events slowly slows the capture
-                // (its queue then overflows and is reported), not memory.
-                let _ = events
-                    .send(Ok(SessionEvent {
-                        kind: Some(announced),
-                    }))
-                    .await;
+                if let Some(connection) = announcement {
+                    // Awaited: a client reading events slowly slows the
+                    // capture (its queue then overflows and is reported),
+                    // not memory.
+                    let event = session_event::Kind::Connection(connection);
+                    let _ = events.send(Ok(SessionEvent { kind: Some(event) })).await;
+                }
             }
             Capture::Data { seq, payload, .. } => {
                 let Some(state) = self.flows.get_mut(&flow) else {

@@ -60,7 +60,8 @@ pub struct Outcome {
 
 enum Ended {
     RemoteFailed(io::Error),
-    LocalReset,
+    /// With the client's reason, when it gave one.
+    LocalReset(String),
     ClientGone,
 }
 
@@ -119,9 +120,13 @@ pub fn start(
                 reset(stream);
                 format!("remote: {err}")
             }
-            Some(Err(Ended::LocalReset)) => {
+            Some(Err(Ended::LocalReset(reason))) => {
                 reset(stream);
-                "local side reset the connection".to_string()
+                if reason.is_empty() {
+                    "local side reset the connection".to_string()
+                } else {
+                    reason
+                }
             }
             // The client vanished (its link broke): that ends the session,
             // whose connections close cleanly. Only an explicit reset from
@@ -159,9 +164,9 @@ async fn client_to_remote(
                 *bytes += data.len() as u64;
             }
             Ok(Some(ConnectionUpstream {
-                kind: Some(connection_upstream::Kind::Reset(_)),
-            })) => return Err(Ended::LocalReset),
-            // A second attach or an empty frame carries nothing to deliver.
+                kind: Some(connection_upstream::Kind::Reset(reset)),
+            })) => return Err(Ended::LocalReset(reset.reason)),
+            // A second attach or standby, or an empty frame, carries nothing to deliver.
             Ok(Some(_)) => {}
             Ok(None) => {
                 write.shutdown().await.map_err(Ended::RemoteFailed)?;

@@ -1,6 +1,8 @@
-//! The request stream of a connection's call: the `attach` message, then
-//! the local process's bytes, read straight from its socket whenever HTTP/2
-//! has window for them (no queue and no task in between).
+//! The request stream of a connection's call: its first message (`attach`
+//! or `standby`), then the local process's bytes, read straight from its
+//! socket whenever HTTP/2 has window for them (no queue and no task in
+//! between). A standby call is opened before its connection exists, so the
+//! local side is plugged in later, through a [`Plug`].
 use std::{
     io,
     pin::Pin,
@@ -18,10 +20,23 @@ use super::CHUNK;
 pub struct Failed;
 
 pub struct LocalReader {
-    attach: Option<ConnectionUpstream>,
-    /// None for a mirrored copy, which sends nothing after `attach`.
-    local: Option<Local>,
+    first: Option<ConnectionUpstream>,
+    source: Source,
 }
+
+/// What follows the first message.
+enum Source {
+    /// The local side is not connected yet.
+    Awaiting(oneshot::Receiver<Source>),
+    Socket(Local),
+    /// Nothing could be connected locally: the agent resets the remote side.
+    Refused(String),
+    /// A mirrored copy sends nothing after its first message.
+    Done,
+}
+
+/// Connects the local side to the call's request stream, once.
+pub struct Plug(oneshot::Sender<Source>);
 
 struct Local {
     read: OwnedReadHalf,
@@ -41,31 +56,39 @@ pub struct Handle {
 }
 
 impl LocalReader {
-    pub fn mirror(attach: ConnectionUpstream) -> Self {
-        Self {
-            attach: Some(attach),
-            local: None,
+    pub fn new(first: ConnectionUpstream) -> (Self, Plug) {
+        let (plug, source) = oneshot::channel();
+        let reader = Self {
+            first: Some(first),
+            source: Source::Awaiting(source),
+        };
+        (reader, Plug(plug))
+    }
+}
+
+impl Plug {
+    /// The local process's bytes go upstream from here on.
+    pub fn steal(self, read: OwnedReadHalf) -> Handle {
+        let (read_end_tx, read_end) = oneshot::channel();
+        let (reset, reset_rx) = oneshot::channel();
+        let _ = self.0.send(Source::Socket(Local {
+            read,
+            read_end: Some(read_end_tx),
+            reset: reset_rx,
+        }));
+        Handle {
+            read_end,
+            reset: Some(reset),
         }
     }
 
-    pub fn steal(attach: ConnectionUpstream, read: OwnedReadHalf) -> (Self, Handle) {
-        let (read_end_tx, read_end) = oneshot::channel();
-        let (reset, reset_rx) = oneshot::channel();
-        let reader = Self {
-            attach: Some(attach),
-            local: Some(Local {
-                read,
-                read_end: Some(read_end_tx),
-                reset: reset_rx,
-            }),
-        };
-        (
-            reader,
-            Handle {
-                read_end,
-                reset: Some(reset),
-            },
-        )
+    pub fn mirror(self) {
+        let _ = self.0.send(Source::Done);
+    }
+
+    /// Nothing answers locally: the agent is asked to reset the remote side.
+    pub fn refuse(self, reason: String) {
+        let _ = self.0.send(Source::Refused(reason));
     }
 }
 
@@ -82,12 +105,12 @@ impl Local {
         }
         if Pin::new(&mut self.reset).poll(cx).is_ready() {
             self.stop_reading(Err(Failed));
-            return Poll::Ready(Some(reset_frame()));
+            return Poll::Ready(Some(reset_frame(String::new())));
         }
         loop {
             if ready!(self.read.as_ref().poll_read_ready(cx)).is_err() {
                 self.stop_reading(Err(Failed));
-                return Poll::Ready(Some(reset_frame()));
+                return Poll::Ready(Some(reset_frame(String::new())));
             }
             // A buffer exists only while there is something to read: an idle
             // connection holds no memory of its own.
@@ -105,7 +128,7 @@ impl Local {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => {
                     self.stop_reading(Err(Failed));
-                    Poll::Ready(Some(reset_frame()))
+                    Poll::Ready(Some(reset_frame(String::new())))
                 }
             };
         }
@@ -117,12 +140,24 @@ impl Stream for LocalReader {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if let Some(attach) = this.attach.take() {
-            return Poll::Ready(Some(attach));
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(first));
         }
-        match this.local.as_mut() {
-            Some(local) => local.poll_frame(cx),
-            None => Poll::Ready(None),
+        loop {
+            match &mut this.source {
+                Source::Awaiting(source) => {
+                    // A plug dropped unused: the connection's task is gone,
+                    // and so is the call.
+                    this.source = ready!(Pin::new(source).poll(cx)).unwrap_or(Source::Done);
+                }
+                Source::Socket(local) => return local.poll_frame(cx),
+                Source::Refused(reason) => {
+                    let reset = reset_frame(std::mem::take(reason));
+                    this.source = Source::Done;
+                    return Poll::Ready(Some(reset));
+                }
+                Source::Done => return Poll::Ready(None),
+            }
         }
     }
 }
@@ -131,14 +166,14 @@ impl Drop for LocalReader {
     /// HTTP/2 dropped the call's request stream: the agent is gone or reset
     /// the connection.
     fn drop(&mut self) {
-        if let Some(local) = self.local.as_mut() {
+        if let Source::Socket(local) = &mut self.source {
             local.stop_reading(Err(Failed));
         }
     }
 }
 
-fn reset_frame() -> ConnectionUpstream {
+fn reset_frame(reason: String) -> ConnectionUpstream {
     ConnectionUpstream {
-        kind: Some(connection_upstream::Kind::Reset(Reset {})),
+        kind: Some(connection_upstream::Kind::Reset(Reset { reason })),
     }
 }

@@ -4,15 +4,19 @@
 //! other end takes. A mirrored connection only flows toward the local
 //! process; what it answers is read and dropped.
 //!
+//! A connection reaches us on a standby call, opened before it existed
+//! ([`stand_by`]), or, when none was waiting, announced on the session
+//! ([`serve`]), and then we open its call.
+//!
 //! The local process's bytes are read by the call's request stream itself
 //! ([`LocalReader`]); the agent's are written by the connection's task.
 mod local_reader;
 
-use std::{fmt, time::Duration};
+use std::{fmt, pin::Pin, time::Duration};
 
 use remocal_proto::v1::{
     Attach, ConnectionDownstream, ConnectionUpstream, Mode, NewConnection, RejectConnection,
-    SessionRequest, connection_downstream, connection_upstream, session_request,
+    SessionRequest, Standby, connection_downstream, connection_upstream, session_request,
 };
 use socket2::SockRef;
 use tokio::{
@@ -26,7 +30,7 @@ use tokio::{
 use tonic::Streaming;
 
 use crate::{agent_link::Agent, output::Printer};
-use local_reader::{Failed, Handle, LocalReader};
+use local_reader::{Failed, Handle, LocalReader, Plug};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CHUNK: usize = 128 * 1024;
@@ -51,26 +55,39 @@ impl fmt::Display for Local {
     }
 }
 
-/// A connection the agent announced, with what serving it needs.
-pub struct Announced {
+/// What serving any connection of a session needs.
+#[derive(Clone)]
+pub struct Forwarding {
     pub agent: Agent,
     pub session_id: String,
-    pub connection: NewConnection,
     pub local: Local,
     pub requests: mpsc::Sender<SessionRequest>,
     pub printer: Printer,
     pub mode: Mode,
+    /// Told when a standby call got its connection, so that another one
+    /// takes its place.
+    pub standby_used: mpsc::UnboundedSender<()>,
 }
 
-/// Serves one connection until it ends. Setting it up takes a lot of state
-/// (the agent's client, the connection's details) and is boxed, so the
-/// future that lives as long as the connection holds only the connection.
-pub fn serve(announced: Announced) -> impl Future<Output = ()> + Send + 'static {
-    let opening = Box::pin(open(announced));
-    async move {
-        let Some(opened) = opening.await else {
-            return;
-        };
+/// Serves one connection the agent announced, until it ends. Setting it up
+/// takes a lot of state (the agent's client, the connection's details) and
+/// is boxed, so the future that lives as long as the connection holds only
+/// the connection.
+pub fn serve(
+    forwarding: Forwarding,
+    connection: NewConnection,
+) -> impl Future<Output = ()> + Send + 'static {
+    run_opened(Box::pin(open(forwarding, connection)))
+}
+
+/// Opens a standby call and serves the connection the agent hands it, if
+/// any: the call ends unused when the session does.
+pub fn stand_by(forwarding: Forwarding) -> impl Future<Output = ()> + Send + 'static {
+    run_opened(Box::pin(wait_for_connection(forwarding)))
+}
+
+async fn run_opened(opening: Pin<Box<impl Future<Output = Option<Opened>>>>) {
+    if let Some(opened) = opening.await {
         opened.run().await;
     }
 }
@@ -107,56 +124,37 @@ impl LocalSide {
     }
 }
 
-async fn open(announced: Announced) -> Option<Opened> {
-    let Announced {
+async fn open(forwarding: Forwarding, connection: NewConnection) -> Option<Opened> {
+    let Forwarding {
         mut agent,
         session_id,
-        connection,
         local,
         requests,
         printer,
         mode,
-    } = announced;
+        ..
+    } = forwarding;
     let id = connection.connection_id;
-    let connected = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect((local.host.as_str(), local.port)),
-    )
-    .await;
-    let why = match connected {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            return call(&mut agent, session_id, id, stream, printer, mode).await;
+    let stream = match connect_local(&local).await {
+        Ok(stream) => stream,
+        Err(why) => {
+            let reason = refusal(&connection, &local, &why, printer);
+            let reject = session_request::Kind::Reject(RejectConnection {
+                connection_id: id,
+                reason,
+            });
+            let _ = requests.send(SessionRequest { kind: Some(reject) }).await;
+            return None;
         }
-        Ok(Err(err)) => err.to_string(),
-        Err(_) => "timed out".to_string(),
     };
-    reject(&requests, &connection, &local, &why, printer).await;
-    None
-}
-
-async fn call(
-    agent: &mut Agent,
-    session_id: String,
-    id: u64,
-    stream: TcpStream,
-    printer: Printer,
-    mode: Mode,
-) -> Option<Opened> {
     let attach = ConnectionUpstream {
         kind: Some(connection_upstream::Kind::Attach(Attach {
             session_id,
             connection_id: id,
         })),
     };
-    // A copy is read-only: nothing goes upstream after `attach`.
-    let (reader, local) = if mode == Mode::Mirror {
-        (LocalReader::mirror(attach), LocalSide::Mirrored(stream))
-    } else {
-        let (read, write) = stream.into_split();
-        let (reader, handle) = LocalReader::steal(attach, read);
-        (reader, LocalSide::Stolen { write, handle })
-    };
+    let (reader, plug) = LocalReader::new(attach);
+    let local = plug_in(plug, stream, mode);
     match agent.connection(reader).await {
         Ok(response) => Some(Opened {
             downstream: response.into_inner(),
@@ -170,6 +168,75 @@ async fn call(
             local.reset();
             None
         }
+    }
+}
+
+async fn wait_for_connection(forwarding: Forwarding) -> Option<Opened> {
+    let Forwarding {
+        mut agent,
+        session_id,
+        local,
+        printer,
+        mode,
+        standby_used,
+        ..
+    } = forwarding;
+    let standby = ConnectionUpstream {
+        kind: Some(connection_upstream::Kind::Standby(Standby { session_id })),
+    };
+    let (reader, plug) = LocalReader::new(standby);
+    // Refused when the session has just ended, or already has enough calls
+    // waiting: its connections are then announced instead, nothing is lost.
+    let mut downstream = agent.connection(reader).await.ok()?.into_inner();
+    let connection = match downstream.message().await {
+        Ok(Some(ConnectionDownstream {
+            kind: Some(connection_downstream::Kind::Connection(connection)),
+        })) => connection,
+        // The session ended before it needed this call.
+        _ => return None,
+    };
+    let _ = standby_used.send(());
+    printer.connection(&connection);
+    match connect_local(&local).await {
+        Ok(stream) => Some(Opened {
+            downstream,
+            local: plug_in(plug, stream, mode),
+        }),
+        Err(why) => {
+            plug.refuse(refusal(&connection, &local, &why, printer));
+            // The call lives until the agent has reset the remote side:
+            // dropping it now could cancel it before the reset is read.
+            let _ = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                while let Ok(Some(_)) = downstream.message().await {}
+            })
+            .await;
+            None
+        }
+    }
+}
+
+async fn connect_local(local: &Local) -> Result<TcpStream, String> {
+    let connecting = TcpStream::connect((local.host.as_str(), local.port));
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err("timed out".to_string()),
+    }
+}
+
+/// Hands the local socket's reading side to the call (a copy is read-only:
+/// nothing goes upstream after the first message).
+fn plug_in(plug: Plug, stream: TcpStream, mode: Mode) -> LocalSide {
+    if mode == Mode::Mirror {
+        plug.mirror();
+        LocalSide::Mirrored(stream)
+    } else {
+        let (read, write) = stream.into_split();
+        let handle = plug.steal(read);
+        LocalSide::Stolen { write, handle }
     }
 }
 
@@ -211,23 +278,15 @@ impl Opened {
     }
 }
 
-async fn reject(
-    requests: &mpsc::Sender<SessionRequest>,
-    connection: &NewConnection,
-    local: &Local,
-    why: &str,
-    printer: Printer,
-) {
+/// Tells the developer that nothing serves a connection locally; returns
+/// the reason for the agent, which resets the remote side.
+fn refusal(connection: &NewConnection, local: &Local, why: &str, printer: Printer) -> String {
     let reason = format!("nothing answers at {local} ({why})");
     printer.warning(&format!(
         "connection {} from {} was reset: {reason}; start your local process or pass the right --local-port",
         connection.connection_id, connection.source
     ));
-    let reject = session_request::Kind::Reject(RejectConnection {
-        connection_id: connection.connection_id,
-        reason,
-    });
-    let _ = requests.send(SessionRequest { kind: Some(reject) }).await;
+    reason
 }
 
 async fn agent_to_local(
@@ -247,6 +306,8 @@ async fn agent_to_local(
         let written = match kind {
             connection_downstream::Kind::Data(data) => write.write_all(&data).await,
             connection_downstream::Kind::Eof(_) => write.shutdown().await,
+            // Only ever a standby call's first message, read before this.
+            connection_downstream::Kind::Connection(_) => continue,
         };
         written.map_err(|_| Failed)?;
     }

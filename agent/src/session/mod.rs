@@ -1,7 +1,9 @@
 //! Steal sessions: who holds which port of which target, the accept loop that
-//! announces each stolen connection to the client, and the teardown order
+//! hands each stolen connection to the client, and the teardown order
 //! that never loses traffic (redirection off first, then our connections
 //! closed cleanly, then the claim released).
+mod standby;
+
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -16,7 +18,10 @@ use remocal_proto::v1::{
     ConnectionClosed, ConnectionDownstream, Mode, NewConnection, OpenSession, Ready, SessionEnded,
     SessionEvent, SessionRequest, Warning, session_event, session_request, target,
 };
-use tokio::{net::TcpStream, sync::mpsc};
+use tokio::{
+    net::TcpStream,
+    sync::{mpsc, oneshot},
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
@@ -29,6 +34,8 @@ use crate::{
     proxy::{self, Outcome},
     redirect::{RedirectError, Redirection, Redirector, Tap},
 };
+use standby::StandbyCalls;
+pub use standby::{Handoff, StandbyRefused};
 
 /// What the kernel side set up for a session.
 enum Redirected {
@@ -77,6 +84,11 @@ pub enum AttachError {
         "connection {0} is not waiting to be attached (already attached, rejected, or timed out)"
     )]
     NoConnection(u64),
+    #[error("no standby call for session {session}: {refused}")]
+    Standby {
+        session: String,
+        refused: StandbyRefused,
+    },
 }
 
 pub struct Sessions {
@@ -102,7 +114,7 @@ pub struct Settings {
     pub mirror_flow_limit: usize,
 }
 
-/// A connection announced to the client and waiting for its data call.
+/// A connection on its way to its data call.
 pub enum Pending {
     Stolen(TcpStream),
     /// The copy of a mirrored connection, already flowing into this queue.
@@ -117,8 +129,10 @@ pub struct LiveSession {
     /// For the kernel's TCP statistics of this session's connections.
     redirector: Arc<dyn Redirector>,
     target: NsId,
-    /// With when each was announced, for [`LiveSession::reset_unclaimed`].
+    /// Connections announced, with when, for [`LiveSession::reset_unclaimed`].
     pending: Mutex<HashMap<u64, (Pending, Instant)>>,
+    /// Calls waiting for connections not yet announced.
+    standby: StandbyCalls,
     next_connection: AtomicU64,
     /// Taken when the session ends, so the client's event stream ends with
     /// it even while connection tasks still hold the session.
@@ -230,6 +244,7 @@ impl Sessions {
             redirector: self.redirector.clone(),
             target: netns.id(),
             pending: Mutex::default(),
+            standby: StandbyCalls::default(),
             next_connection: AtomicU64::new(1),
             events: Mutex::new(Some(events)),
             ended: CancellationToken::new(),
@@ -238,6 +253,7 @@ impl Sessions {
             session_id: id.clone(),
             target: netns.to_string(),
             port: port.into(),
+            standby_calls: true,
         }));
         self.live
             .lock()
@@ -281,17 +297,34 @@ impl Sessions {
         session_id: &str,
         connection_id: u64,
     ) -> Result<(Pending, Arc<LiveSession>), AttachError> {
-        let live = self
-            .live
-            .lock()
-            .expect("live lock")
-            .get(session_id)
-            .cloned()
-            .ok_or_else(|| AttachError::NoSession(session_id.to_string()))?;
+        let live = self.live(session_id)?;
         let pending = live
             .take_pending(connection_id)
             .ok_or(AttachError::NoConnection(connection_id))?;
         Ok((pending, live))
+    }
+
+    /// Registers a call the client opened ahead; it receives the session's
+    /// next connection that no earlier call took.
+    pub fn stand_by(
+        &self,
+        session_id: &str,
+    ) -> Result<(oneshot::Receiver<Handoff>, Arc<LiveSession>), AttachError> {
+        let live = self.live(session_id)?;
+        let handoff = live.standby.add().map_err(|refused| AttachError::Standby {
+            session: session_id.to_string(),
+            refused,
+        })?;
+        Ok((handoff, live))
+    }
+
+    fn live(&self, session_id: &str) -> Result<Arc<LiveSession>, AttachError> {
+        self.live
+            .lock()
+            .expect("live lock")
+            .get(session_id)
+            .cloned()
+            .ok_or_else(|| AttachError::NoSession(session_id.to_string()))
     }
 
     /// Ends every session (their clients are told why) and waits briefly for
@@ -337,7 +370,7 @@ impl Sessions {
     }
 
     /// The steal loop: accepts what the kernel hands the listener and
-    /// announces it, until the session ends for the returned reason.
+    /// hands it to the client, until the session ends for the returned reason.
     async fn steal(
         &self,
         live: &Arc<LiveSession>,
@@ -389,6 +422,7 @@ impl Sessions {
 
     fn end(&self, live: Arc<LiveSession>, reason: &str, claim: Option<Claim>) {
         live.ended.cancel();
+        live.standby.close();
         let pending: Vec<(u64, (Pending, Instant))> =
             live.pending.lock().expect("pending lock").drain().collect();
         for (id, (pending, _)) in pending {
@@ -423,16 +457,19 @@ impl Sessions {
             Err(err) => return debug!(%err, "a stolen connection closed before it was announced"),
         };
         let source = canonical(source);
-        let id = live.park(Pending::Stolen(stream));
+        let (id, announcement) = live.hand_over(
+            Pending::Stolen(stream),
+            source.to_string(),
+            destination.to_string(),
+        );
         debug!(session = %live.id, connection = id, %source, %destination, "stolen connection");
-        let event = session_event::Kind::Connection(NewConnection {
-            connection_id: id,
-            source: source.to_string(),
-            destination: destination.to_string(),
-        });
-        // Awaited: a client reading events slowly slows accepting, not memory.
-        // A client gone is noticed by the loop; its connection is swept.
-        let _ = events.send(Ok(SessionEvent { kind: Some(event) })).await;
+        if let Some(connection) = announcement {
+            let event = session_event::Kind::Connection(connection);
+            // Awaited: a client reading events slowly slows accepting, not
+            // memory. A client gone is noticed by the loop; its connection is
+            // swept.
+            let _ = events.send(Ok(SessionEvent { kind: Some(event) })).await;
+        }
     }
 }
 
@@ -493,16 +530,39 @@ impl LiveSession {
         }
     }
 
-    /// Keeps an announced connection until its data call picks it up, under
-    /// a new connection id.
-    pub fn park(&self, pending: Pending) -> u64 {
+    /// Gives a new connection a connection id and a standby call of the
+    /// client, or else keeps it for the call the client opens once it is
+    /// announced: then the announcement to send is returned too.
+    pub fn hand_over(
+        &self,
+        pending: Pending,
+        source: String,
+        destination: String,
+    ) -> (u64, Option<NewConnection>) {
         self.metrics.connection_opened(self.mode);
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let connection = NewConnection {
+            connection_id: id,
+            source,
+            destination,
+        };
+        let Err(Handoff {
+            pending,
+            connection,
+            ..
+        }) = self.standby.hand(Handoff {
+            id,
+            pending,
+            connection,
+        })
+        else {
+            return (id, None);
+        };
         self.pending
             .lock()
             .expect("pending lock")
             .insert(id, (pending, Instant::now()));
-        id
+        (id, Some(connection))
     }
 
     pub fn take_pending(&self, id: u64) -> Option<Pending> {
