@@ -139,6 +139,17 @@ pub fn table(results: &Results, checks: &[Check]) -> String {
         count,
         None,
     );
+    let single = results.connect_rate.one_at_a_time.p50_us();
+    row(
+        &mut out,
+        "new connection's answer p50",
+        single,
+        micros,
+        Some(format!(
+            "+{:.0} us (one at a time)",
+            single.stolen - single.direct
+        )),
+    );
     let streams = &results.streams;
     row(
         &mut out,
