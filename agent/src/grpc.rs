@@ -170,9 +170,26 @@ fn carry(
         }
         Pending::Mirrored(receiver) => {
             // A copy is read-only: whatever the client sends is drained so
-            // the call's flow control never stalls.
-            tokio::spawn(async move { while let Ok(Some(_)) = upstream.message().await {} });
-            Box::pin(ReceiverStream::new(receiver))
+            // the call's flow control never stalls. A reset says nothing
+            // answers locally: the copy ends, and its queue with it.
+            let (refused, refusal) = oneshot::channel();
+            tokio::spawn(async move {
+                let mut refused = Some(refused);
+                while let Ok(Some(message)) = upstream.message().await {
+                    if let Some(connection_upstream::Kind::Reset(_)) = message.kind
+                        && let Some(refused) = refused.take()
+                    {
+                        let _ = refused.send(());
+                    }
+                }
+            });
+            let refusal = async {
+                if refusal.await.is_err() {
+                    // The client finished its side without refusing.
+                    std::future::pending::<()>().await;
+                }
+            };
+            Box::pin(ReceiverStream::new(receiver).take_until(refusal))
         }
     }
 }

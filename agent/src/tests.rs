@@ -594,6 +594,44 @@ async fn standby_calls_end_with_their_session_and_are_refused_after_it() {
     assert_eq!(refused.code(), Code::NotFound, "{}", refused.message());
 }
 
+#[tokio::test]
+async fn a_mirrored_copy_that_nothing_answers_locally_ends_its_standby_call() {
+    let mut harness = Harness::start().await;
+    let mut session = harness
+        .open_mode(Some(harness.netns.target()), 80, Mode::Mirror)
+        .await
+        .unwrap();
+    let mut standby = harness.standby(&session).await.unwrap();
+    let tap = harness.taps.lock().unwrap().last().unwrap().clone();
+    let flow = Flow {
+        source: "198.18.0.1:40000".parse().unwrap(),
+        destination: "198.18.0.2:80".parse().unwrap(),
+    };
+    tap.send(Capture::Syn { flow, isn: 1 }).await.unwrap();
+    assert_eq!(standby.handed().await.source, "198.18.0.1:40000");
+    standby
+        .send(connection_upstream::Kind::Reset(Reset {
+            reason: "nothing answers at 127.0.0.1:8080".into(),
+        }))
+        .await;
+    let end = tokio::time::timeout(Duration::from_secs(5), standby.downstream.message())
+        .await
+        .expect("the refused copy ends at once");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    // The session forgets the copy when its next capture arrives.
+    tap.send(Capture::Data {
+        flow,
+        seq: 2,
+        payload: b"GET /".as_slice().into(),
+    })
+    .await
+    .unwrap();
+    let Some(session_event::Kind::Closed(closed)) = next(&mut session.events).await else {
+        panic!("no closed event");
+    };
+    assert_eq!(closed.connection_id, standby.id);
+}
+
 async fn assert_reset(remote: &mut TcpStream) {
     let mut buf = [0u8; 1];
     let read = tokio::time::timeout(Duration::from_secs(5), remote.read(&mut buf))
