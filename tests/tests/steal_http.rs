@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use remocal_tests::processes::{PodProcess, Steal, Target};
-use remocal_tests::remote::http_exchange;
+use remocal_tests::processes::{PodProcess, Steal, Target, free_port};
+use remocal_tests::remote::{curl, http_exchange};
+use remocal_tests::retry::until_ok;
 use remocal_tests::scenario::{POD_BODY, Scenario};
 use remocal_tests::servers::{self, TcpServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 
 const LOCAL_BODY: &str = "local";
 
@@ -220,4 +221,51 @@ async fn a_new_connection_reusing_a_time_wait_four_tuple_is_still_stolen() {
         0,
         "no reused 4-tuple slipped through to the pod"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_nothing_answers_locally_is_reset_and_the_session_goes_on() {
+    let scenario = Scenario::start(1, &[80]).await;
+    let pod_server = scenario.pod_server(0, 80);
+    let port = free_port();
+    let mut session = Steal::new(&scenario.agent.url())
+        .target(&Target::Netns(scenario.pod(0).netns.path()))
+        .port(80)
+        .local_port(port)
+        .start()
+        .await;
+    let addr = scenario.pod(0).v4(80);
+
+    let refused = curl(scenario.node(), addr).await;
+    assert!(
+        !refused.success && refused.stderr.contains("reset"),
+        "the remote client is reset, not left hanging: {refused:?}"
+    );
+    let said = until_ok(
+        Instant::now() + Duration::from_secs(5),
+        Duration::from_millis(50),
+        async || {
+            let stderr = session.stderr();
+            let expected = format!("was reset: nothing answers at 127.0.0.1:{port}");
+            if stderr.contains(&expected) && stderr.contains("start your local process") {
+                Ok(())
+            } else {
+                Err(stderr)
+            }
+        },
+    )
+    .await;
+    assert!(said.is_ok(), "remocal says why and what to do: {said:?}");
+    assert_eq!(
+        pod_server.accepted(),
+        0,
+        "a stolen connection is never handed back"
+    );
+
+    // Once the local process runs, the next connection reaches it.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let _local = TcpServer::serve(listener, |s| servers::http(s, LOCAL_BODY));
+    assert_eq!(scenario.curl(addr).await, LOCAL_BODY);
+    let ended = session.stop().await;
+    assert_eq!(ended.code, Some(0), "{ended:?}");
 }
