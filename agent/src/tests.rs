@@ -225,6 +225,15 @@ struct Session {
     listener: SocketAddr,
 }
 
+impl Session {
+    /// Asks the agent to end the session, as the client does on Ctrl-C.
+    async fn close(&self) {
+        let close = session_request::Kind::Close(CloseSession {});
+        let request = SessionRequest { kind: Some(close) };
+        self.requests.send(request).await.unwrap();
+    }
+}
+
 struct Connection {
     id: u64,
     upstream: Option<mpsc::Sender<ConnectionUpstream>>,
@@ -232,6 +241,15 @@ struct Connection {
 }
 
 impl Connection {
+    /// Sends `bytes` as the local side and checks the remote gets them.
+    async fn answer(&self, remote: &mut TcpStream, bytes: &'static [u8]) {
+        self.send(connection_upstream::Kind::Data(bytes.into()))
+            .await;
+        let mut got = vec![0u8; bytes.len()];
+        remote.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, bytes);
+    }
+
     /// A standby call's first message: the connection it now carries.
     async fn handed(&mut self) -> NewConnection {
         let first = tokio::time::timeout(Duration::from_secs(10), self.downstream.message())
@@ -402,13 +420,7 @@ async fn closing_the_session_undoes_the_redirection_and_ends_connections_cleanly
     let mut harness = Harness::start().await;
     let mut session = harness.open(80).await.unwrap();
     let (mut remote, _connection) = harness.stolen(&mut session).await;
-    session
-        .requests
-        .send(SessionRequest {
-            kind: Some(session_request::Kind::Close(CloseSession {})),
-        })
-        .await
-        .unwrap();
+    session.close().await;
     loop {
         match next(&mut session.events).await {
             Some(session_event::Kind::Ended(ended)) => {
@@ -503,36 +515,27 @@ async fn a_connection_the_client_never_picks_up_is_reset_and_reported() {
             && warning.contains("did not pick it up"),
         "{warning}"
     );
-    connection
-        .send(connection_upstream::Kind::Data(
-            b"still here".as_slice().into(),
-        ))
-        .await;
-    let mut answer = [0u8; 10];
-    served.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"still here");
+    connection.answer(&mut served, b"still here").await;
+}
+
+/// A steal session whose one standby call was handed a new remote connection.
+async fn handed_standby() -> (Harness, Session, Connection, TcpStream, NewConnection) {
+    let mut harness = Harness::start().await;
+    let session = harness.open(80).await.unwrap();
+    let mut standby = harness.standby(&session).await.unwrap();
+    let remote = TcpStream::connect(session.listener).await.unwrap();
+    let handed = standby.handed().await;
+    (harness, session, standby, remote, handed)
 }
 
 #[tokio::test]
 async fn a_standby_call_carries_the_next_connection_and_later_ones_are_announced() {
-    let mut harness = Harness::start().await;
-    let mut session = harness.open(80).await.unwrap();
-    let mut standby = harness.standby(&session).await.unwrap();
-
-    let mut remote = TcpStream::connect(session.listener).await.unwrap();
-    let handed = standby.handed().await;
+    let (mut harness, mut session, mut standby, mut remote, handed) = handed_standby().await;
     assert_eq!(handed.source, remote.local_addr().unwrap().to_string());
     assert_eq!(handed.destination, session.listener.to_string());
     remote.write_all(b"hello local").await.unwrap();
     assert_eq!(standby.receive(11).await, (b"hello local".to_vec(), false));
-    standby
-        .send(connection_upstream::Kind::Data(
-            b"hello remote".as_slice().into(),
-        ))
-        .await;
-    let mut answer = [0u8; 12];
-    remote.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"hello remote");
+    standby.answer(&mut remote, b"hello remote").await;
 
     // The one standby call is taken: the next connection is announced, and
     // it is the first announcement the session sees.
@@ -555,11 +558,7 @@ async fn a_standby_call_carries_the_next_connection_and_later_ones_are_announced
 
 #[tokio::test]
 async fn a_standby_call_that_cannot_serve_its_connection_resets_the_remote_and_says_why() {
-    let mut harness = Harness::start().await;
-    let mut session = harness.open(80).await.unwrap();
-    let mut standby = harness.standby(&session).await.unwrap();
-    let mut remote = TcpStream::connect(session.listener).await.unwrap();
-    standby.handed().await;
+    let (_harness, mut session, standby, mut remote, _) = handed_standby().await;
     let reason = "nothing answers at 127.0.0.1:8080 (connection refused)";
     standby
         .send(connection_upstream::Kind::Reset(Reset {
@@ -579,13 +578,7 @@ async fn standby_calls_end_with_their_session_and_are_refused_after_it() {
     let mut harness = Harness::start().await;
     let session = harness.open(80).await.unwrap();
     let mut standby = harness.standby(&session).await.unwrap();
-    session
-        .requests
-        .send(SessionRequest {
-            kind: Some(session_request::Kind::Close(CloseSession {})),
-        })
-        .await
-        .unwrap();
+    session.close().await;
     let end = tokio::time::timeout(Duration::from_secs(5), standby.downstream.message())
         .await
         .expect("the standby call ends with its session");
@@ -596,17 +589,8 @@ async fn standby_calls_end_with_their_session_and_are_refused_after_it() {
 
 #[tokio::test]
 async fn a_mirrored_copy_that_nothing_answers_locally_ends_its_standby_call() {
-    let mut harness = Harness::start().await;
-    let mut session = harness
-        .open_mode(Some(harness.netns.target()), 80, Mode::Mirror)
-        .await
-        .unwrap();
+    let (mut harness, mut session, tap, flow) = mirroring().await;
     let mut standby = harness.standby(&session).await.unwrap();
-    let tap = harness.taps.lock().unwrap().last().unwrap().clone();
-    let flow = Flow {
-        source: "198.18.0.1:40000".parse().unwrap(),
-        destination: "198.18.0.2:80".parse().unwrap(),
-    };
     tap.send(Capture::Syn { flow, isn: 1 }).await.unwrap();
     assert_eq!(standby.handed().await.source, "198.18.0.1:40000");
     standby
@@ -630,6 +614,21 @@ async fn a_mirrored_copy_that_nothing_answers_locally_ends_its_standby_call() {
         panic!("no closed event");
     };
     assert_eq!(closed.connection_id, standby.id);
+}
+
+/// A mirror session, its capture tap, and the flow the tests capture.
+async fn mirroring() -> (Harness, Session, mpsc::Sender<Capture>, Flow) {
+    let mut harness = Harness::start().await;
+    let session = harness
+        .open_mode(Some(harness.netns.target()), 80, Mode::Mirror)
+        .await
+        .unwrap();
+    let tap = harness.taps.lock().unwrap().last().unwrap().clone();
+    let flow = Flow {
+        source: "198.18.0.1:40000".parse().unwrap(),
+        destination: "198.18.0.2:80".parse().unwrap(),
+    };
+    (harness, session, tap, flow)
 }
 
 async fn assert_reset(remote: &mut TcpStream) {
@@ -675,16 +674,7 @@ async fn a_stalled_connection_does_not_stall_another() {
 
 #[tokio::test]
 async fn a_mirrored_connection_arrives_in_order_and_ends_with_its_fin() {
-    let mut harness = Harness::start().await;
-    let mut session = harness
-        .open_mode(Some(harness.netns.target()), 80, Mode::Mirror)
-        .await
-        .unwrap();
-    let tap = harness.taps.lock().unwrap().last().unwrap().clone();
-    let flow = Flow {
-        source: "198.18.0.1:40000".parse().unwrap(),
-        destination: "198.18.0.2:80".parse().unwrap(),
-    };
+    let (mut harness, mut session, tap, flow) = mirroring().await;
     let isn = u32::MAX - 2; // the stream wraps the sequence space
     let data = pattern(10_000, 5);
     let seq = |offset: usize| isn.wrapping_add(1).wrapping_add(offset as u32);
