@@ -476,6 +476,11 @@ async fn rejected_and_reset_connections_reset_the_remote() {
         .await
         .unwrap();
     assert_reset(&mut remote).await;
+    let Some(session_event::Kind::Closed(closed)) = next(&mut session.events).await else {
+        panic!("no closed event");
+    };
+    assert_eq!(closed.connection_id, announced.connection_id);
+    assert_eq!(closed.error, "nothing listens locally");
 
     let (mut remote, connection) = harness.stolen(&mut session).await;
     connection

@@ -620,7 +620,16 @@ impl LiveSession {
         debug!(session = %self.id, connection = id, reason, "client rejected a connection");
         if let Some(Pending::Stolen(stream)) = self.take_pending(id) {
             proxy::reset(&stream);
-            self.never_served(id, "rejected by the client");
+            // The client's reason (nothing answers locally, and where) is
+            // what the developer needs to read in the connection's history.
+            self.never_served(
+                id,
+                if reason.is_empty() {
+                    "rejected by the client"
+                } else {
+                    reason
+                },
+            );
         }
     }
 
