@@ -31,6 +31,8 @@ pub const MIRROR_PORT: u16 = 9000;
 /// The pod's port the floor's first relay listens on; no server of the pod
 /// has it.
 pub const FLOOR_PORT: u16 = 8090;
+/// The same, for the floor's stream to a local iperf3.
+pub const FLOOR_STREAM_PORT: u16 = 5203;
 
 /// What the pod's HTTP servers answer, and what the local one answers: who
 /// served a request is visible in its body.

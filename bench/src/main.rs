@@ -63,6 +63,9 @@ enum Command {
         /// Listen in this network namespace; the process stays in its own.
         #[arg(long, value_name = "PATH")]
         listen_netns: Option<PathBuf>,
+        /// Bytes each direction reads at once.
+        #[arg(long, default_value_t = relay::DEFAULT_BUFFER)]
+        buffer: usize,
     },
 }
 
@@ -75,7 +78,8 @@ fn main() -> ExitCode {
             listen,
             to,
             listen_netns,
-        }) => relay::run(listen, to, listen_netns.as_deref()),
+            buffer,
+        }) => relay::run(listen, to, listen_netns.as_deref(), buffer),
         None => run(options.quick, &options.out),
     };
     match result {

@@ -14,10 +14,23 @@ use nix::sched::{CloneFlags, setns};
 use remocal_tests::netns::listen_in_current_namespace;
 use tokio::net::{TcpListener, TcpStream};
 
-/// Relays every connection accepted on `listen` to `to`, until killed. With
-/// `listen_netns`, only the listener lives in that namespace, as the agent's
-/// does; the process stays in this one.
-pub fn run(listen: SocketAddr, to: SocketAddr, listen_netns: Option<&Path>) -> anyhow::Result<()> {
+/// tokio's own copy size: small requests and answers gain nothing from more,
+/// and each connection allocates its buffers when it starts.
+pub const DEFAULT_BUFFER: usize = 8 * 1024;
+/// What remocal reads at once on each side: a stream through the relays
+/// moves bytes in the same bites as a stolen one.
+pub const STREAM_BUFFER: usize = 128 * 1024;
+
+/// Relays every connection accepted on `listen` to `to`, reading up to
+/// `buffer` bytes at once each way, until killed. With `listen_netns`, only
+/// the listener lives in that namespace, as the agent's does; the process
+/// stays in this one.
+pub fn run(
+    listen: SocketAddr,
+    to: SocketAddr,
+    listen_netns: Option<&Path>,
+    buffer: usize,
+) -> anyhow::Result<()> {
     let listener = match listen_netns {
         Some(netns) => listen_in(netns, listen),
         None => Ok(listen_in_current_namespace(listen)?),
@@ -28,7 +41,7 @@ pub fn run(listen: SocketAddr, to: SocketAddr, listen_netns: Option<&Path>) -> a
         .enable_io()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(listener, to))
+    runtime.block_on(serve(listener, to, buffer))
 }
 
 /// A listener made by a short-lived thread that joined `netns`: a socket
@@ -47,12 +60,16 @@ fn listen_in(netns: &Path, addr: SocketAddr) -> anyhow::Result<std::net::TcpList
     })
 }
 
-async fn serve(listener: std::net::TcpListener, to: SocketAddr) -> anyhow::Result<()> {
+async fn serve(
+    listener: std::net::TcpListener,
+    to: SocketAddr,
+    buffer: usize,
+) -> anyhow::Result<()> {
     let listener = TcpListener::from_std(listener).context("cannot watch the listener")?;
     loop {
         match listener.accept().await {
             Ok((inbound, _)) => {
-                tokio::spawn(relay(inbound, to));
+                tokio::spawn(relay(inbound, to, buffer));
             }
             // The peer gave up before we accepted: not the relay's problem.
             Err(err) if err.kind() == io::ErrorKind::ConnectionAborted => {}
@@ -63,7 +80,7 @@ async fn serve(listener: std::net::TcpListener, to: SocketAddr) -> anyhow::Resul
 
 /// One connection, both ways, each half closed when its source ends (a
 /// `Connection: close` answer ends the server's side first).
-async fn relay(mut inbound: TcpStream, to: SocketAddr) {
+async fn relay(mut inbound: TcpStream, to: SocketAddr, buffer: usize) {
     let mut outbound = match TcpStream::connect(to).await {
         Ok(outbound) => outbound,
         Err(err) => {
@@ -76,5 +93,6 @@ async fn relay(mut inbound: TcpStream, to: SocketAddr) {
         return;
     }
     // Resets are how load generators often end connections; nothing to report.
-    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut outbound, buffer, buffer).await;
 }

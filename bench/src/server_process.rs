@@ -70,13 +70,14 @@ impl ServerProcess {
         ServerProcess::start(command, place, port, "remocal-bench serve-http").await
     }
 
-    /// `remocal-bench relay` from `port` at `listen` to `to`. The process
-    /// runs on this host even when it listens in the pod, as the agent does:
-    /// only its listener is the pod's.
+    /// `remocal-bench relay` from `port` at `listen` to `to`, reading up to
+    /// `buffer` bytes at once. The process runs on this host even when it
+    /// listens in the pod, as the agent does: only its listener is the pod's.
     pub async fn relay(
         listen: Place<'_>,
         port: u16,
         to: SocketAddr,
+        buffer: usize,
     ) -> anyhow::Result<ServerProcess> {
         let exe = std::env::current_exe().context("cannot find remocal-bench's own binary")?;
         let mut command = Command::new(exe);
@@ -85,7 +86,8 @@ impl ServerProcess {
             .arg("--listen")
             .arg(listen.listen_addr(port).to_string())
             .arg("--to")
-            .arg(to.to_string());
+            .arg(to.to_string())
+            .arg(format!("--buffer={buffer}"));
         if let Place::Pod(netns) = listen {
             command.arg("--listen-netns").arg(netns.path());
         }

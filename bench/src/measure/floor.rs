@@ -13,12 +13,14 @@ use remocal_tests::processes::free_port;
 use remocal_tests::remote::http_get;
 use serde::Serialize;
 
-use crate::bed::{Bed, FLOOR_PORT, LOCAL_BODY};
+use crate::bed::{Bed, FLOOR_PORT, FLOOR_STREAM_PORT, LOCAL_BODY};
+use crate::iperf::{Direction, Stream};
 use crate::profile::Profile;
+use crate::relay::{DEFAULT_BUFFER, STREAM_BUFFER};
 use crate::request_run::RequestRun;
 use crate::server_process::{Place, ServerProcess};
 
-use super::{connect_rate, latency};
+use super::{connect_rate, latency, stream};
 
 #[derive(Serialize)]
 pub struct Floor {
@@ -26,6 +28,9 @@ pub struct Floor {
     pub latency: RequestRun,
     /// New connections, driven as the direct and stolen ones are.
     pub connect_rate: RequestRun,
+    /// One stream each way, sent as the direct and stolen ones are.
+    pub into_pod: Stream,
+    pub out_of_pod: Stream,
 }
 
 impl Floor {
@@ -36,39 +41,68 @@ impl Floor {
 }
 
 pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Floor> {
-    while_relayed(bed, async || {
+    let local = bed.local_http().await?;
+    let requests = while_relayed(bed, FLOOR_PORT, local.port(), DEFAULT_BUFFER, async || {
+        served_locally(bed).await?;
         let latency = latency::requests(bed, FLOOR_PORT, profile)
             .await
             .context("keep-alive requests through two relays")?;
         let connect_rate = connect_rate::connections(bed, FLOOR_PORT, profile)
             .await
             .context("new connections through two relays")?;
-        Ok(Floor {
-            latency,
-            connect_rate,
-        })
+        Ok((latency, connect_rate))
     })
-    .await
+    .await;
+    local.stop().await;
+    let (latency, connect_rate) = requests?;
+
+    // The relays connect once per connection they accept, so each stream's
+    // fresh iperf3 server is there by the time its connections arrive.
+    let iperf_port = free_port();
+    let relayed = while_relayed(
+        bed,
+        FLOOR_STREAM_PORT,
+        iperf_port,
+        STREAM_BUFFER,
+        async || {
+            let one = |direction| {
+                let (place, bytes) = (Place::Local, profile.stream_bytes);
+                stream::one_stream(bed, place, iperf_port, FLOOR_STREAM_PORT, bytes, direction)
+            };
+            let into = one(Direction::IntoPod)
+                .await
+                .context("stream into the pod through two relays")?;
+            let out = one(Direction::OutOfPod)
+                .await
+                .context("stream out of the pod through two relays")?;
+            Ok((into, out))
+        },
+    );
+    let (into_pod, out_of_pod) = relayed.await?;
+    Ok(Floor {
+        latency,
+        connect_rate,
+        into_pod,
+        out_of_pod,
+    })
 }
 
-/// Runs `measure` while the pod's [`FLOOR_PORT`] is relayed twice to a local
-/// server answering [`LOCAL_BODY`], and stops the relays either way.
+/// Runs `measure` while the pod's `pod_port` is relayed twice to the local
+/// `local_port`, and stops the relays either way.
 async fn while_relayed<T>(
     bed: &Bed,
+    pod_port: u16,
+    local_port: u16,
+    buffer: usize,
     measure: impl AsyncFnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let local = bed.local_http().await?;
-    let to_local = ServerProcess::relay(Place::Local, free_port(), loopback(local.port())).await?;
+    let to_local =
+        ServerProcess::relay(Place::Local, free_port(), loopback(local_port), buffer).await?;
     let pod = Place::Pod(&bed.pod().netns);
-    let from_pod = ServerProcess::relay(pod, FLOOR_PORT, loopback(to_local.port())).await?;
-    let result = async {
-        served_locally(bed).await?;
-        measure().await
-    }
-    .await;
+    let from_pod = ServerProcess::relay(pod, pod_port, loopback(to_local.port()), buffer).await?;
+    let result = measure().await;
     from_pod.stop().await;
     to_local.stop().await;
-    local.stop().await;
     result
 }
 

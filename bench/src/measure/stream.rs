@@ -28,24 +28,52 @@ pub struct StreamPair {
 pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Streams> {
     let bytes = profile.stream_bytes;
     let pod = Place::Pod(&bed.pod().netns);
-    let direct_in = one_stream(bed, pod, STREAM_PORT, bytes, Direction::IntoPod)
-        .await
-        .context("direct stream into the pod")?;
-    let direct_out = one_stream(bed, pod, STREAM_PORT, bytes, Direction::OutOfPod)
-        .await
-        .context("direct stream out of the pod")?;
+    let direct_in = one_stream(
+        bed,
+        pod,
+        STREAM_PORT,
+        STREAM_PORT,
+        bytes,
+        Direction::IntoPod,
+    )
+    .await
+    .context("direct stream into the pod")?;
+    let direct_out = one_stream(
+        bed,
+        pod,
+        STREAM_PORT,
+        STREAM_PORT,
+        bytes,
+        Direction::OutOfPod,
+    )
+    .await
+    .context("direct stream out of the pod")?;
 
     // Nothing listens in the pod now: a stream that was not stolen would fail
     // to connect rather than count as stolen.
     let local_port = free_port();
     let mut session = bed.steal(STREAM_PORT, local_port).start().await;
     let stolen = async {
-        let into = one_stream(bed, Place::Local, local_port, bytes, Direction::IntoPod)
-            .await
-            .context("stolen stream into the pod")?;
-        let out = one_stream(bed, Place::Local, local_port, bytes, Direction::OutOfPod)
-            .await
-            .context("stolen stream out of the pod")?;
+        let into = one_stream(
+            bed,
+            Place::Local,
+            local_port,
+            STREAM_PORT,
+            bytes,
+            Direction::IntoPod,
+        )
+        .await
+        .context("stolen stream into the pod")?;
+        let out = one_stream(
+            bed,
+            Place::Local,
+            local_port,
+            STREAM_PORT,
+            bytes,
+            Direction::OutOfPod,
+        )
+        .await
+        .context("stolen stream out of the pod")?;
         anyhow::Ok((into, out))
     }
     .await;
@@ -57,18 +85,20 @@ pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Streams> {
     })
 }
 
-/// A fresh iperf3 server for each stream. One long-lived server would refuse
-/// the next test as "busy" whenever the previous one's last bytes and close
-/// still trail through a proxy, remocal's or any other.
-async fn one_stream(
+/// One stream from the node to the pod's `pod_port`, served by a fresh iperf3
+/// server listening on `listen_port` at `place`. One long-lived server would
+/// refuse the next test as "busy" whenever the previous one's last bytes and
+/// close still trail through a proxy, remocal's or any other.
+pub(super) async fn one_stream(
     bed: &Bed,
     place: Place<'_>,
     listen_port: u16,
+    pod_port: u16,
     bytes: u64,
     direction: Direction,
 ) -> anyhow::Result<Stream> {
     let server = ServerProcess::iperf(place, listen_port).await?;
-    let stream = iperf::stream(bed.node(), bed.pod_addr(STREAM_PORT), bytes, direction).await;
+    let stream = iperf::stream(bed.node(), bed.pod_addr(pod_port), bytes, direction).await;
     server.stop().await;
     stream
 }
