@@ -5,16 +5,12 @@
 //! twice its size, and the top of a thread's arena is never trimmed by
 //! `malloc_trim`.
 
-/// Fixed thresholds: blocks above 256 KiB get their own mapping (returned on
-/// free), and an arena's free top is returned beyond 1 MiB (room for a few
-/// 64 KiB read buffers, so the data path does not trim on every free).
+/// The data path's fixed thresholds (see [`remocal_proto::allocator`]):
+/// blocks up to a few MiB come from the heap, and its free top is returned
+/// beyond 8 MiB. What a burst leaves behind is returned by [`release_free`]
+/// when the burst is over.
 pub fn configure() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes tunables, before other threads exist.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
-    }
+    remocal_proto::allocator::configure();
 }
 
 /// Returns the free pages of every malloc arena to the kernel.

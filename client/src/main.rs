@@ -18,6 +18,7 @@ use remocal_proto::v1::Mode;
 use crate::{cli::Command, exit::Failure};
 
 fn main() -> ExitCode {
+    remocal_proto::allocator::configure();
     let cli = match cli::parse() {
         Ok(cli) => cli,
         Err(failure) => return failure.report(),
