@@ -7,7 +7,7 @@
 
 /// The data path's fixed thresholds (see [`remocal_proto::allocator`]):
 /// blocks up to a few MiB come from the heap, and its free top is returned
-/// beyond 8 MiB. What a burst leaves behind is returned by [`release_free`]
+/// beyond 2 MiB. What a burst leaves behind is returned by [`release_free`]
 /// when the burst is over.
 pub fn configure() {
     remocal_proto::allocator::configure();

@@ -14,7 +14,7 @@ const MMAP_THRESHOLD: i32 = 4 << 20;
 /// Free memory at the top of the heap beyond this goes back to the system;
 /// below it, freed frame buffers stay for the next frames. Processes that
 /// must shrink after a burst call `malloc_trim` themselves.
-const TRIM_THRESHOLD: i32 = 8 << 20;
+const TRIM_THRESHOLD: i32 = 2 << 20;
 
 /// Fixed thresholds, instead of glibc's dynamic ones that follow whatever
 /// was freed last. Call it first thing in `main`, before other threads exist.
