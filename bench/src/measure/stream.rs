@@ -28,52 +28,28 @@ pub struct StreamPair {
 pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Streams> {
     let bytes = profile.stream_bytes;
     let pod = Place::Pod(&bed.pod().netns);
-    let direct_in = one_stream(
-        bed,
-        pod,
-        STREAM_PORT,
-        STREAM_PORT,
-        bytes,
-        Direction::IntoPod,
-    )
-    .await
-    .context("direct stream into the pod")?;
-    let direct_out = one_stream(
-        bed,
-        pod,
-        STREAM_PORT,
-        STREAM_PORT,
-        bytes,
-        Direction::OutOfPod,
-    )
-    .await
-    .context("direct stream out of the pod")?;
+    // Every stream is sent to the pod's STREAM_PORT; who serves it differs.
+    let one = |place, listen_port, direction| {
+        one_stream(bed, place, listen_port, STREAM_PORT, bytes, direction)
+    };
+    let direct_in = one(pod, STREAM_PORT, Direction::IntoPod)
+        .await
+        .context("direct stream into the pod")?;
+    let direct_out = one(pod, STREAM_PORT, Direction::OutOfPod)
+        .await
+        .context("direct stream out of the pod")?;
 
     // Nothing listens in the pod now: a stream that was not stolen would fail
     // to connect rather than count as stolen.
     let local_port = free_port();
     let mut session = bed.steal(STREAM_PORT, local_port).start().await;
     let stolen = async {
-        let into = one_stream(
-            bed,
-            Place::Local,
-            local_port,
-            STREAM_PORT,
-            bytes,
-            Direction::IntoPod,
-        )
-        .await
-        .context("stolen stream into the pod")?;
-        let out = one_stream(
-            bed,
-            Place::Local,
-            local_port,
-            STREAM_PORT,
-            bytes,
-            Direction::OutOfPod,
-        )
-        .await
-        .context("stolen stream out of the pod")?;
+        let into = one(Place::Local, local_port, Direction::IntoPod)
+            .await
+            .context("stolen stream into the pod")?;
+        let out = one(Place::Local, local_port, Direction::OutOfPod)
+            .await
+            .context("stolen stream out of the pod")?;
         anyhow::Ok((into, out))
     }
     .await;
