@@ -73,7 +73,9 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    memory::configure();
+    // Fixed thresholds: frame buffers reused from the heap; what a burst
+    // leaves behind is returned by `memory::release_free` after it.
+    remocal_proto::allocator::configure();
     let cli = Cli::parse();
     logging::init(cli.log_format);
     tokio::runtime::Builder::new_multi_thread()

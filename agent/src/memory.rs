@@ -5,14 +5,6 @@
 //! twice its size, and the top of a thread's arena is never trimmed by
 //! `malloc_trim`.
 
-/// The data path's fixed thresholds (see [`remocal_proto::allocator`]):
-/// blocks up to a few MiB come from the heap, and its free top is returned
-/// beyond 2 MiB. What a burst leaves behind is returned by [`release_free`]
-/// when the burst is over.
-pub fn configure() {
-    remocal_proto::allocator::configure();
-}
-
 /// Returns the free pages of every malloc arena to the kernel.
 pub fn release_free() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -41,8 +41,20 @@ impl Floor {
 }
 
 pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Floor> {
+    let (latency, connect_rate) = requests(bed, profile).await?;
+    let (into_pod, out_of_pod) = streams(bed, profile).await?;
+    Ok(Floor {
+        latency,
+        connect_rate,
+        into_pod,
+        out_of_pod,
+    })
+}
+
+/// Keep-alive latency and new connections, relayed to a local HTTP server.
+async fn requests(bed: &Bed, profile: &Profile) -> anyhow::Result<(RequestRun, RequestRun)> {
     let local = bed.local_http().await?;
-    let requests = while_relayed(bed, FLOOR_PORT, local.port(), DEFAULT_BUFFER, async || {
+    let measured = while_relayed(bed, FLOOR_PORT, local.port(), DEFAULT_BUFFER, async || {
         served_locally(bed).await?;
         let latency = latency::requests(bed, FLOOR_PORT, profile)
             .await
@@ -54,37 +66,35 @@ pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Floor> {
     })
     .await;
     local.stop().await;
-    let (latency, connect_rate) = requests?;
+    measured
+}
 
-    // The relays connect once per connection they accept, so each stream's
-    // fresh iperf3 server is there by the time its connections arrive.
-    let iperf_port = free_port();
-    let relayed = while_relayed(
-        bed,
-        FLOOR_STREAM_PORT,
-        iperf_port,
-        STREAM_BUFFER,
-        async || {
-            let one = |direction| {
-                let (place, bytes) = (Place::Local, profile.stream_bytes);
-                stream::one_stream(bed, place, iperf_port, FLOOR_STREAM_PORT, bytes, direction)
-            };
-            let into = one(Direction::IntoPod)
-                .await
-                .context("stream into the pod through two relays")?;
-            let out = one(Direction::OutOfPod)
-                .await
-                .context("stream out of the pod through two relays")?;
-            Ok((into, out))
-        },
-    );
-    let (into_pod, out_of_pod) = relayed.await?;
-    Ok(Floor {
-        latency,
-        connect_rate,
-        into_pod,
-        out_of_pod,
+/// One stream each way, relayed to a local iperf3. The relays connect once
+/// per connection they accept, so each stream's fresh iperf3 server is there
+/// by the time its connections arrive.
+async fn streams(bed: &Bed, profile: &Profile) -> anyhow::Result<(Stream, Stream)> {
+    let iperf = free_port();
+    let one = |direction| {
+        let bytes = profile.stream_bytes;
+        stream::one_stream(
+            bed,
+            Place::Local,
+            iperf,
+            FLOOR_STREAM_PORT,
+            bytes,
+            direction,
+        )
+    };
+    while_relayed(bed, FLOOR_STREAM_PORT, iperf, STREAM_BUFFER, async || {
+        let into = one(Direction::IntoPod)
+            .await
+            .context("stream into the pod through two relays")?;
+        let out = one(Direction::OutOfPod)
+            .await
+            .context("stream out of the pod through two relays")?;
+        Ok((into, out))
     })
+    .await
 }
 
 /// Runs `measure` while the pod's `pod_port` is relayed twice to the local
