@@ -132,7 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = grpc::server()
-        .add_service(grpc::AgentService::new(sessions.clone()))
+        .add_service(grpc::service(sessions.clone()))
         .serve_with_incoming_shutdown(grpc::incoming(listener), async {
             let _ = stopped.await;
         });

@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming, transport::Channel};
 
 use crate::{
-    grpc::AgentService,
+    grpc,
     mirror::{Capture, Flow},
     redirect::loopback::LoopbackRedirector,
     session::Sessions,
@@ -85,7 +85,7 @@ impl Harness {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
             crate::grpc::server()
-                .add_service(AgentService::new(sessions))
+                .add_service(grpc::service(sessions))
                 .serve_with_incoming(crate::grpc::incoming(listener)),
         );
         let client = AgentClient::connect(format!("http://{addr}"))

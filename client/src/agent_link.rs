@@ -4,8 +4,22 @@
 //! way the agent notices a dead client.
 use std::{fmt, time::Duration};
 
-use remocal_proto::v1::agent_client::AgentClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use bytes::Bytes;
+use futures::Stream;
+use http::{
+    HeaderValue, Method,
+    header::{CONTENT_TYPE, TE},
+};
+use remocal_proto::{
+    v1::{ConnectionDownstream, agent_client::AgentClient},
+    wire::{self, FrameBody, Messages},
+};
+use tonic::{
+    Code,
+    body::Body,
+    transport::{Channel, Endpoint, Uri},
+};
+use tower::{Service as _, ServiceExt as _};
 
 use crate::{
     cluster::PortForward,
@@ -15,10 +29,52 @@ use crate::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Room for a few data chunks (the agent sends at most 64 KiB per message).
-const MAX_MESSAGE: usize = 1 << 20;
 
-pub type Agent = AgentClient<Channel>;
+/// The agent's calls: the generated client, and under it the channel for
+/// the `Connection` call, which is made by hand so that a connection's bytes
+/// are not copied on their way (see [`remocal_proto::wire`]).
+#[derive(Clone)]
+pub struct Agent {
+    pub api: AgentClient<Channel>,
+    channel: Channel,
+}
+
+impl Agent {
+    /// Opens a connection's call; `messages` are its encoded messages.
+    pub async fn connection(
+        &mut self,
+        messages: impl Stream<Item = Result<Bytes, tonic::Status>> + Unpin + Send + 'static,
+    ) -> Result<Messages<ConnectionDownstream>, tonic::Status> {
+        let mut request = http::Request::new(Body::new(FrameBody::client(messages)));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = Uri::from_static(wire::CONNECTION_PATH);
+        let headers = request.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+        let response = self
+            .channel
+            .ready()
+            .await
+            .map_err(|err| tonic::Status::from_error(Box::new(err)))?
+            .call(request)
+            .await
+            .map_err(|err| tonic::Status::from_error(Box::new(err)))?;
+        let (head, body) = response.into_parts();
+        // A call refused at once answers with its status in the headers.
+        if let Some(status) = tonic::Status::from_header_map(&head.headers)
+            && status.code() != Code::Ok
+        {
+            return Err(status);
+        }
+        if !head.status.is_success() {
+            return Err(tonic::Status::unknown(format!(
+                "the agent answered HTTP {}",
+                head.status
+            )));
+        }
+        Ok(Messages::new(body))
+    }
+}
 
 /// Where the agent is.
 #[derive(Clone)]
@@ -60,7 +116,10 @@ impl AgentAddress {
             }
         };
         match connected {
-            Ok(channel) => Ok(AgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE)),
+            Ok(channel) => Ok(Agent {
+                api: AgentClient::new(channel.clone()),
+                channel,
+            }),
             Err(err) => Err(match self.explain().await {
                 Some(failure) => failure,
                 None => Failure::new(

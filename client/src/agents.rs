@@ -67,6 +67,7 @@ async fn check(cluster: &Cluster, agent: AgentPod) -> Health {
             .await
             .map_err(|failure| failure.message().to_string())?;
         client
+            .api
             .info(InfoRequest {})
             .await
             .map(tonic::Response::into_inner)

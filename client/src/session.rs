@@ -50,7 +50,7 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
         client: whoami(),
     };
     let _ = requests.try_send(request(session_request::Kind::Open(open)));
-    let mut events = match agent.session(ReceiverStream::new(outgoing)).await {
+    let mut events = match agent.api.session(ReceiverStream::new(outgoing)).await {
         Ok(events) => events.into_inner(),
         Err(status) => return Err(session_refused(&status, &address).await),
     };

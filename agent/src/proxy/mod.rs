@@ -21,7 +21,10 @@ use std::{
 };
 
 use remocal_agent_common::FlowStats;
-use remocal_proto::v1::{ConnectionUpstream, connection_upstream};
+use remocal_proto::{
+    v1::{ConnectionUpstream, connection_upstream},
+    wire::Messages,
+};
 use socket2::SockRef;
 use tokio::{
     io::AsyncWriteExt as _,
@@ -29,7 +32,7 @@ use tokio::{
     sync::oneshot,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use remote_reader::ReadEnd;
 pub use remote_reader::RemoteReader;
@@ -76,7 +79,7 @@ enum Ended {
 /// hold a second copy of it (an earlier `async fn` plus wrapper took 3 KiB).
 pub fn start(
     stream: TcpStream,
-    mut upstream: Streaming<ConnectionUpstream>,
+    mut upstream: Messages<ConnectionUpstream>,
     session_ended: CancellationToken,
     closed: impl FnOnce(Outcome) + Send + 'static,
 ) -> (RemoteReader, impl Future<Output = ()> + Send + 'static) {
@@ -151,7 +154,7 @@ pub fn start(
 }
 
 async fn client_to_remote(
-    upstream: &mut Streaming<ConnectionUpstream>,
+    upstream: &mut Messages<ConnectionUpstream>,
     write: &mut OwnedWriteHalf,
     bytes: &mut u64,
 ) -> Result<(), Ended> {

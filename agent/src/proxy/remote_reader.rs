@@ -10,8 +10,11 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::BytesMut;
-use remocal_proto::v1::{ConnectionDownstream, Eof, connection_downstream};
+use bytes::Bytes;
+use remocal_proto::{
+    v1::{ConnectionDownstream, Eof, connection_downstream},
+    wire::{self, DataBuffer},
+};
 use tokio::{net::tcp::OwnedReadHalf, sync::oneshot};
 use tokio_stream::Stream;
 use tonic::Status;
@@ -58,7 +61,8 @@ impl RemoteReader {
         }
     }
 
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<ConnectionDownstream> {
+    /// The next message, encoded.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
         loop {
             if let Err(err) = ready!(self.read.as_ref().poll_read_ready(cx)) {
                 self.stop_reading(ReadEnd::Failed(err));
@@ -66,15 +70,17 @@ impl RemoteReader {
             }
             // A buffer exists only while there is something to read: an
             // idle connection (most of a large session's) holds no memory.
-            let mut buffer = BytesMut::with_capacity(CHUNK);
-            let kind = match self.read.try_read_buf(&mut buffer) {
+            let mut buffer = DataBuffer::with_capacity(CHUNK);
+            let message = match self.read.try_read_buf(buffer.tail()) {
                 Ok(0) => {
                     self.stop_reading(ReadEnd::Eof);
-                    connection_downstream::Kind::Eof(Eof {})
+                    wire::encode(&ConnectionDownstream {
+                        kind: Some(connection_downstream::Kind::Eof(Eof {})),
+                    })
                 }
                 Ok(n) => {
                     self.from_remote.fetch_add(n as u64, Ordering::Relaxed);
-                    connection_downstream::Kind::Data(buffer.freeze())
+                    buffer.into_message::<ConnectionDownstream>()
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(err) => {
@@ -82,13 +88,13 @@ impl RemoteReader {
                     return Poll::Pending;
                 }
             };
-            return Poll::Ready(ConnectionDownstream { kind: Some(kind) });
+            return Poll::Ready(message);
         }
     }
 }
 
 impl Stream for RemoteReader {
-    type Item = Result<ConnectionDownstream, Status>;
+    type Item = Result<Bytes, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();

@@ -9,8 +9,11 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::BytesMut;
-use remocal_proto::v1::{ConnectionUpstream, Reset, connection_upstream};
+use bytes::Bytes;
+use remocal_proto::{
+    v1::{ConnectionUpstream, Reset, connection_upstream},
+    wire::{self, DataBuffer},
+};
 use tokio::{net::tcp::OwnedReadHalf, sync::oneshot};
 use tokio_stream::Stream;
 
@@ -19,8 +22,9 @@ use super::CHUNK;
 /// A side of the connection failed: the whole connection is reset.
 pub struct Failed;
 
+/// Yields the call's messages encoded, as its body takes them.
 pub struct LocalReader {
-    first: Option<ConnectionUpstream>,
+    first: Option<Bytes>,
     source: Source,
 }
 
@@ -59,7 +63,7 @@ impl LocalReader {
     pub fn new(first: ConnectionUpstream) -> (Self, Plug) {
         let (plug, source) = oneshot::channel();
         let reader = Self {
-            first: Some(first),
+            first: Some(wire::encode(&first)),
             source: Source::Awaiting(source),
         };
         (reader, Plug(plug))
@@ -99,7 +103,7 @@ impl Local {
         }
     }
 
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<ConnectionUpstream>> {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         if self.read_end.is_none() {
             return Poll::Ready(None);
         }
@@ -114,17 +118,15 @@ impl Local {
             }
             // A buffer exists only while there is something to read: an idle
             // connection holds no memory of its own.
-            let mut buffer = BytesMut::with_capacity(CHUNK);
-            return match self.read.try_read_buf(&mut buffer) {
+            let mut buffer = DataBuffer::with_capacity(CHUNK);
+            return match self.read.try_read_buf(buffer.tail()) {
                 // The end of this stream is the local side's FIN: the agent
                 // passes it on to the remote.
                 Ok(0) => {
                     self.stop_reading(Ok(()));
                     Poll::Ready(None)
                 }
-                Ok(_) => Poll::Ready(Some(ConnectionUpstream {
-                    kind: Some(connection_upstream::Kind::Data(buffer.freeze())),
-                })),
+                Ok(_) => Poll::Ready(Some(buffer.into_message::<ConnectionUpstream>())),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => {
                     self.stop_reading(Err(Failed));
@@ -136,24 +138,32 @@ impl Local {
 }
 
 impl Stream for LocalReader {
-    type Item = ConnectionUpstream;
+    /// Never an error: a failure here is told to the agent as a reset.
+    type Item = Result<Bytes, tonic::Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if let Some(first) = this.first.take() {
+        self.get_mut()
+            .poll_message(cx)
+            .map(|message| message.map(Ok))
+    }
+}
+
+impl LocalReader {
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        if let Some(first) = self.first.take() {
             return Poll::Ready(Some(first));
         }
         loop {
-            match &mut this.source {
+            match &mut self.source {
                 Source::Awaiting(source) => {
                     // A plug dropped unused: the connection's task is gone,
                     // and so is the call.
-                    this.source = ready!(Pin::new(source).poll(cx)).unwrap_or(Source::Done);
+                    self.source = ready!(Pin::new(source).poll(cx)).unwrap_or(Source::Done);
                 }
                 Source::Socket(local) => return local.poll_frame(cx),
                 Source::Refused(reason) => {
                     let reset = reset_frame(std::mem::take(reason));
-                    this.source = Source::Done;
+                    self.source = Source::Done;
                     return Poll::Ready(Some(reset));
                 }
                 Source::Done => return Poll::Ready(None),
@@ -172,8 +182,8 @@ impl Drop for LocalReader {
     }
 }
 
-fn reset_frame(reason: String) -> ConnectionUpstream {
-    ConnectionUpstream {
+fn reset_frame(reason: String) -> Bytes {
+    wire::encode(&ConnectionUpstream {
         kind: Some(connection_upstream::Kind::Reset(Reset { reason })),
-    }
+    })
 }

@@ -14,9 +14,12 @@ mod local_reader;
 
 use std::{fmt, pin::Pin, time::Duration};
 
-use remocal_proto::v1::{
-    Attach, ConnectionDownstream, ConnectionUpstream, Mode, NewConnection, RejectConnection,
-    SessionRequest, Standby, connection_downstream, connection_upstream, session_request,
+use remocal_proto::{
+    v1::{
+        Attach, ConnectionDownstream, ConnectionUpstream, Mode, NewConnection, RejectConnection,
+        SessionRequest, Standby, connection_downstream, connection_upstream, session_request,
+    },
+    wire::Messages,
 };
 use socket2::SockRef;
 use tokio::{
@@ -27,7 +30,6 @@ use tokio::{
     },
     sync::mpsc,
 };
-use tonic::Streaming;
 
 use crate::{agent_link::Agent, output::Printer};
 use local_reader::{Failed, Handle, LocalReader, Plug};
@@ -94,7 +96,7 @@ async fn run_opened(opening: Pin<Box<impl Future<Output = Option<Opened>>>>) {
 
 /// A connection whose local side is connected and whose call is open.
 struct Opened {
-    downstream: Streaming<ConnectionDownstream>,
+    downstream: Messages<ConnectionDownstream>,
     local: LocalSide,
 }
 
@@ -156,10 +158,7 @@ async fn open(forwarding: Forwarding, connection: NewConnection) -> Option<Opene
     let (reader, plug) = LocalReader::new(attach);
     let local = plug_in(plug, stream, mode);
     match agent.connection(reader).await {
-        Ok(response) => Some(Opened {
-            downstream: response.into_inner(),
-            local,
-        }),
+        Ok(downstream) => Some(Opened { downstream, local }),
         Err(status) => {
             printer.warning(&format!(
                 "connection {id} could not be picked up: {}",
@@ -187,7 +186,7 @@ async fn wait_for_connection(forwarding: Forwarding) -> Option<Opened> {
     let (reader, plug) = LocalReader::new(standby);
     // Refused when the session has just ended, or already has enough calls
     // waiting: its connections are then announced instead, nothing is lost.
-    let mut downstream = agent.connection(reader).await.ok()?.into_inner();
+    let mut downstream = agent.connection(reader).await.ok()?;
     let connection = match downstream.message().await {
         Ok(Some(ConnectionDownstream {
             kind: Some(connection_downstream::Kind::Connection(connection)),
@@ -290,7 +289,7 @@ fn refusal(connection: &NewConnection, local: &Local, why: &str, printer: Printe
 }
 
 async fn agent_to_local(
-    downstream: &mut Streaming<ConnectionDownstream>,
+    downstream: &mut Messages<ConnectionDownstream>,
     mut write: impl AsyncWrite + Unpin,
 ) -> Result<(), Failed> {
     loop {
@@ -316,7 +315,7 @@ async fn agent_to_local(
 /// Writes a mirrored connection's bytes to the local process while dropping
 /// its answers; true if the copy ended in failure.
 async fn copy_to_local(
-    downstream: &mut Streaming<ConnectionDownstream>,
+    downstream: &mut Messages<ConnectionDownstream>,
     stream: &mut TcpStream,
 ) -> bool {
     let (read, write) = stream.split();

@@ -1,18 +1,15 @@
 //! The `remocal.v1.Agent` gRPC service: thin glue from calls to sessions and
 //! proxied connections, and from our errors to status codes a client can act on.
 use std::{
-    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt as _, stream};
 use remocal_proto::v1::{
     AgentInfo, ConnectionDownstream, ConnectionUpstream, InfoRequest, SessionEvent, SessionRequest,
-    agent_server, connection_downstream, connection_upstream, session_request,
+    agent_server, session_request,
 };
-use tokio::sync::oneshot;
-use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Request, Response, Status, Streaming,
     transport::{Server, server::TcpIncoming},
@@ -21,10 +18,12 @@ use tonic::{
 use crate::{
     kube::{PodLookupError, PodNetnsError},
     netns::TargetError,
-    proxy,
     redirect::RedirectError,
-    session::{AttachError, Handoff, LiveSession, OpenError, Pending, Sessions, StandbyRefused},
+    session::{OpenError, Sessions},
 };
+
+mod connection_call;
+pub use connection_call::Router;
 
 /// How long a new call may take to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,29 +54,24 @@ pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// A stolen connection's socket reader or a mirrored connection's queue.
-type ConnectionStream =
-    Pin<Box<dyn Stream<Item = Result<ConnectionDownstream, Status>> + Send + 'static>>;
-
-pub struct AgentService {
+struct AgentService {
     sessions: Arc<Sessions>,
     started: Instant,
 }
 
-impl AgentService {
-    pub fn new(sessions: Arc<Sessions>) -> agent_server::AgentServer<Self> {
-        agent_server::AgentServer::new(Self {
-            sessions,
-            started: Instant::now(),
-        })
-        .max_decoding_message_size(4 * proxy::CHUNK)
-    }
+/// The service to add to [`server`].
+pub fn service(sessions: Arc<Sessions>) -> Router {
+    let generated = agent_server::AgentServer::new(AgentService {
+        sessions: sessions.clone(),
+        started: Instant::now(),
+    });
+    Router::new(generated, sessions)
 }
 
 #[tonic::async_trait]
 impl agent_server::Agent for AgentService {
     type SessionStream = ReceiverStream<Result<SessionEvent, Status>>;
-    type ConnectionStream = ConnectionStream;
+    type ConnectionStream = tokio_stream::Empty<Result<ConnectionDownstream, Status>>;
 
     async fn session(
         &self,
@@ -87,7 +81,7 @@ impl agent_server::Agent for AgentService {
             .remote_addr()
             .map_or_else(|| "an unknown address".to_string(), |addr| addr.to_string());
         let mut requests = request.into_inner();
-        let open = match first_message(&mut requests).await? {
+        let open = match first_message(requests.message()).await? {
             SessionRequest {
                 kind: Some(session_request::Kind::Open(open)),
             } => open,
@@ -109,33 +103,15 @@ impl agent_server::Agent for AgentService {
         Ok(Response::new(ReceiverStream::new(events)))
     }
 
+    /// Never reached: [`Router`] serves this call before the generated
+    /// service sees it.
     async fn connection(
         &self,
-        request: Request<Streaming<ConnectionUpstream>>,
+        _: Request<Streaming<ConnectionUpstream>>,
     ) -> Result<Response<Self::ConnectionStream>, Status> {
-        let mut upstream = request.into_inner();
-        let downstream = match first_message(&mut upstream).await?.kind {
-            Some(connection_upstream::Kind::Attach(attach)) => {
-                let (pending, live) = self
-                    .sessions
-                    .attach(&attach.session_id, attach.connection_id)
-                    .map_err(attach_status)?;
-                carry(attach.connection_id, pending, upstream, live)
-            }
-            Some(connection_upstream::Kind::Standby(standby)) => {
-                let (handoff, live) = self
-                    .sessions
-                    .stand_by(&standby.session_id)
-                    .map_err(attach_status)?;
-                stand_by(handoff, upstream, live)
-            }
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of a connection must be `attach` or `standby`",
-                ));
-            }
-        };
-        Ok(Response::new(downstream))
+        Err(Status::internal(
+            "the Connection call is served by the router",
+        ))
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<AgentInfo>, Status> {
@@ -153,87 +129,10 @@ impl agent_server::Agent for AgentService {
     }
 }
 
-/// The data call of one connection, from the bytes the agent holds for it.
-fn carry(
-    id: u64,
-    pending: Pending,
-    mut upstream: Streaming<ConnectionUpstream>,
-    live: Arc<LiveSession>,
-) -> ConnectionStream {
-    match pending {
-        Pending::Stolen(stream) => {
-            let (reader, pipe) = proxy::start(stream, upstream, live.ended(), move |outcome| {
-                live.connection_closed(id, outcome);
-            });
-            tokio::spawn(pipe);
-            Box::pin(reader)
-        }
-        Pending::Mirrored(receiver) => {
-            // A copy is read-only: whatever the client sends is drained so
-            // the call's flow control never stalls. A reset says nothing
-            // answers locally: the copy ends, and its queue with it.
-            let (refused, refusal) = oneshot::channel();
-            tokio::spawn(async move {
-                let mut refused = Some(refused);
-                while let Ok(Some(message)) = upstream.message().await {
-                    if let Some(connection_upstream::Kind::Reset(_)) = message.kind
-                        && let Some(refused) = refused.take()
-                    {
-                        let _ = refused.send(());
-                    }
-                }
-            });
-            let refusal = async {
-                if refusal.await.is_err() {
-                    // The client finished its side without refusing.
-                    std::future::pending::<()>().await;
-                }
-            };
-            Box::pin(ReceiverStream::new(receiver).take_until(refusal))
-        }
-    }
-}
-
-/// A standby call answers at once and stays silent until the session hands
-/// it a connection: its first message then says which, and the connection's
-/// bytes follow. It ends without a message when the session ends first.
-fn stand_by(
-    handoff: oneshot::Receiver<Handoff>,
-    upstream: Streaming<ConnectionUpstream>,
-    live: Arc<LiveSession>,
-) -> ConnectionStream {
-    let downstream = stream::once(async move {
-        let Ok(Handoff {
-            id,
-            pending,
-            connection,
-        }) = handoff.await
-        else {
-            return stream::empty().boxed();
-        };
-        let first = ConnectionDownstream {
-            kind: Some(connection_downstream::Kind::Connection(connection)),
-        };
-        stream::once(std::future::ready(Ok(first)))
-            .chain(carry(id, pending, upstream, live))
-            .boxed()
-    })
-    .flatten();
-    Box::pin(downstream)
-}
-
-fn attach_status(err: AttachError) -> Status {
-    match err {
-        AttachError::Standby {
-            refused: StandbyRefused::TooMany,
-            ..
-        } => Status::resource_exhausted(err.to_string()),
-        _ => Status::not_found(err.to_string()),
-    }
-}
-
-async fn first_message<T>(stream: &mut Streaming<T>) -> Result<T, Status> {
-    match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, stream.message()).await {
+async fn first_message<T>(
+    next: impl Future<Output = Result<Option<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, next).await {
         Ok(Ok(Some(message))) => Ok(message),
         Ok(Ok(None)) => Err(Status::invalid_argument(
             "the call ended before its first message",
