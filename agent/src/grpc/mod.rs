@@ -1,5 +1,7 @@
 //! The `remocal.v1.Agent` gRPC service: thin glue from calls to sessions and
 //! proxied connections, and from our errors to status codes a client can act on.
+//! The `Connection` call, which carries the bytes, is framed by hand
+//! ([`connection_call`]); the others go through tonic's generated service.
 use std::{
     sync::Arc,
     time::{Duration, Instant},
