@@ -93,6 +93,7 @@ fn main() -> ExitCode {
 
 fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
     let profile = if quick { Profile::QUICK } else { Profile::FULL };
+    require_binaries()?;
     raise_fd_limit();
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -110,6 +111,21 @@ fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot write {}", svg.display()))?;
     println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+/// The shared test helpers assert that the binaries exist; run directly,
+/// the benchmark says so up front as an error instead.
+fn require_binaries() -> anyhow::Result<()> {
+    let dir = remocal_tests::processes::bin_dir();
+    for name in ["remocal-agent", "remocal"] {
+        anyhow::ensure!(
+            dir.join(name).is_file(),
+            "{} not found: run `cargo xtask bench`, or build them and point REMOCAL_BIN_DIR at \
+             their directory",
+            dir.join(name).display()
+        );
+    }
     Ok(())
 }
 
