@@ -63,33 +63,24 @@ impl RemoteReader {
 
     /// The next message, encoded.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
-        loop {
-            if let Err(err) = ready!(self.read.as_ref().poll_read_ready(cx)) {
+        let message = match ready!(DataBuffer::poll_read(&mut self.read, cx, CHUNK)) {
+            Ok(buffer) if buffer.is_empty() => {
+                self.stop_reading(ReadEnd::Eof);
+                wire::encode(&ConnectionDownstream {
+                    kind: Some(connection_downstream::Kind::Eof(Eof {})),
+                })
+            }
+            Ok(buffer) => {
+                self.from_remote
+                    .fetch_add(buffer.len() as u64, Ordering::Relaxed);
+                buffer.into_message::<ConnectionDownstream>()
+            }
+            Err(err) => {
                 self.stop_reading(ReadEnd::Failed(err));
                 return Poll::Pending;
             }
-            // A buffer exists only while there is something to read: an
-            // idle connection (most of a large session's) holds no memory.
-            let mut buffer = DataBuffer::with_capacity(CHUNK);
-            let message = match self.read.try_read_buf(buffer.tail()) {
-                Ok(0) => {
-                    self.stop_reading(ReadEnd::Eof);
-                    wire::encode(&ConnectionDownstream {
-                        kind: Some(connection_downstream::Kind::Eof(Eof {})),
-                    })
-                }
-                Ok(n) => {
-                    self.from_remote.fetch_add(n as u64, Ordering::Relaxed);
-                    buffer.into_message::<ConnectionDownstream>()
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(err) => {
-                    self.stop_reading(ReadEnd::Failed(err));
-                    return Poll::Pending;
-                }
-            };
-            return Poll::Ready(message);
-        }
+        };
+        Poll::Ready(message)
     }
 }
 

@@ -4,7 +4,6 @@
 //! between). A standby call is opened before its connection exists, so the
 //! local side is plugged in later, through a [`Plug`].
 use std::{
-    io,
     pin::Pin,
     task::{Context, Poll, ready},
 };
@@ -111,28 +110,18 @@ impl Local {
             self.stop_reading(Err(Failed));
             return Poll::Ready(Some(reset_frame(String::new())));
         }
-        loop {
-            if ready!(self.read.as_ref().poll_read_ready(cx)).is_err() {
-                self.stop_reading(Err(Failed));
-                return Poll::Ready(Some(reset_frame(String::new())));
+        match ready!(DataBuffer::poll_read(&mut self.read, cx, CHUNK)) {
+            // The end of this stream is the local side's FIN: the agent
+            // passes it on to the remote.
+            Ok(buffer) if buffer.is_empty() => {
+                self.stop_reading(Ok(()));
+                Poll::Ready(None)
             }
-            // A buffer exists only while there is something to read: an idle
-            // connection holds no memory of its own.
-            let mut buffer = DataBuffer::with_capacity(CHUNK);
-            return match self.read.try_read_buf(buffer.tail()) {
-                // The end of this stream is the local side's FIN: the agent
-                // passes it on to the remote.
-                Ok(0) => {
-                    self.stop_reading(Ok(()));
-                    Poll::Ready(None)
-                }
-                Ok(_) => Poll::Ready(Some(buffer.into_message::<ConnectionUpstream>())),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => {
-                    self.stop_reading(Err(Failed));
-                    Poll::Ready(Some(reset_frame(String::new())))
-                }
-            };
+            Ok(buffer) => Poll::Ready(Some(buffer.into_message::<ConnectionUpstream>())),
+            Err(_) => {
+                self.stop_reading(Err(Failed));
+                Poll::Ready(Some(reset_frame(String::new())))
+            }
         }
     }
 }

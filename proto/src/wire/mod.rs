@@ -15,6 +15,7 @@
 mod body;
 mod decode;
 mod encode;
+mod socket;
 
 use bytes::Bytes;
 
