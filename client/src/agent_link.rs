@@ -61,18 +61,35 @@ impl Agent {
             .map_err(|err| tonic::Status::from_error(Box::new(err)))?;
         let (head, body) = response.into_parts();
         // A call refused at once answers with its status in the headers.
-        if let Some(status) = tonic::Status::from_header_map(&head.headers)
+        let status = tonic::Status::from_header_map(&head.headers);
+        if let Some(status) = &status
             && status.code() != Code::Ok
         {
-            return Err(status);
+            return Err(status.clone());
         }
         if !head.status.is_success() {
-            return Err(tonic::Status::unknown(format!(
-                "the agent answered HTTP {}",
-                head.status
-            )));
+            return Err(http_failure(head.status));
         }
-        Ok(Messages::new(body))
+        Ok(Messages::response(body, status.is_some()))
+    }
+}
+
+/// What an HTTP status instead of a gRPC answer means, as gRPC clients read
+/// it: a proxy or gateway in between that could not reach the agent is
+/// worth retrying, a path it does not know is not.
+fn http_failure(status: http::StatusCode) -> tonic::Status {
+    use http::StatusCode as Http;
+    let message = format!("the agent's address answered HTTP {status}, not gRPC");
+    match status {
+        Http::BAD_REQUEST => tonic::Status::internal(message),
+        Http::UNAUTHORIZED => tonic::Status::unauthenticated(message),
+        Http::FORBIDDEN => tonic::Status::permission_denied(message),
+        Http::NOT_FOUND => tonic::Status::unimplemented(message),
+        Http::TOO_MANY_REQUESTS
+        | Http::BAD_GATEWAY
+        | Http::SERVICE_UNAVAILABLE
+        | Http::GATEWAY_TIMEOUT => tonic::Status::unavailable(message),
+        _ => tonic::Status::unknown(message),
     }
 }
 
@@ -117,7 +134,8 @@ impl AgentAddress {
         };
         match connected {
             Ok(channel) => Ok(Agent {
-                api: AgentClient::new(channel.clone()),
+                api: AgentClient::new(channel.clone())
+                    .max_decoding_message_size(wire::MAX_CONTROL_MESSAGE),
                 channel,
             }),
             Err(err) => Err(match self.explain().await {

@@ -70,7 +70,7 @@ impl Service<http::Request<Body>> for Router {
         }
         let sessions = self.sessions.clone();
         Box::pin(async move {
-            let upstream = Messages::new(request.into_body());
+            let upstream = Messages::request(request.into_body());
             Ok(match connection(&sessions, upstream).await {
                 Ok(frames) => {
                     let mut response = http::Response::new(Body::new(FrameBody::server(frames)));

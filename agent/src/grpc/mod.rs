@@ -66,7 +66,8 @@ pub fn service(sessions: Arc<Sessions>) -> Router {
     let generated = agent_server::AgentServer::new(AgentService {
         sessions: sessions.clone(),
         started: Instant::now(),
-    });
+    })
+    .max_decoding_message_size(remocal_proto::wire::MAX_CONTROL_MESSAGE);
     Router::new(generated, sessions)
 }
 

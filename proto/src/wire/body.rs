@@ -75,7 +75,8 @@ where
 fn trailers(status: &Status) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if status.add_header(&mut headers).is_err() {
-        // Only a message that cannot be a header value gets here.
+        // Only metadata or details fail to encode, and this side sets
+        // neither; the status code goes out in any case.
         headers.insert("grpc-status", HeaderValue::from(status.code() as i32));
     }
     headers

@@ -20,6 +20,11 @@ pub struct Messages<M> {
     next: Next,
     /// The body has ended (trailers, if any, were read).
     ended: bool,
+    /// A response must end with a status: without one, the server's side
+    /// was cut short, not finished.
+    status_due: bool,
+    /// Once the call failed, every later read says so too.
+    failed: Option<Status>,
     message: PhantomData<fn() -> M>,
 }
 
@@ -39,13 +44,26 @@ enum Next {
 const DATA_HEADER: usize = 1 + 10;
 
 impl<M: DataMessage> Messages<M> {
-    pub fn new(body: Body) -> Self {
+    /// A request's messages: they end with the stream.
+    pub fn request(body: Body) -> Self {
+        Self::new(body, false)
+    }
+
+    /// A response's messages: they end with the server's status, which a
+    /// status in the response's headers has already given (`status_given`).
+    pub fn response(body: Body, status_given: bool) -> Self {
+        Self::new(body, !status_given)
+    }
+
+    fn new(body: Body, status_due: bool) -> Self {
         Self {
             body,
             received: VecDeque::new(),
             buffered: 0,
             next: Next::Prefix,
             ended: false,
+            status_due,
+            failed: None,
             message: PhantomData,
         }
     }
@@ -53,12 +71,26 @@ impl<M: DataMessage> Messages<M> {
     /// The next message; `None` once the other side finished cleanly, an
     /// error when it ended the call with one, reset it, or broke the framing.
     pub async fn message(&mut self) -> Result<Option<M>, Status> {
+        if let Some(status) = &self.failed {
+            return Err(status.clone());
+        }
+        let result = self.read().await;
+        if let Err(status) = &result {
+            self.failed = Some(status.clone());
+        }
+        result
+    }
+
+    async fn read(&mut self) -> Result<Option<M>, Status> {
         loop {
             if let Some(message) = self.decode()? {
                 return Ok(Some(message));
             }
             if self.ended {
                 return match (self.next, self.buffered) {
+                    _ if self.status_due => Err(Status::unavailable(
+                        "the call ended without a status: the other side was cut off",
+                    )),
                     (Next::Prefix, 0) => Ok(None),
                     _ => Err(Status::internal(
                         "the call ended in the middle of a message",
@@ -78,6 +110,7 @@ impl<M: DataMessage> Messages<M> {
                 Err(frame) => {
                     self.ended = true;
                     let status = frame.trailers_ref().and_then(Status::from_header_map);
+                    self.status_due &= status.is_none();
                     if let Some(status) = status.filter(|status| status.code() != Code::Ok) {
                         return Err(status);
                     }

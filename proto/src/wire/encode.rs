@@ -8,22 +8,25 @@ use super::{DataMessage, PREFIX, data_key};
 /// Room for the prefix, a one-byte key and a length of up to 10 bytes.
 const HEADROOM: usize = 16;
 
+/// Unused room a message may keep: more is given back before it is queued.
+const SPARE_KEPT: usize = 4096;
+
 /// A buffer a connection's bytes are read into, with room in front for
 /// their message's framing, so that the message goes to HTTP/2 as one
 /// piece without being copied.
-pub struct DataBuffer(BytesMut);
+pub struct DataBuffer(Vec<u8>);
 
 impl DataBuffer {
     /// Room for `capacity` bytes of payload.
-    pub fn with_capacity(capacity: usize) -> Self {
-        let mut buffer = BytesMut::with_capacity(HEADROOM + capacity);
-        buffer.put_bytes(0, HEADROOM);
+    pub(super) fn with_capacity(capacity: usize) -> Self {
+        let mut buffer = Vec::with_capacity(HEADROOM + capacity);
+        buffer.resize(HEADROOM, 0);
         Self(buffer)
     }
 
     /// The buffer to read into. Only append to it: what is already there is
     /// the room kept for the framing.
-    pub fn tail(&mut self) -> &mut BytesMut {
+    pub(super) fn tail(&mut self) -> &mut Vec<u8> {
         &mut self.0
     }
 
@@ -42,7 +45,14 @@ impl DataBuffer {
         let mut buffer = self.0;
         let start = HEADROOM - header_len::<M>(payload);
         put_header::<M>(&mut buffer[start..HEADROOM], payload);
-        buffer.freeze().slice(start..)
+        // HTTP/2 may queue many messages behind a slow link, each holding
+        // its whole buffer: a short read gives the rest back first, which
+        // glibc does in place, without copying, so queued memory stays
+        // close to the bytes queued.
+        if buffer.capacity() - buffer.len() > SPARE_KEPT {
+            buffer.shrink_to_fit();
+        }
+        Bytes::from(buffer).slice(start..)
     }
 }
 
@@ -53,6 +63,7 @@ fn header_len<M: DataMessage>(payload: usize) -> usize {
 
 fn put_header<M: DataMessage>(mut into: &mut [u8], payload: usize) {
     let message = header_len::<M>(payload) - PREFIX + payload;
+    debug_assert!(u32::try_from(message).is_ok(), "data is read in chunks");
     into.put_u8(0);
     into.put_u32(message as u32);
     encode_varint(data_key::<M>(), &mut into);

@@ -113,6 +113,7 @@ fn mixed() -> Vec<ConnectionUpstream> {
         ConnectionUpstream::data(pattern(300)),
         ConnectionUpstream::default(),
         ConnectionUpstream::data(pattern(1)),
+        ConnectionUpstream::data(Bytes::new()),
         reset,
     ]
 }
@@ -125,11 +126,12 @@ async fn messages_come_back_however_the_frames_cut_them() {
         sent.iter().cloned().map(DataMessage::into_data).collect();
     // The empty message is a data-less message.
     assert!(expected[2].is_err());
+    // Empty data says nothing about the byte stream: it is not handed on.
     expected.retain(|item| item.as_ref().map_or(true, |data| !data.is_empty()));
     for cut in 0..=bytes.len() {
         for second in [cut, (cut + 3).min(bytes.len())] {
             let mut messages =
-                Messages::<ConnectionUpstream>::new(body(&bytes, &[cut, second], None));
+                Messages::<ConnectionUpstream>::request(body(&bytes, &[cut, second], None));
             let (read, end) = read_all(&mut messages).await;
             assert!(end.is_ok(), "cut at {cut}: {end:?}");
             assert_eq!(read, expected, "cut at {cut} and {second}");
@@ -140,30 +142,70 @@ async fn messages_come_back_however_the_frames_cut_them() {
 #[tokio::test]
 async fn data_arrives_without_copies_in_the_pieces_it_came_in() {
     let payload = pattern(100_000);
-    let framed = stock(&ConnectionDownstream::data(payload.clone()));
-    let mut messages =
-        Messages::<ConnectionDownstream>::new(body(&framed, &[40_000, 70_000], None));
+    let framed = Bytes::from(stock(&ConnectionDownstream::data(payload.clone())));
+    let frames = [0..40_000, 40_000..70_000, 70_000..framed.len()]
+        .map(|range| Ok::<_, Status>(Frame::data(framed.slice(range))));
+    let mut messages = Messages::<ConnectionDownstream>::response(
+        Body::new(StreamBody::new(stream::iter(frames))),
+        true,
+    );
     let mut pieces = Vec::new();
     while let Some(message) = messages.message().await.unwrap() {
-        pieces.push(message.into_data().unwrap().len());
+        let piece = message.into_data().unwrap();
+        // Where the piece lies in the frames' memory: a copy lies elsewhere.
+        let offset = piece.as_ptr() as usize - framed.as_ptr() as usize;
+        assert!(offset + piece.len() <= framed.len(), "a copy");
+        pieces.push((offset, piece));
     }
     // The first piece starts after the framing: 5 + 1 + 3 bytes.
-    assert_eq!(pieces, [40_000 - 9, 30_000, 30_009]);
+    let layout: Vec<_> = pieces
+        .iter()
+        .map(|(at, piece)| (*at, piece.len()))
+        .collect();
+    assert_eq!(
+        layout,
+        [(9, 40_000 - 9), (40_000, 30_000), (70_000, 30_009)]
+    );
+    let joined: Vec<u8> = pieces
+        .iter()
+        .flat_map(|(_, piece)| piece.to_vec())
+        .collect();
+    assert_eq!(joined, payload);
 }
 
 #[tokio::test]
 async fn a_status_in_the_trailers_ends_the_messages_with_it() {
     let framed = stock(&ConnectionDownstream::data(pattern(10)));
     let aborted = Status::aborted("the remote connection failed");
-    let mut messages = Messages::<ConnectionDownstream>::new(body(&framed, &[], Some(aborted)));
+    let mut messages =
+        Messages::<ConnectionDownstream>::response(body(&framed, &[], Some(aborted)), false);
     let (read, end) = read_all(&mut messages).await;
     assert_eq!(read, [Ok(pattern(10))]);
     let status = end.unwrap_err();
     assert_eq!(status.code(), Code::Aborted);
     assert_eq!(status.message(), "the remote connection failed");
 
-    let mut clean = Messages::<ConnectionDownstream>::new(body(&framed, &[], Some(Status::ok(""))));
+    let mut clean =
+        Messages::<ConnectionDownstream>::response(body(&framed, &[], Some(Status::ok(""))), false);
     assert!(read_all(&mut clean).await.1.is_ok());
+}
+
+#[tokio::test]
+async fn a_response_cut_off_before_its_status_is_an_error() {
+    let framed = stock(&ConnectionDownstream::data(pattern(10)));
+    let mut cut = Messages::<ConnectionDownstream>::response(body(&framed, &[], None), false);
+    let (read, end) = read_all(&mut cut).await;
+    assert_eq!(read, [Ok(pattern(10))]);
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+
+    // A status already in the headers (trailers-only) needs none at the end.
+    let mut given = Messages::<ConnectionDownstream>::response(body(&[], &[], None), true);
+    let (read, end) = read_all(&mut given).await;
+    assert!(read.is_empty() && end.is_ok(), "{end:?}");
+    // A request's messages end with the stream.
+    let mut request = Messages::<ConnectionUpstream>::request(body(&[], &[], None));
+    let (read, end) = read_all(&mut request).await;
+    assert!(read.is_empty() && end.is_ok(), "{end:?}");
 }
 
 #[tokio::test]
@@ -182,9 +224,12 @@ async fn broken_framing_is_an_error_not_a_hang() {
         (oversized, Code::ResourceExhausted),
         (vec![0, 0, 0, 0, 2, 0xff, 0xff], Code::Internal),
     ] {
-        let mut messages = Messages::<ConnectionUpstream>::new(body(&bytes, &[], None));
+        let mut messages = Messages::<ConnectionUpstream>::request(body(&bytes, &[], None));
         let (_, end) = read_all(&mut messages).await;
         assert_eq!(end.unwrap_err().code(), code, "{bytes:?}");
+        // Nothing after the failure is read as a message.
+        let again = messages.message().await.unwrap_err();
+        assert_eq!(again.code(), code, "{bytes:?}");
     }
 }
 
@@ -199,7 +244,8 @@ async fn a_server_body_ends_with_the_status_and_reads_back() {
             .map(Ok)
             .chain([Err(Status::unavailable("the session ended"))]),
     );
-    let mut messages = Messages::<ConnectionDownstream>::new(Body::new(FrameBody::server(sent)));
+    let mut messages =
+        Messages::<ConnectionDownstream>::response(Body::new(FrameBody::server(sent)), false);
     let (read, end) = read_all(&mut messages).await;
     assert_eq!(read, [Ok(pattern(5000)), Err(eof)]);
     assert_eq!(end.unwrap_err().code(), Code::Unavailable);
@@ -228,11 +274,47 @@ async fn a_message_with_more_than_data_is_decoded_whole() {
     let message = [0x12, 3, b'a', b'b', b'c', 0x0a, 0];
     let mut framed = vec![0, 0, 0, 0, message.len() as u8];
     framed.extend_from_slice(&message);
-    let mut messages = Messages::<ConnectionUpstream>::new(body(&framed, &[6], None));
+    let mut messages = Messages::<ConnectionUpstream>::request(body(&framed, &[6], None));
     let (read, end) = read_all(&mut messages).await;
     assert!(end.is_ok());
     let attach = ConnectionUpstream {
         kind: Some(connection_upstream::Kind::Attach(Attach::default())),
     };
     assert_eq!(read, [Err(attach)]);
+}
+
+#[tokio::test]
+async fn a_socket_is_read_into_messages_until_its_end() {
+    use tokio::io::AsyncWriteExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut sender = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut socket, _) = listener.accept().await.unwrap().0.into_split();
+
+    sender.write_all(&pattern(100)).await.unwrap();
+    let buffer = read(&mut socket).await.unwrap();
+    assert_eq!(buffer.len(), 100);
+    assert_eq!(
+        buffer.into_message::<ConnectionUpstream>(),
+        stock(&ConnectionUpstream::data(pattern(100)))
+    );
+    // More than one read holds: the rest comes with the next.
+    sender.write_all(&pattern(1500)).await.unwrap();
+    let mut received = Vec::new();
+    while received.len() < 1500 {
+        let buffer = read(&mut socket).await.unwrap();
+        assert!(!buffer.is_empty() && buffer.len() <= 1 << 10);
+        let message = buffer.into_message::<ConnectionUpstream>();
+        let decoded = <ConnectionUpstream as prost::Message>::decode(&message[PREFIX..]).unwrap();
+        received.extend_from_slice(&decoded.into_data().unwrap());
+    }
+    assert_eq!(received, pattern(1500));
+
+    sender.shutdown().await.unwrap();
+    assert!(read(&mut socket).await.unwrap().is_empty());
+}
+
+async fn read(socket: &mut tokio::net::tcp::OwnedReadHalf) -> std::io::Result<DataBuffer> {
+    std::future::poll_fn(|cx| DataBuffer::poll_read(socket, cx, 1 << 10)).await
 }
