@@ -61,7 +61,8 @@ impl RemoteReader {
         }
     }
 
-    /// The next message, encoded.
+    /// The next message, already framed, so HTTP/2 sends the buffer the
+    /// socket was read into as it is.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
         let message = match ready!(DataBuffer::poll_read(&mut self.read, cx, CHUNK)) {
             Ok(buffer) if buffer.is_empty() => {

@@ -20,7 +20,8 @@ pub struct FrameBody<S> {
 }
 
 impl<S> FrameBody<S> {
-    /// A response's body.
+    /// A response's body: the client learns how the call ended from its
+    /// trailers.
     pub fn server(frames: S) -> Self {
         Self {
             frames: Some(frames),
@@ -28,7 +29,8 @@ impl<S> FrameBody<S> {
         }
     }
 
-    /// A request's body.
+    /// A request's body: gRPC requests carry no status, so an error can
+    /// only reset the stream.
     pub fn client(frames: S) -> Self {
         Self {
             frames: Some(frames),
