@@ -189,3 +189,6 @@ fn endpoint(url: &str) -> Result<Endpoint, Failure> {
         .initial_connection_window_size(64 << 20)
         .max_frame_size(remocal_proto::HTTP2_FRAME_SIZE))
 }
+
+#[cfg(test)]
+mod tests;
