@@ -237,7 +237,10 @@ pub fn table(results: &Results, checks: &[Check]) -> String {
             resident.per_connection_bytes / 1024.0
         );
     }
-    let _ = write!(out, "mirror, exact copies at:");
+    let _ = writeln!(
+        out,
+        "\nmirror, a paced stream's copy checked byte for byte:"
+    );
     for step in &results.mirror.steps {
         let paced = step
             .paced_gbit_per_second
@@ -247,13 +250,12 @@ pub fn table(results: &Results, checks: &[Check]) -> String {
             (Some(why), false) => format!("CUT: {why}"),
             (None, false) => "CUT".to_string(),
         };
-        let _ = write!(
+        let _ = writeln!(
             out,
-            " {paced} ({:.2} GB/s sent) {verdict};",
+            "  {paced:>12} {:>6.2} GB/s sent   {verdict}",
             step.sent_gbyte_per_second,
         );
     }
-    let _ = writeln!(out);
     let startup = &results.startup;
     let _ = writeln!(
         out,
