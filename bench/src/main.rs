@@ -114,17 +114,11 @@ fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The shared test helpers assert that the binaries exist; run directly,
-/// the benchmark says so up front as an error instead.
+/// The shared test helpers panic on a missing binary; run directly, the
+/// benchmark says so up front as an error instead.
 fn require_binaries() -> anyhow::Result<()> {
-    let dir = remocal_tests::processes::bin_dir();
     for name in ["remocal-agent", "remocal"] {
-        anyhow::ensure!(
-            dir.join(name).is_file(),
-            "{} not found: run `cargo xtask bench`, or build them and point REMOCAL_BIN_DIR at \
-             their directory",
-            dir.join(name).display()
-        );
+        remocal_tests::processes::built_binary(name).map_err(anyhow::Error::msg)?;
     }
     Ok(())
 }

@@ -34,14 +34,20 @@ pub fn bin_dir() -> PathBuf {
 
 /// Path to a binary under test, failing with what to do if it has not been built.
 pub fn binary(name: &str) -> PathBuf {
+    built_binary(name).unwrap_or_else(|missing| panic!("{missing}"))
+}
+
+/// The same, as an error for callers that report rather than panic.
+pub fn built_binary(name: &str) -> Result<PathBuf, String> {
     let path = bin_dir().join(name);
-    assert!(
-        path.is_file(),
+    if path.is_file() {
+        return Ok(path);
+    }
+    Err(format!(
         "{} not found: run `cargo xtask test`, or `cargo build -p remocal-agent -p remocal` first \
          (or point REMOCAL_BIN_DIR at the directory holding remocal-agent and remocal)",
         path.display()
-    );
-    path
+    ))
 }
 
 /// A port on 127.0.0.1 that nothing listens on right now.

@@ -87,10 +87,12 @@ impl<M: DataMessage> Messages<M> {
                 return Ok(Some(message));
             }
             if self.ended {
-                return match (self.next, self.buffered) {
-                    _ if self.status_due => Err(Status::unavailable(
+                if self.status_due {
+                    return Err(Status::unavailable(
                         "the call ended without a status: the other side was cut off",
-                    )),
+                    ));
+                }
+                return match (self.next, self.buffered) {
                     (Next::Prefix, 0) => Ok(None),
                     _ => Err(Status::internal(
                         "the call ended in the middle of a message",
