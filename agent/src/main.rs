@@ -1,7 +1,9 @@
 //! remocal-agent: runs on every node (a DaemonSet with hostNetwork and
 //! hostPID), steals selected TCP connections of pods with eBPF and serves them
 //! to remocal clients over gRPC.
+mod auth;
 mod grpc;
+mod health;
 mod kube;
 mod logging;
 mod memory;
@@ -22,6 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
+    auth::{Auth, AuthMode},
     kube::PodLookup,
     logging::LogFormat,
     metrics::Metrics,
@@ -70,6 +73,12 @@ struct Cli {
     /// heavy traffic at once.
     #[arg(long, env = "REMOCAL_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
+    /// Who may call: `kubernetes` (callers prove their kubeconfig identity,
+    /// RBAC decides what they may steal or mirror) or `none` (everyone may
+    /// do anything; only with a loopback --grpc-listen). Default:
+    /// `kubernetes` whenever the agent has API access, else `none`.
+    #[arg(long, value_enum)]
+    auth: Option<AuthMode>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,12 +87,16 @@ fn main() -> anyhow::Result<()> {
     remocal_proto::allocator::configure();
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.worker_threads.into())
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?
-        .block_on(run(cli))
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(run(cli));
+    // A blocking thread stuck in the kernel must not keep a stopping agent
+    // alive until the kubelet's kill timeout.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -108,9 +121,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         warn!("NODE_NAME is not set: pods cannot be targeted by name");
     }
     let metrics = Arc::new(Metrics::default());
+    let auth = Arc::new(authentication(
+        cli.auth,
+        &pods,
+        cli.grpc_listen,
+        metrics.clone(),
+    )?);
     let registry = metrics::registry(&metrics, Box::new(redirector.kernel_counters()));
-    let sessions = Sessions::new(Arc::new(redirector), pods, settings, metrics);
-    let metrics_addr = metrics::serve(cli.metrics_listen, registry).await.with_context(|| {
+    let sessions = Sessions::new(Arc::new(redirector), pods, auth.clone(), settings, metrics);
+    let metrics_addr = metrics::serve(cli.metrics_listen, registry, health::Heartbeat::start())
+        .await.with_context(|| {
         format!(
             "cannot serve metrics on {}: is another remocal-agent running? Choose another address with --metrics-listen",
             cli.metrics_listen
@@ -131,7 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     info!(grpc = %grpc_addr, metrics = %metrics_addr, version = env!("CARGO_PKG_VERSION"), "remocal-agent ready");
 
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = grpc::server()
+    let server = grpc::server(auth)
         .add_service(grpc::service(sessions.clone()))
         .serve_with_incoming_shutdown(grpc::incoming(listener), async {
             let _ = stopped.await;
@@ -149,6 +169,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(served) => served.context("the gRPC server failed"),
         Err(_) => Ok(()),
+    }
+}
+
+/// `kubernetes` wherever the agent can ask the API server; `none` only where
+/// no one but the node's own users can call.
+fn authentication(
+    mode: Option<AuthMode>,
+    pods: &PodLookup,
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Auth> {
+    let client = pods.client();
+    let mode = mode.unwrap_or(if client.is_some() {
+        AuthMode::Kubernetes
+    } else {
+        AuthMode::None
+    });
+    match (mode, client) {
+        (AuthMode::Kubernetes, Some(client)) => Ok(Auth::kubernetes(client, metrics)),
+        (AuthMode::Kubernetes, None) => anyhow::bail!(
+            "--auth kubernetes needs the Kubernetes API: run the agent in a cluster or give --kubeconfig"
+        ),
+        (AuthMode::None, _) if listen.ip().is_loopback() => {
+            warn!(
+                grpc = %listen,
+                "--auth none: every caller may steal or mirror anything on this node; only use it on a machine of your own"
+            );
+            Ok(Auth::none(metrics))
+        }
+        (AuthMode::None, _) => anyhow::bail!(
+            "--auth none is only allowed when --grpc-listen is a loopback address (it is {listen}): anyone who can reach it could steal any pod's traffic; use --auth kubernetes"
+        ),
     }
 }
 

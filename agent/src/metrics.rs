@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Router,
-    http::{HeaderMap, header},
+    http::{HeaderMap, StatusCode, header},
     response::IntoResponse,
     routing::get,
 };
@@ -23,6 +23,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use tracing::warn;
+
+use crate::health::{Heartbeat, STALL_LIMIT};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -63,6 +65,8 @@ pub struct Metrics {
     pub connections_active: Family<ModeLabels, Gauge>,
     pub bytes_total: Family<TrafficLabels, Counter>,
     pub mirror_lost_bytes_total: Counter,
+    pub mirror_half_open: Gauge,
+    pub mirror_not_copied_total: Counter,
     pub session_errors_total: Family<ReasonLabels, Counter>,
     pub flow_rtt_seconds: Histogram,
 }
@@ -75,6 +79,8 @@ impl Default for Metrics {
             connections_active: Family::default(),
             bytes_total: Family::default(),
             mirror_lost_bytes_total: Counter::default(),
+            mirror_half_open: Gauge::default(),
+            mirror_not_copied_total: Counter::default(),
             session_errors_total: Family::default(),
             // 50 µs to ~1.6 s: from a pod next door to a remote region.
             flow_rtt_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
@@ -141,6 +147,16 @@ pub fn registry(metrics: &Metrics, kernel: Box<dyn Collector>) -> Registry {
         metrics.mirror_lost_bytes_total.clone(),
     );
     registry.register(
+        "mirror_half_open",
+        "Connections to mirrored ports whose SYN was seen and no data yet (copies start with the first data)",
+        metrics.mirror_half_open.clone(),
+    );
+    registry.register(
+        "mirror_not_copied",
+        "New mirrored connections not copied because their session already had the most copies in progress",
+        metrics.mirror_not_copied_total.clone(),
+    );
+    registry.register(
         "session_errors",
         "Session requests refused or failed, by gRPC status",
         metrics.session_errors_total.clone(),
@@ -164,8 +180,15 @@ pub fn registry(metrics: &Metrics, kernel: Box<dyn Collector>) -> Registry {
 
 /// Serves the registry; an address already taken is an error at start-up.
 /// Returns the address bound (port 0 picks a free one).
-pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+/// Serves on a thread and runtime of its own: a scrape or a probe never
+/// waits behind the data path, and `/healthz` can tell that the main runtime
+/// is stuck (see [`Heartbeat`]).
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    heartbeat: Heartbeat,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?.into_std()?;
     let bound = listener.local_addr()?;
     let registry = Arc::new(registry);
     let app = Router::new()
@@ -176,15 +199,39 @@ pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<Sock
                 async move { scrape(&registry, &headers) }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(move || async move { health(&heartbeat) }))
         // Ready once serving: the eBPF programs were verified before this starts.
         .route("/readyz", get(|| async { "ready\n" }));
-    tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, app).await {
-            warn!(%err, "the metrics server stopped");
-        }
-    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let served = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => axum::serve(listener, app).await,
+                    Err(err) => Err(err),
+                };
+                if let Err(err) = served {
+                    warn!(%err, "the metrics server stopped");
+                }
+            });
+        })?;
     Ok(bound)
+}
+
+fn health(heartbeat: &Heartbeat) -> impl IntoResponse + use<> {
+    match heartbeat.stalled(STALL_LIMIT) {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(silent) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stuck: the agent's runtime has made no progress for {}s\n",
+                silent.as_secs()
+            ),
+        ),
+    }
 }
 
 /// OpenMetrics for scrapers that ask for it (Prometheus does), the classic

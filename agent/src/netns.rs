@@ -4,11 +4,11 @@
 //! namespace after the thread is gone, and the rest of the process never moves.
 use std::{
     fmt,
-    fs::File,
+    fs::{File, OpenOptions},
     io,
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd},
-        unix::fs::MetadataExt,
+        unix::fs::{MetadataExt, OpenOptionsExt},
     },
     path::Path,
 };
@@ -57,6 +57,12 @@ pub enum TargetError {
     #[error("{0} is not a network namespace: pass /var/run/netns/NAME or /proc/PID/ns/net")]
     NotANamespace(String),
     #[error(
+        "{0:?} is not a namespace path remocal accepts: pass /var/run/netns/NAME (a plain name) or /proc/PID/ns/net"
+    )]
+    UnsupportedPath(String),
+    #[error("opening {0} took too long; check the node")]
+    Timeout(String),
+    #[error(
         "{0} is the agent's own (the node's) network namespace: stealing there would take the node's port, so target a pod's namespace instead"
     )]
     HostNamespace(String),
@@ -78,7 +84,7 @@ pub struct Netns {
 impl Netns {
     pub fn open(spec: &TargetSpec) -> Result<Self, TargetError> {
         let path = match spec {
-            TargetSpec::Path(path) => path.clone(),
+            TargetSpec::Path(path) => accepted_path(path)?,
             TargetSpec::Pid(pid) => format!("/proc/{pid}/ns/net"),
             TargetSpec::PodUid(uid) => {
                 find_pod_netns(Path::new("/proc"), uid, Path::new(OWN_NAMESPACE))?
@@ -92,24 +98,37 @@ impl Netns {
                     .into_owned()
             }
         };
-        let file = File::open(&path).map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => match spec {
-                TargetSpec::Path(path) => TargetError::NoSuchNamespace(path.clone()),
-                TargetSpec::Pid(pid) => TargetError::NoSuchProcess(*pid),
-                TargetSpec::PodUid(uid) => PodNetnsError::NotOnThisNode(uid.clone()).into(),
-                TargetSpec::Pod(pod) => {
-                    PodNetnsError::NotOnThisNode(format!("{}/{}", pod.namespace, pod.name)).into()
-                }
-            },
-            io::ErrorKind::PermissionDenied => TargetError::PermissionDenied {
-                what: path.clone(),
-                source,
-            },
-            _ => TargetError::Io {
-                what: path.clone(),
-                source,
-            },
-        })?;
+        // Non-blocking, and no symbolic link at the end of a named
+        // namespace's path: nothing a caller names can make this open wait
+        // (a FIFO would) or lead elsewhere.
+        let no_follow = if path.starts_with(NAMED_NAMESPACES) {
+            libc::O_NOFOLLOW
+        } else {
+            0
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | no_follow)
+            .open(&path)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::NotFound => match spec {
+                    TargetSpec::Path(path) => TargetError::NoSuchNamespace(path.clone()),
+                    TargetSpec::Pid(pid) => TargetError::NoSuchProcess(*pid),
+                    TargetSpec::PodUid(uid) => PodNetnsError::NotOnThisNode(uid.clone()).into(),
+                    TargetSpec::Pod(pod) => {
+                        PodNetnsError::NotOnThisNode(format!("{}/{}", pod.namespace, pod.name))
+                            .into()
+                    }
+                },
+                io::ErrorKind::PermissionDenied => TargetError::PermissionDenied {
+                    what: path.clone(),
+                    source,
+                },
+                _ => TargetError::Io {
+                    what: path.clone(),
+                    source,
+                },
+            })?;
         if !is_network_namespace(&file) {
             return Err(TargetError::NotANamespace(path));
         }
@@ -166,6 +185,34 @@ fn ns_id(file: &File) -> io::Result<NsId> {
 }
 
 const OWN_NAMESPACE: &str = "/proc/thread-self/ns/net";
+const NAMED_NAMESPACES: &str = "/var/run/netns/";
+
+/// The two shapes of namespace path a client may name; anything else (other
+/// files, `..`, /proc/1/root/...) is refused before the file system is
+/// touched, so a refusal says nothing about what exists on the node.
+fn accepted_path(path: &str) -> Result<String, TargetError> {
+    let unsupported = || TargetError::UnsupportedPath(path.chars().take(256).collect());
+    if let Some(name) = path.strip_prefix(NAMED_NAMESPACES) {
+        let plain = !name.is_empty()
+            && name.len() <= 255
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        return if plain {
+            Ok(path.to_string())
+        } else {
+            Err(unsupported())
+        };
+    }
+    let pid = path
+        .strip_prefix("/proc/")
+        .and_then(|rest| rest.strip_suffix("/ns/net"))
+        .filter(|pid| !pid.is_empty() && pid.len() <= 10 && pid.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(unsupported)?;
+    Ok(format!("/proc/{pid}/ns/net"))
+}
 
 fn own_namespace() -> Option<NsId> {
     File::open(Path::new(OWN_NAMESPACE))
@@ -200,6 +247,33 @@ mod tests {
     }
 
     #[test]
+    fn only_the_two_namespace_path_shapes_are_accepted() {
+        for accepted in ["/var/run/netns/pod-a_1.x", "/proc/42/ns/net"] {
+            assert_eq!(accepted_path(accepted).unwrap(), accepted);
+        }
+        for refused in [
+            "/proc/1/root/etc/shadow",
+            "/proc/self/ns/net",
+            "/proc/1/ns/../root/x",
+            "/var/run/netns/../../etc/passwd",
+            "/var/run/netns/a/b",
+            "/var/run/netns/..",
+            "/var/run/netns/",
+            "/tmp/fifo",
+            "var/run/netns/x",
+            "/proc/12345678901/ns/net",
+        ] {
+            let err = Netns::open(&TargetSpec::Path(refused.into()))
+                .err()
+                .unwrap();
+            assert!(
+                matches!(err, TargetError::UnsupportedPath(_)),
+                "{refused}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn own_namespace_and_non_namespaces_are_refused() {
         let own = TargetSpec::Pid(std::process::id());
         assert!(matches!(
@@ -209,7 +283,7 @@ mod tests {
         let file = TargetSpec::Path("/proc/self/status".into());
         assert!(matches!(
             Netns::open(&file),
-            Err(TargetError::NotANamespace(_))
+            Err(TargetError::UnsupportedPath(_))
         ));
     }
 }

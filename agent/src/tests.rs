@@ -73,18 +73,21 @@ impl Harness {
         let redirector = LoopbackRedirector::default();
         let active = redirector.active.clone();
         let taps = redirector.taps.clone();
+        let metrics: Arc<crate::metrics::Metrics> = Arc::default();
+        let auth = Arc::new(crate::auth::Auth::none(metrics.clone()));
         let sessions = Sessions::new(
             Arc::new(redirector),
             crate::kube::PodLookup::unavailable(),
+            auth.clone(),
             crate::session::Settings {
                 mirror_flow_limit: 1 << 20,
             },
-            Arc::default(),
+            metrics,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
-            crate::grpc::server()
+            crate::grpc::server(auth)
                 .add_service(grpc::service(sessions))
                 .serve_with_incoming(crate::grpc::incoming(listener)),
         );

@@ -2,13 +2,17 @@
 //! stolen connection: straight to a URL, or through the Kubernetes
 //! port-forward API. Keepalive pings notice a dead agent or network the same
 //! way the agent notices a dead client.
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures::Stream;
 use http::{
     HeaderValue, Method,
-    header::{CONTENT_TYPE, TE},
+    header::{AUTHORIZATION, CONTENT_TYPE, TE},
 };
 use remocal_proto::{
     v1::{ConnectionDownstream, agent_client::AgentClient},
@@ -17,12 +21,14 @@ use remocal_proto::{
 use tonic::{
     Code,
     body::Body,
+    codegen::BoxFuture,
     transport::{Channel, Endpoint, Uri},
 };
-use tower::{Service as _, ServiceExt as _};
+use tower::{BoxError, Service, ServiceExt as _};
 
 use crate::{
     cluster::PortForward,
+    credentials::Credentials,
     exit::{Failure, Status, root_cause},
 };
 
@@ -35,8 +41,39 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// are not copied on their way (see [`remocal_proto::wire`]).
 #[derive(Clone)]
 pub struct Agent {
-    pub api: AgentClient<Channel>,
+    pub api: AgentClient<Authenticated>,
+    channel: Authenticated,
+}
+
+/// The channel to the agent, with our credential on every call.
+#[derive(Clone)]
+pub struct Authenticated {
     channel: Channel,
+    credentials: Credentials,
+}
+
+impl Service<http::Request<Body>> for Authenticated {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.channel.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // The channel that was polled ready sends this call.
+        let clone = self.channel.clone();
+        let mut channel = std::mem::replace(&mut self.channel, clone);
+        let plain = self.channel.clone();
+        let credentials = self.credentials.clone();
+        Box::pin(async move {
+            if let Some(header) = credentials.header(&plain).await? {
+                request.headers_mut().insert(AUTHORIZATION, header);
+            }
+            channel.call(request).await.map_err(Into::into)
+        })
+    }
 }
 
 impl Agent {
@@ -55,10 +92,10 @@ impl Agent {
             .channel
             .ready()
             .await
-            .map_err(|err| tonic::Status::from_error(Box::new(err)))?
+            .map_err(tonic::Status::from_error)?
             .call(request)
             .await
-            .map_err(|err| tonic::Status::from_error(Box::new(err)))?;
+            .map_err(tonic::Status::from_error)?;
         let (head, body) = response.into_parts();
         // A call refused at once answers with its status in the headers.
         let status = tonic::Status::from_header_map(&head.headers);
@@ -118,7 +155,9 @@ impl AgentAddress {
         }
     }
 
-    pub async fn connect(&self) -> Result<Agent, Failure> {
+    /// Connects, and gets our credential ready (a failing exec plugin, say,
+    /// is reported here rather than on the first stolen connection).
+    pub async fn connect(&self, credentials: &Credentials) -> Result<Agent, Failure> {
         let connected = match self {
             AgentAddress::Url(url) => endpoint(url)?.connect().await,
             AgentAddress::PortForward(forward) => {
@@ -133,11 +172,23 @@ impl AgentAddress {
             }
         };
         match connected {
-            Ok(channel) => Ok(Agent {
-                api: AgentClient::new(channel.clone())
-                    .max_decoding_message_size(wire::MAX_CONTROL_MESSAGE),
-                channel,
-            }),
+            Ok(channel) => {
+                credentials.header(&channel).await.map_err(|message| {
+                    Failure::new(
+                        Status::PermissionDenied,
+                        format!("{message}; check `kubectl auth whoami`"),
+                    )
+                })?;
+                let channel = Authenticated {
+                    channel,
+                    credentials: credentials.clone(),
+                };
+                Ok(Agent {
+                    api: AgentClient::new(channel.clone())
+                        .max_decoding_message_size(wire::MAX_CONTROL_MESSAGE),
+                    channel,
+                })
+            }
             Err(err) => Err(match self.explain().await {
                 Some(failure) => failure,
                 None => Failure::new(

@@ -10,6 +10,7 @@ use crate::{
     agent_link::AgentAddress,
     cli::{AgentsArgs, OutputFormat},
     cluster::{self, AgentPod, Cluster, PortForward},
+    credentials::Credentials,
     exit::{Failure, Status},
 };
 
@@ -48,7 +49,10 @@ pub async fn run(args: AgentsArgs) -> Result<(), Failure> {
             ),
         ));
     }
-    let checks = agents.into_iter().map(|agent| check(&cluster, agent));
+    let credentials = cluster.credentials()?;
+    let checks = agents
+        .into_iter()
+        .map(|agent| check(&cluster, &credentials, agent));
     let health = futures::future::join_all(checks).await;
     print(&health, args.output);
     if health.iter().all(Health::healthy) {
@@ -59,11 +63,11 @@ pub async fn run(args: AgentsArgs) -> Result<(), Failure> {
     }
 }
 
-async fn check(cluster: &Cluster, agent: AgentPod) -> Health {
+async fn check(cluster: &Cluster, credentials: &Credentials, agent: AgentPod) -> Health {
     let address = AgentAddress::PortForward(Box::new(PortForward::new(cluster, &agent)));
     let answer = tokio::time::timeout(INFO_TIMEOUT, async {
         let mut client = address
-            .connect()
+            .connect(credentials)
             .await
             .map_err(|failure| failure.message().to_string())?;
         client

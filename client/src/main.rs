@@ -5,6 +5,7 @@ mod agent_link;
 mod agents;
 mod cli;
 mod cluster;
+mod credentials;
 mod exit;
 mod forward;
 mod output;

@@ -15,13 +15,19 @@ impl Printer {
     pub fn ready(&self, mode: &str, ready: &Ready, local: &str) {
         match self.format {
             OutputFormat::Text => println!(
-                "ready {mode} {} port={} -> {local}",
-                ready.target, ready.port
+                "ready {mode} {} port={} -> {local} as {}",
+                ready.target,
+                ready.port,
+                if ready.user.is_empty() {
+                    "anonymous"
+                } else {
+                    &ready.user
+                }
             ),
             OutputFormat::Json => println!(
                 "{}",
                 json!({"event": "ready", "mode": mode, "target": ready.target, "port": ready.port,
-                       "local": local, "session": ready.session_id})
+                       "local": local, "user": ready.user})
             ),
         }
     }

@@ -14,6 +14,7 @@ use tonic::Streaming;
 use crate::{
     agent_link::AgentAddress,
     cli::SessionArgs,
+    credentials::Credentials,
     exit::Failure,
     forward::{self, Forwarding, Local},
     output::Printer,
@@ -40,7 +41,8 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
     let named = Named::parse(&args.target)?;
     let located = target::locate(named, &args.cluster, args.link.agent.as_deref()).await?;
     let address = located.agent;
-    let mut agent = address.connect().await?;
+    let credentials = located.credentials;
+    let mut agent = address.connect(&credentials).await?;
 
     let (requests, outgoing) = mpsc::channel(64);
     let open = OpenSession {
@@ -52,7 +54,7 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
     let _ = requests.try_send(request(session_request::Kind::Open(open)));
     let mut events = match agent.api.session(ReceiverStream::new(outgoing)).await {
         Ok(events) => events.into_inner(),
-        Err(status) => return Err(session_refused(&status, &address).await),
+        Err(status) => return Err(session_refused(&status, &address, &credentials).await),
     };
 
     let ready = match events.message().await {
@@ -122,7 +124,21 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
 
 /// A broken link may have a better reason than its status (the port-forward
 /// says why); anything else is the agent's own answer.
-async fn session_refused(status: &tonic::Status, address: &AgentAddress) -> Failure {
+async fn session_refused(
+    status: &tonic::Status,
+    address: &AgentAddress,
+    credentials: &Credentials,
+) -> Failure {
+    if status.code() == tonic::Code::Unauthenticated {
+        return Failure::new(
+            crate::exit::Status::PermissionDenied,
+            format!(
+                "{address} does not know who you are: {} (remocal sent {})",
+                status.message(),
+                credentials.describe()
+            ),
+        );
+    }
     if matches!(
         status.code(),
         // A forwarded stream that dies mid-call surfaces as Cancelled.

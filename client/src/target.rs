@@ -7,6 +7,7 @@ use crate::{
     agent_link::AgentAddress,
     cli::{ClusterArgs, TargetArgs},
     cluster::{self, Cluster, PortForward, Workload},
+    credentials::Credentials,
     exit::{Failure, Status},
 };
 
@@ -57,10 +58,12 @@ impl Named {
     }
 }
 
-/// The target as the agent takes it, and where that agent is.
+/// The target as the agent takes it, where that agent is, and who we are
+/// to it.
 pub struct Located {
     pub target: Target,
     pub agent: AgentAddress,
+    pub credentials: Credentials,
 }
 
 pub async fn locate(
@@ -77,6 +80,7 @@ pub async fn locate(
     Ok(Located {
         target: Target { kind: Some(kind) },
         agent: AgentAddress::url(agent),
+        credentials: cluster::credentials(cluster_args).await?,
     })
 }
 
@@ -90,11 +94,30 @@ async fn locate_pod(
     // With --agent and a pod name the client needs nothing from the cluster:
     // the agent reads and checks the pod itself.
     if let (Some(agent), Workload::Pod(name)) = (agent, &workload) {
-        let namespace = match &cluster_args.namespace {
-            Some(namespace) => namespace.clone(),
-            None => Cluster::connect(cluster_args).await?.default_namespace,
+        let (namespace, credentials) = match Cluster::connect(cluster_args).await {
+            Ok(cluster) => (
+                cluster_args
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| cluster.default_namespace.clone()),
+                cluster.credentials()?,
+            ),
+            Err(failure) => match &cluster_args.namespace {
+                Some(namespace) => (
+                    namespace.clone(),
+                    Credentials::None {
+                        why: failure.message().to_string(),
+                    },
+                ),
+                None => return Err(failure),
+            },
         };
-        return Ok(pod_on(&namespace, name, AgentAddress::url(agent)));
+        return Ok(pod_on(
+            &namespace,
+            name,
+            AgentAddress::url(agent),
+            credentials,
+        ));
     }
     let cluster = Cluster::connect(cluster_args).await?;
     let namespace = cluster.default_namespace.clone();
@@ -107,11 +130,17 @@ async fn locate_pod(
             AgentAddress::PortForward(Box::new(PortForward::new(&cluster, &agent)))
         }
     };
-    Ok(pod_on(&pod.namespace, &pod.name, address))
+    Ok(pod_on(
+        &pod.namespace,
+        &pod.name,
+        address,
+        cluster.credentials()?,
+    ))
 }
 
-fn pod_on(namespace: &str, name: &str, agent: AgentAddress) -> Located {
+fn pod_on(namespace: &str, name: &str, agent: AgentAddress, credentials: Credentials) -> Located {
     Located {
+        credentials,
         target: Target {
             kind: Some(target::Kind::Pod(PodRef {
                 namespace: namespace.to_string(),

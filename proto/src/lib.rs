@@ -1,5 +1,6 @@
 //! The gRPC API between the remocal agent and client (package `remocal.v1`).
 pub mod allocator;
+pub mod auth;
 pub mod wire;
 
 pub mod v1 {

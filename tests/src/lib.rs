@@ -15,9 +15,11 @@
 //! `REMOCAL_BIN_DIR` points the tests at binaries elsewhere than `target/debug`.
 //! Besides the binaries they need `ip` (iproute2) and `curl`.
 
+pub mod attacker;
 pub mod bpf;
 pub mod data;
 pub mod kube_api;
+pub mod kube_cluster;
 pub mod kubelet_cgroup;
 pub mod netns;
 pub mod processes;
@@ -26,3 +28,4 @@ pub mod retry;
 pub mod scenario;
 pub mod servers;
 pub mod topology;
+pub mod user_roles;

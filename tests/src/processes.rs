@@ -303,6 +303,29 @@ impl Agent {
     pub fn logs(&self) -> String {
         self.process.stderr.text()
     }
+
+    /// SIGTERM, as a rolling update sends it; the exit status if the agent
+    /// exited within `limit`.
+    pub async fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.process.signal(Signal::SIGTERM);
+        self.process.wait(limit).await
+    }
+
+    /// The value of one sample of `/metrics`, e.g.
+    /// `remocal_session_errors_total{reason="Unauthenticated"}`; 0 when absent
+    /// (a counter nothing incremented yet).
+    pub fn metric(&self, sample: &str) -> f64 {
+        let out = Command::new("curl")
+            .args(["--silent", "--fail", "--max-time", "5"])
+            .arg(format!("http://{}/metrics", self.metrics))
+            .output()
+            .expect("run curl");
+        assert!(out.status.success(), "scraping the agent's /metrics failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+            .map_or(0.0, |value| value.trim().parse().expect("a number"))
+    }
 }
 
 /// What the user names as the thing to steal from.

@@ -9,12 +9,19 @@ use std::time::Duration;
 
 use base64::prelude::{BASE64_STANDARD, Engine as _};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec, SubjectAccessReviewStatus,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, EventSource, ObjectReference, Pod};
+use k8s_openapi::api::events::v1::Event as EventV1;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use remocal_tests::data::Pattern;
-use remocal_tests::kube_api::{self, FakeKubeApi};
+use remocal_tests::kube_api::{self, AccessReview, ClientCertificate, FakeKubeApi, KeyKind};
 use remocal_tests::kubelet_cgroup::{KubeletCgroup, cgroup2_root};
 use remocal_tests::servers::{self, TcpServer};
 use rustls::pki_types::pem::PemObject;
@@ -818,5 +825,629 @@ async fn a_name_the_certificate_lacks_is_refused_in_the_handshake() {
     assert!(
         chain.contains("certificate not valid for name \"kubernetes.default.svc\""),
         "{chain}"
+    );
+}
+
+const AGENT_TOKEN: &str = "agent-token";
+const AGENT: &str = "system:serviceaccount:remocal:remocal-agent";
+
+/// The agent's client: a service account that asks the reviews.
+async fn agent(api: &FakeKubeApi) -> Client {
+    api.add_user_in_groups(
+        AGENT_TOKEN,
+        AGENT,
+        &["system:serviceaccounts", "system:serviceaccounts:remocal"],
+    );
+    client(api, AGENT_TOKEN, None).await
+}
+
+async fn review_token(client: &Client, token: &str, audiences: &[&str]) -> TokenReviewStatus {
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_string()),
+            audiences: (!audiences.is_empty())
+                .then(|| audiences.iter().map(|a| a.to_string()).collect()),
+        },
+        ..Default::default()
+    };
+    let answer = Api::<TokenReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    assert_eq!(answer.spec.token.as_deref(), Some(token));
+    answer.status.expect("a TokenReview status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_reviews_say_who_a_token_is() {
+    let api = FakeKubeApi::start().await;
+    let agent = agent(&api).await;
+    api.add_user_in_groups(DEV_TOKEN, DEVELOPER, &["devs"]);
+    api.add_user("other-token", "other");
+
+    let good = review_token(&agent, DEV_TOKEN, &[]).await;
+    assert_eq!(good.authenticated, Some(true));
+    assert_eq!(good.error, None);
+    assert_eq!(
+        good.audiences.as_deref(),
+        Some(&[kube_api::API_AUDIENCE.to_string()][..])
+    );
+    let user = good.user.unwrap();
+    assert_eq!(user.username.as_deref(), Some(DEVELOPER));
+    assert_eq!(
+        user.groups.as_deref(),
+        Some(
+            &[
+                "devs".to_string(),
+                kube_api::AUTHENTICATED_GROUP.to_string()
+            ][..]
+        )
+    );
+    let uid = user.uid.unwrap();
+    assert!(!uid.is_empty());
+    let other = review_token(&agent, "other-token", &[]).await.user.unwrap();
+    assert_eq!(
+        other.groups.as_deref(),
+        Some(&[kube_api::AUTHENTICATED_GROUP.to_string()][..])
+    );
+    assert_ne!(other.uid.as_deref(), Some(uid.as_str()));
+
+    let unknown = review_token(&agent, "stolen-token", &[]).await;
+    assert_eq!(unknown.authenticated, Some(false));
+    assert_eq!(unknown.user, None);
+    assert_eq!(
+        unknown.error.as_deref(),
+        Some(kube_api::UNKNOWN_TOKEN_ERROR)
+    );
+
+    // A token for another audience than the apiserver's is no user, and no error.
+    let elsewhere = review_token(&agent, DEV_TOKEN, &["remocal"]).await;
+    assert_eq!(
+        (elsewhere.authenticated, elsewhere.error, elsewhere.user),
+        (Some(false), None, None)
+    );
+
+    let developer = client(&api, DEV_TOKEN, Some("default")).await;
+    api.upsert_pod(kube_api::pod("default", "web"));
+    let pods = Api::<Pod>::default_namespaced(developer);
+    pods.get("web").await.unwrap();
+    api.expire_token(DEV_TOKEN);
+    let expired = review_token(&agent, DEV_TOKEN, &[]).await;
+    assert_eq!(expired.authenticated, Some(false));
+    assert_eq!(
+        expired.error.as_deref(),
+        Some(kube_api::EXPIRED_TOKEN_ERROR)
+    );
+    assert_eq!(status(pods.get("web").await).code, 401);
+    // Still the same user behind a new token, with the same uid.
+    api.add_user("renewed-token", DEVELOPER);
+    let renewed = review_token(&agent, "renewed-token", &[]).await;
+    assert_eq!(renewed.user.unwrap().uid, Some(uid));
+
+    assert_eq!(
+        api.token_reviews(),
+        [
+            DEV_TOKEN,
+            "other-token",
+            "stolen-token",
+            DEV_TOKEN,
+            DEV_TOKEN,
+            "renewed-token"
+        ]
+    );
+    let requests = api.requests();
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|r| *r == &format!("{AGENT} create /apis/authentication.k8s.io/v1/tokenreviews"))
+            .count(),
+        6,
+        "{requests:?}"
+    );
+    assert!(
+        requests.contains(&"<unauthenticated> get /api/v1/namespaces/default/pods/web".to_string()),
+        "{requests:?}"
+    );
+
+    // Reviews are authorized like any request.
+    api.forbid(AGENT, "create", "tokenreviews", "");
+    let refused = status(
+        Api::<TokenReview>::all(agent)
+            .create(&PostParams::default(), &TokenReview::default())
+            .await,
+    );
+    assert_eq!(
+        refused.message,
+        format!(
+            "tokenreviews.authentication.k8s.io is forbidden: User \"{AGENT}\" cannot create resource \"tokenreviews\" in API group \"authentication.k8s.io\" at the cluster scope"
+        )
+    );
+    assert_eq!(api.token_reviews().len(), 6);
+}
+
+/// What the agent asks before a session: may `user` in `groups` do this?
+fn remocal_attributes(
+    subresource: &str,
+    namespace: Option<&str>,
+    name: &str,
+) -> ResourceAttributes {
+    let resource = if namespace.is_some() { "pods" } else { "nodes" };
+    ResourceAttributes {
+        group: Some(kube_api::REMOCAL_GROUP.to_string()),
+        resource: Some(resource.to_string()),
+        subresource: Some(subresource.to_string()),
+        verb: Some("create".to_string()),
+        namespace: namespace.map(str::to_string),
+        name: Some(name.to_string()),
+        ..Default::default()
+    }
+}
+
+async fn review_access(
+    client: &Client,
+    user: &str,
+    groups: &[&str],
+    attributes: ResourceAttributes,
+) -> SubjectAccessReviewStatus {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.to_string()),
+            groups: Some(groups.iter().map(|g| g.to_string()).collect()),
+            resource_attributes: Some(attributes),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    assert_eq!(answer.spec.user.as_deref(), Some(user));
+    answer.status.expect("a SubjectAccessReview status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_access_reviews_follow_the_grants() {
+    let api = FakeKubeApi::start().await;
+    let agent = agent(&api).await;
+    let by_user = api.grant(
+        DEVELOPER,
+        "create",
+        kube_api::REMOCAL_GROUP,
+        "pods/steal",
+        "",
+    );
+    let by_group = api.grant(
+        "group:devs",
+        kube_api::ANY,
+        kube_api::REMOCAL_GROUP,
+        "pods/mirror",
+        "",
+    );
+    let in_shop = api.grant(
+        "shopkeeper",
+        "create",
+        kube_api::REMOCAL_GROUP,
+        "pods/steal-filtered",
+        "shop",
+    );
+    let on_node = api.grant_named(
+        "admin",
+        "create",
+        kube_api::REMOCAL_GROUP,
+        "nodes/targets",
+        "",
+        "node-a",
+    );
+    let authenticated = [kube_api::AUTHENTICATED_GROUP];
+
+    let steal = review_access(
+        &agent,
+        DEVELOPER,
+        &authenticated,
+        remocal_attributes("steal", Some("shop"), "web"),
+    )
+    .await;
+    assert!(steal.allowed);
+    assert_eq!(steal.denied, None);
+    assert_eq!(
+        steal.reason.unwrap(),
+        format!(
+            "RBAC: allowed by ClusterRoleBinding \"{by_user}\" of ClusterRole \"{by_user}\" to User \"developer\""
+        )
+    );
+    // The user grant is for steal alone.
+    let mirror = review_access(
+        &agent,
+        DEVELOPER,
+        &authenticated,
+        remocal_attributes("mirror", Some("shop"), "web"),
+    )
+    .await;
+    assert!(!mirror.allowed);
+    assert_eq!(mirror.reason.as_deref(), Some("no RBAC rule allowed it"));
+
+    let by_devs = review_access(
+        &agent,
+        "dana",
+        &["devs", "system:authenticated"],
+        remocal_attributes("mirror", Some("shop"), "web"),
+    )
+    .await;
+    assert!(by_devs.allowed);
+    assert_eq!(
+        by_devs.reason.unwrap(),
+        format!(
+            "RBAC: allowed by ClusterRoleBinding \"{by_group}\" of ClusterRole \"{by_group}\" to Group \"devs\""
+        )
+    );
+
+    let shop = review_access(
+        &agent,
+        "shopkeeper",
+        &[],
+        remocal_attributes("steal-filtered", Some("shop"), "web"),
+    )
+    .await;
+    assert!(shop.allowed);
+    assert_eq!(
+        shop.reason.unwrap(),
+        format!(
+            "RBAC: allowed by RoleBinding \"{in_shop}/shop\" of Role \"{in_shop}\" to User \"shopkeeper\""
+        )
+    );
+    let other_namespace = review_access(
+        &agent,
+        "shopkeeper",
+        &[],
+        remocal_attributes("steal-filtered", Some("default"), "web"),
+    )
+    .await;
+    assert!(!other_namespace.allowed);
+
+    let node_a = review_access(
+        &agent,
+        "admin",
+        &[],
+        remocal_attributes("targets", None, "node-a"),
+    )
+    .await;
+    let node_b = review_access(
+        &agent,
+        "admin",
+        &[],
+        remocal_attributes("targets", None, "node-b"),
+    )
+    .await;
+    assert!(node_a.allowed && !node_b.allowed, "{node_a:?} {node_b:?}");
+    assert!(node_a.reason.unwrap().contains(&on_node));
+
+    // Outside remocal.dev, what no rule forbids is allowed; forbid wins over grants.
+    let get_pods = ResourceAttributes {
+        verb: Some("get".into()),
+        resource: Some("pods".into()),
+        namespace: Some("shop".into()),
+        ..Default::default()
+    };
+    assert!(
+        review_access(&agent, "stranger", &[], get_pods.clone())
+            .await
+            .allowed
+    );
+    api.forbid(DEVELOPER, kube_api::ANY, "pods/steal", "shop");
+    let forbidden = review_access(
+        &agent,
+        DEVELOPER,
+        &authenticated,
+        remocal_attributes("steal", Some("shop"), "web"),
+    )
+    .await;
+    assert_eq!((forbidden.allowed, forbidden.denied), (false, Some(true)));
+    assert!(
+        review_access(
+            &agent,
+            DEVELOPER,
+            &authenticated,
+            remocal_attributes("steal", Some("default"), "web")
+        )
+        .await
+        .allowed
+    );
+
+    let reviews = api.access_reviews();
+    assert_eq!(reviews.len(), 10);
+    assert_eq!(
+        reviews[0],
+        AccessReview {
+            user: DEVELOPER.into(),
+            groups: vec![kube_api::AUTHENTICATED_GROUP.into()],
+            verb: "create".into(),
+            group: "remocal.dev".into(),
+            resource: "pods".into(),
+            subresource: "steal".into(),
+            namespace: "shop".into(),
+            name: "web".into(),
+            path: String::new(),
+            allowed: true,
+        }
+    );
+    assert_eq!(
+        (
+            reviews[6].resource.as_str(),
+            reviews[6].namespace.as_str(),
+            reviews[6].name.as_str()
+        ),
+        ("nodes", "", "node-b")
+    );
+    let allowed: Vec<bool> = reviews.iter().map(|r| r.allowed).collect();
+    assert_eq!(
+        allowed,
+        [
+            true, false, true, true, false, true, false, true, false, true
+        ]
+    );
+    assert!(
+        api.requests().contains(&format!(
+            "{AGENT} create /apis/authorization.k8s.io/v1/subjectaccessreviews"
+        )),
+        "{:?}",
+        api.requests()
+    );
+
+    // The apiserver's validation: someone must be asked about.
+    let nobody = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            resource_attributes: Some(get_pods),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let invalid = status(
+        Api::<SubjectAccessReview>::all(agent)
+            .create(&PostParams::default(), &nobody)
+            .await,
+    );
+    assert_eq!((invalid.code, invalid.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        invalid.message,
+        "SubjectAccessReview.authorization.k8s.io \"\" is invalid: spec.user: Invalid value: \"\": at least one of user or group must be specified"
+    );
+    assert_eq!(api.access_reviews().len(), 10);
+}
+
+/// A kube client whose user is `certificate`.
+async fn certificate_client(api: &FakeKubeApi, certificate: &ClientCertificate) -> Client {
+    let path = api.kubeconfig_with_certificate("fake", certificate, Some("default"));
+    client_from(Kubeconfig::read_from(&path).expect("read the fake's kubeconfig")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_authenticate_by_cn_and_o() {
+    for (ca_kind, key_kind) in [
+        (KeyKind::EcdsaP256, KeyKind::EcdsaP256),
+        (KeyKind::EcdsaP256, KeyKind::Rsa2048),
+        (KeyKind::Rsa2048, KeyKind::Rsa2048),
+    ] {
+        let api = FakeKubeApi::start_with_client_ca(ca_kind).await;
+        api.upsert_pod(kube_api::pod("default", "web"));
+        let certificate = api.client_certificate("alice", &["ops", "devs"], key_kind);
+        let key_header = match key_kind {
+            KeyKind::EcdsaP256 => "-----BEGIN EC PRIVATE KEY-----",
+            KeyKind::Rsa2048 => "-----BEGIN RSA PRIVATE KEY-----",
+        };
+        assert!(
+            certificate.key_pem.starts_with(key_header),
+            "{}",
+            certificate.key_pem
+        );
+        assert!(
+            certificate
+                .cert_pem
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
+        let kubeconfig =
+            Kubeconfig::read_from(api.kubeconfig_with_certificate("fake", &certificate, None))
+                .unwrap();
+        let user = kubeconfig.auth_infos[0].auth_info.as_ref().unwrap();
+        assert!(user.token.is_none());
+        assert_eq!(
+            BASE64_STANDARD
+                .decode(user.client_certificate_data.as_deref().unwrap())
+                .unwrap(),
+            certificate.cert_pem.as_bytes()
+        );
+
+        let pods = Api::<Pod>::default_namespaced(certificate_client(&api, &certificate).await);
+        pods.get("web")
+            .await
+            .unwrap_or_else(|e| panic!("{ca_kind:?} CA, {key_kind:?} key: {e}"));
+        // The groups are the certificate's O values.
+        api.forbid("group:ops", "list", "pods", kube_api::ANY);
+        assert_eq!(status(pods.list(&ListParams::default()).await).code, 403);
+        assert_eq!(
+            api.requests(),
+            [
+                "alice get /api/v1/namespaces/default/pods/web",
+                "alice list /api/v1/namespaces/default/pods"
+            ]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_of_another_ca_is_401() {
+    let api = FakeKubeApi::start().await;
+    api.upsert_pod(kube_api::pod("default", "web"));
+    let foreign = api.foreign_client_certificate("alice", &["system:masters"], KeyKind::EcdsaP256);
+    let trusted = api.client_certificate("alice", &["system:masters"], KeyKind::EcdsaP256);
+    assert_ne!(foreign.cert_pem, trusted.cert_pem);
+
+    let pods = Api::<Pod>::default_namespaced(certificate_client(&api, &foreign).await);
+    let refused = status(pods.get("web").await);
+    assert_eq!(
+        (refused.code, refused.message.as_str()),
+        (401, "Unauthorized")
+    );
+    assert_eq!(
+        api.requests(),
+        ["<unauthenticated> get /api/v1/namespaces/default/pods/web"]
+    );
+    // The fake itself accepts the trusted one.
+    Api::<Pod>::default_namespaced(certificate_client(&api, &trusted).await)
+        .get("web")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_ca_is_published_in_kube_system() {
+    let api = FakeKubeApi::start().await;
+    let agent = agent(&api).await;
+    let (namespace, name) = kube_api::AUTHENTICATION_CONFIG_MAP;
+    let config_maps = Api::<ConfigMap>::namespaced(agent, namespace);
+
+    let published = config_maps.get(name).await.unwrap();
+    let data = published.data.unwrap();
+    assert_eq!(data[kube_api::CLIENT_CA_KEY], api.client_ca_pem());
+    assert_ne!(api.client_ca_pem(), api.ca_pem());
+    // As in a kubeadm cluster, the front proxy's CA is there too, and is another.
+    assert!(data["requestheader-client-ca-file"].starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_ne!(data["requestheader-client-ca-file"], api.client_ca_pem());
+    assert!(published.metadata.uid.is_some() && published.metadata.resource_version.is_some());
+
+    let other = status(config_maps.get("kube-root-ca.crt").await);
+    assert_eq!(
+        (other.code, other.message.as_str()),
+        (404, "configmaps \"kube-root-ca.crt\" not found")
+    );
+    api.forbid(AGENT, "get", "configmaps", namespace);
+    let forbidden = status(config_maps.get(name).await);
+    assert_eq!(forbidden.code, 403);
+    assert_eq!(
+        api.requests(),
+        [
+            format!("{AGENT} get /api/v1/namespaces/kube-system/configmaps/{name}"),
+            format!("{AGENT} get /api/v1/namespaces/kube-system/configmaps/kube-root-ca.crt"),
+            format!("{AGENT} get /api/v1/namespaces/kube-system/configmaps/{name}"),
+        ]
+    );
+}
+
+fn pod_event(name: &str, involved_namespace: &str) -> Event {
+    Event {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(involved_namespace.into()),
+            name: Some("web".into()),
+            uid: Some("5c1e4c8a-2f5e-4b8e-9d3a-0a1b2c3d4e5f".into()),
+            ..Default::default()
+        },
+        reason: Some("TrafficStolen".into()),
+        message: Some("developer steals port 8080".into()),
+        type_: Some("Normal".into()),
+        source: Some(EventSource {
+            component: Some("remocal-agent".into()),
+            host: Some("node-a".into()),
+        }),
+        count: Some(1),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_recorded() {
+    let api = FakeKubeApi::start().await;
+    let agent = agent(&api).await;
+    let events = Api::<Event>::namespaced(agent.clone(), "shop");
+
+    let created = events
+        .create(&PostParams::default(), &pod_event("web.steal-1", "shop"))
+        .await
+        .unwrap();
+    assert_eq!(created.metadata.namespace.as_deref(), Some("shop"));
+    assert!(created.metadata.uid.is_some());
+    let recorded = api.events();
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0], created);
+    assert_eq!(
+        recorded[0].message.as_deref(),
+        Some("developer steals port 8080")
+    );
+    assert_eq!(recorded[0].involved_object.name.as_deref(), Some("web"));
+
+    let again = status(
+        events
+            .create(&PostParams::default(), &pod_event("web.steal-1", "shop"))
+            .await,
+    );
+    assert_eq!(
+        (again.code, again.message.as_str()),
+        (409, "events \"web.steal-1\" already exists")
+    );
+    let elsewhere = status(
+        events
+            .create(&PostParams::default(), &pod_event("web.steal-2", "default"))
+            .await,
+    );
+    assert_eq!(elsewhere.code, 422);
+    assert_eq!(
+        elsewhere.message,
+        "Event \"web.steal-2\" is invalid: involvedObject.namespace: Invalid value: \"default\": does not match event.namespace"
+    );
+    let mut generated = pod_event("", "shop");
+    generated.metadata.name = None;
+    generated.metadata.generate_name = Some("web.".into());
+    let generated = events
+        .create(&PostParams::default(), &generated)
+        .await
+        .unwrap();
+    assert!(generated.metadata.name.unwrap().starts_with("web."));
+
+    // Through events.k8s.io/v1, stored as the same Event.
+    let v1 = EventV1 {
+        metadata: ObjectMeta {
+            name: Some("web.mirror-1".into()),
+            ..Default::default()
+        },
+        event_time: Some(MicroTime(Timestamp::now())),
+        regarding: Some(pod_event("", "shop").involved_object),
+        note: Some("developer mirrors port 8080".into()),
+        reason: Some("TrafficMirrored".into()),
+        action: Some("Mirror".into()),
+        reporting_controller: Some("remocal.dev/agent".into()),
+        reporting_instance: Some("remocal-agent-node-a".into()),
+        type_: Some("Normal".into()),
+        ..Default::default()
+    };
+    Api::<EventV1>::namespaced(agent, "shop")
+        .create(&PostParams::default(), &v1)
+        .await
+        .unwrap();
+    let recorded = api.events();
+    assert_eq!(recorded.len(), 3);
+    assert_eq!(
+        recorded[2].message.as_deref(),
+        Some("developer mirrors port 8080")
+    );
+    assert_eq!(
+        recorded[2].reporting_component.as_deref(),
+        Some("remocal.dev/agent")
+    );
+
+    let mirrored = events
+        .list(&ListParams::default().fields("reason=TrafficMirrored,involvedObject.name=web"))
+        .await
+        .unwrap();
+    assert_eq!(mirrored.items.len(), 1);
+    assert!(
+        api.requests()
+            .contains(&format!("{AGENT} create /api/v1/namespaces/shop/events")),
+        "{:?}",
+        api.requests()
     );
 }

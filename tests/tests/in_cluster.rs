@@ -19,6 +19,7 @@ use remocal_tests::remote::curl_body;
 use remocal_tests::scenario::POD_BODY;
 use remocal_tests::servers::{self, TcpServer};
 use remocal_tests::topology::Topology;
+use remocal_tests::user_roles;
 
 const LOCAL_BODY: &str = "local";
 const NODE: &str = "node-a";
@@ -100,11 +101,18 @@ fn fresh_token() -> String {
     format!("sa-token-{}", kube_api::fresh_uid())
 }
 
-/// `remocal steal pod/web -n shop --port 80 --agent URL`: with `--agent` and a
-/// namespace the client asks the cluster nothing, so every API request is the
-/// agent's.
-fn steal_web(agent: &Agent) -> Steal {
-    Steal::remocal(&["steal", "pod/web", "-n", "shop", "--agent", &agent.url()]).port(80)
+/// `remocal steal pod/web -n shop --port 80 --agent URL` as a developer bound
+/// to `remocal-user` in `shop`: with `--agent` and a namespace the client asks
+/// the cluster nothing (it only sends its token to the agent), so every API
+/// request is the agent's.
+fn steal_web(api: &FakeKubeApi, agent: &Agent) -> Steal {
+    api.add_user("dev-token", "developer");
+    user_roles::bind(api, "developer", "remocal-user", "shop");
+    let kubeconfig = api.kubeconfig("dev", "dev-token", Some("shop"));
+    Steal::remocal(&["steal", "pod/web", "-n", "shop", "--agent", &agent.url()])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .port(80)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +140,10 @@ async fn agent_reads_pods_with_its_service_account_and_steals_by_pod_name() {
     let agent = in_cluster_agent(&api, &token, api.ca_pem()).await;
     let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
 
-    let mut session = steal_web(&agent).local_port(local.port()).start().await;
+    let mut session = steal_web(&api, &agent)
+        .local_port(local.port())
+        .start()
+        .await;
     assert!(
         session.ready_line().contains("pod shop/web"),
         "{}",
@@ -185,12 +196,11 @@ async fn agent_refuses_an_api_server_its_service_account_ca_does_not_sign() {
     );
     let agent = in_cluster_agent(&api, &token, other_cluster.ca_pem()).await;
 
-    let finished = steal_web(&agent).run_to_exit().await;
+    let finished = steal_web(&api, &agent).run_to_exit().await;
     assert_eq!(finished.code, Some(3), "{finished:?}");
+    // The first thing the agent asks the API server is who the caller is.
     assert!(
-        finished
-            .stderr
-            .contains("cannot read pod shop/web from the Kubernetes API"),
+        finished.stderr.contains("cannot check your token"),
         "{finished:?}"
     );
     // A failed handshake, named as one, not a wait for an answer that never comes.

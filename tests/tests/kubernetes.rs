@@ -8,17 +8,17 @@
 use std::path::{Path, PathBuf};
 
 use remocal_tests::kube_api::{self, FakeKubeApi};
+use remocal_tests::kube_cluster::{AGENT_POD, AGENT_USER, KubeCluster};
 use remocal_tests::kubelet_cgroup::KubeletCgroup;
 use remocal_tests::processes::{Agent, Finished, PodProcess, Steal, free_port};
 use remocal_tests::scenario::{POD_BODY, Scenario};
 use remocal_tests::servers::{self, TcpServer};
+use remocal_tests::user_roles;
 use serde::Deserialize as _;
 use serde_yaml::Value;
 
 const LOCAL_BODY: &str = "local";
 const DEVELOPER: &str = "developer";
-const AGENT_USER: &str = "system:serviceaccount:remocal:remocal-agent";
-const AGENT_POD: &str = "remocal-agent-x7k2p";
 
 /// One node (`node-a`) with its agent and a pod `shop/web` of deployment
 /// `shop/web` answering [`POD_BODY`] on port 80.
@@ -34,41 +34,19 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Cluster {
-        let api = FakeKubeApi::start().await;
+        let KubeCluster {
+            api,
+            scenario,
+            pod_process,
+            cgroup,
+        } = KubeCluster::start().await;
         api.add_user("dev-token", DEVELOPER);
-        api.add_user("agent-token", AGENT_USER);
-        let agent_kubeconfig = api.kubeconfig("in-cluster", "agent-token", None);
-        let scenario = Scenario::start_with(
-            1,
-            &[80],
-            &[
-                "--node-name",
-                "node-a",
-                "--kubeconfig",
-                agent_kubeconfig.to_str().unwrap(),
-            ],
-        )
-        .await;
-        let uid = kube_api::fresh_uid();
-        let pod_process = PodProcess::start(&scenario.pod(0).netns).await;
-        let cgroup = KubeletCgroup::create(&uid);
-        cgroup.add(pod_process.pid());
-        api.upsert_pod(
-            kube_api::pod("shop", "web")
-                .uid(&uid)
-                .node("node-a")
-                .labels(&[("app", "web")])
-                .ip("198.18.0.2")
-                .running()
-                .ready(true),
-        );
-        api.upsert_deployment(kube_api::deployment("shop", "web", &[("app", "web")]));
-        api.upsert_pod(kube_api::agent_pod(
-            "node-a",
-            AGENT_POD,
-            scenario.agent.grpc_addr().port(),
-        ));
         let kubeconfig = api.kubeconfig("dev", "dev-token", Some("shop"));
+        // What a platform team grants a developer, from the shipped roles.
+        for namespace in ["shop", "restricted"] {
+            user_roles::bind(&api, DEVELOPER, "remocal-user", namespace);
+        }
+        user_roles::bind(&api, DEVELOPER, "remocal-user", "remocal");
         Cluster {
             api,
             scenario,
@@ -107,10 +85,68 @@ async fn steal_of_a_deployment_reaches_the_local_process_through_the_port_forwar
     }
     assert_eq!(scenario.pod_server(0, 80).accepted(), 0);
 
+    assert!(
+        session.ready_line().ends_with(&format!("as {DEVELOPER}")),
+        "the agent knows who the developer is: {}",
+        session.ready_line()
+    );
     let ended = session.stop().await;
     assert_eq!(ended.code, Some(0), "{ended:?}");
     scenario.assert_pod_answers(0, 80).await;
     scenario.assert_nothing_attached(0);
+
+    // The agent asked the cluster whether the developer may steal this very pod.
+    let review = kube_api::AccessReview {
+        user: DEVELOPER.into(),
+        groups: vec!["system:authenticated".into()],
+        verb: "create".into(),
+        group: "remocal.dev".into(),
+        resource: "pods".into(),
+        subresource: "steal".into(),
+        namespace: "shop".into(),
+        name: "web".into(),
+        path: String::new(),
+        allowed: true,
+    };
+    assert_eq!(cluster.api.access_reviews(), vec![review]);
+    // And told whoever looks at the pod who stole its port, and when it ended.
+    let events = remocal_tests::retry::until_ok(
+        tokio::time::Instant::now() + std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(50),
+        || async {
+            let events: Vec<(String, String)> = cluster
+                .api
+                .events()
+                .into_iter()
+                .filter(|event| event.involved_object.name.as_deref() == Some("web"))
+                .map(|event| {
+                    (
+                        event.reason.unwrap_or_default(),
+                        event.message.unwrap_or_default(),
+                    )
+                })
+                .collect();
+            if events.len() >= 2 {
+                Ok(events)
+            } else {
+                Err(events)
+            }
+        },
+    )
+    .await
+    .expect("an event at the start and at the end of the session");
+    assert_eq!(events[0].0, "RemocalStarted", "{events:?}");
+    assert!(
+        events[0]
+            .1
+            .starts_with(&format!("{DEVELOPER} started stealing port 80")),
+        "{events:?}"
+    );
+    assert_eq!(events[1].0, "RemocalEnded", "{events:?}");
+    assert!(
+        events[1].1.contains("stopped stealing port 80"),
+        "{events:?}"
+    );
 
     let requests = cluster.api.requests();
     assert!(

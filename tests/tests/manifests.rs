@@ -129,17 +129,109 @@ fn the_agent_runs_on_every_node_with_only_the_privileges_it_needs() {
     assert_eq!(images["name"], "remocal-agent");
 }
 
+/// The agent reads pods, reviews its callers and records events; nothing
+/// else, and never writes what it reads.
 #[test]
-fn the_agent_may_only_read_pods() {
+fn the_agent_may_read_pods_review_callers_and_record_events_only() {
     let role = documents("rbac.yaml")
         .into_iter()
         .find(|document| document["kind"] == "ClusterRole")
         .unwrap();
-    let rules = role["rules"].as_sequence().unwrap();
-    assert_eq!(rules.len(), 1);
-    assert_eq!(rules[0]["resources"][0], "pods");
-    assert_eq!(rules[0]["verbs"].as_sequence().unwrap().len(), 1);
-    assert_eq!(rules[0]["verbs"][0], "get");
+    let granted: Vec<(String, String, String)> = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| {
+            let group = rule["apiGroups"][0].as_str().unwrap().to_string();
+            let verbs: Vec<String> = rule["verbs"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|verb| verb.as_str().unwrap().to_string())
+                .collect();
+            let resources: Vec<String> = rule["resources"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|resource| resource.as_str().unwrap().to_string())
+                .collect();
+            resources.into_iter().flat_map(move |resource| {
+                let group = group.clone();
+                verbs
+                    .clone()
+                    .into_iter()
+                    .map(move |verb| (group.clone(), resource.clone(), verb))
+            })
+        })
+        .collect();
+    let expected = [
+        ("", "pods", "get"),
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("authorization.k8s.io", "subjectaccessreviews", "create"),
+        ("", "configmaps", "get"),
+        ("", "events", "create"),
+    ]
+    .map(|(group, resource, verb)| (group.to_string(), resource.to_string(), verb.to_string()));
+    assert_eq!(granted, expected);
+    let configmaps = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|rule| rule["resources"][0] == "configmaps")
+        .unwrap();
+    assert_eq!(
+        configmaps["resourceNames"][0], "extension-apiserver-authentication",
+        "only the cluster's client CA, not every configmap"
+    );
+}
+
+/// The agent runs with authentication on and the runtime's seccomp filter.
+#[test]
+fn the_agent_authenticates_callers_and_runs_under_seccomp() {
+    let spec = &documents("daemonset.yaml")[0]["spec"]["template"]["spec"];
+    assert_eq!(
+        spec["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let args = spec["containers"][0]["args"].as_sequence().unwrap();
+    assert!(
+        args.iter().any(|arg| arg == "--auth=kubernetes"),
+        "{args:?}"
+    );
+}
+
+/// What platform teams bind: steal (whole and filtered) and mirror, mirror
+/// only, and node-level targets for node admins.
+#[test]
+fn user_roles_grant_remocal_permissions_by_kind() {
+    let roles = documents("user-roles.yaml");
+    let remocal_resources = |name: &str| -> Vec<String> {
+        let role = roles
+            .iter()
+            .find(|role| role["kind"] == "ClusterRole" && role["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("ClusterRole {name}"));
+        role["rules"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter(|rule| rule["apiGroups"][0] == "remocal.dev")
+            .flat_map(|rule| {
+                assert_eq!(rule["verbs"].as_sequence().unwrap(), &["create"]);
+                rule["resources"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|resource| resource.as_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    assert_eq!(
+        remocal_resources("remocal-user"),
+        ["pods/steal", "pods/steal-filtered", "pods/mirror"]
+    );
+    assert_eq!(remocal_resources("remocal-mirror-only"), ["pods/mirror"]);
+    assert_eq!(remocal_resources("remocal-node-admin"), ["nodes/targets"]);
 }
 
 /// Clients find the agent's gRPC port in a pod annotation; it must be the
@@ -171,14 +263,12 @@ fn developers_may_port_forward_to_the_agents_only() {
             .iter()
             .any(|rule| rule["resources"][0] == "pods/portforward")
     };
-    let cluster_role = roles
-        .iter()
-        .find(|role| role["kind"] == "ClusterRole")
-        .unwrap();
-    assert!(
-        !grants_port_forward(cluster_role),
-        "no port-forward cluster-wide"
-    );
+    for cluster_role in roles.iter().filter(|role| role["kind"] == "ClusterRole") {
+        assert!(
+            !grants_port_forward(cluster_role),
+            "no port-forward cluster-wide"
+        );
+    }
     let role = roles.iter().find(|role| role["kind"] == "Role").unwrap();
     assert_eq!(role["metadata"]["namespace"], "remocal");
     assert!(grants_port_forward(role));

@@ -21,7 +21,14 @@ pub fn run(test_args: &[String]) -> anyhow::Result<()> {
     eprintln!("==> unit and end-to-end tests");
     let mut cargo = run::cargo();
     cargo
-        .args(["test", "--workspace", "--exclude", "remocal-ebpf", "--"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "remocal-ebpf",
+            "--no-fail-fast",
+            "--",
+        ])
         .args(test_args);
     eprintln!("  $ {}", run::describe(&cargo));
     let mut child = cargo

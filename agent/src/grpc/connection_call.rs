@@ -22,8 +22,9 @@ use tonic::{
     server::NamedService,
 };
 
-use super::{AgentService, first_message};
+use super::{AgentService, caller, first_message};
 use crate::{
+    auth::Identity,
     proxy,
     session::{AttachError, Handoff, LiveSession, Pending, Sessions, StandbyRefused},
 };
@@ -69,9 +70,14 @@ impl Service<http::Request<Body>> for Router {
             return self.generated.call(request);
         }
         let sessions = self.sessions.clone();
+        let identity = caller(request.extensions());
         Box::pin(async move {
             let upstream = Messages::request(request.into_body());
-            Ok(match connection(&sessions, upstream).await {
+            let carried = match identity {
+                Ok(identity) => connection(&sessions, &identity, upstream).await,
+                Err(status) => Err(status),
+            };
+            Ok(match carried {
                 Ok(frames) => {
                     let mut response = http::Response::new(Body::new(FrameBody::server(frames)));
                     response
@@ -87,18 +93,19 @@ impl Service<http::Request<Body>> for Router {
 
 async fn connection(
     sessions: &Sessions,
+    identity: &Identity,
     mut upstream: Messages<ConnectionUpstream>,
 ) -> Result<Frames, Status> {
     Ok(match first_message(upstream.message()).await?.kind {
         Some(connection_upstream::Kind::Attach(attach)) => {
             let (pending, live) = sessions
-                .attach(&attach.session_id, attach.connection_id)
+                .attach(identity, &attach.session_id, attach.connection_id)
                 .map_err(attach_status)?;
             carry(attach.connection_id, pending, upstream, live)
         }
         Some(connection_upstream::Kind::Standby(standby)) => {
             let (handoff, live) = sessions
-                .stand_by(&standby.session_id)
+                .stand_by(identity, &standby.session_id)
                 .map_err(attach_status)?;
             stand_by(handoff, upstream, live)
         }

@@ -18,6 +18,7 @@ use tonic::{
 };
 
 use crate::{
+    auth::{AccessError, Auth, AuthLayer, Identity},
     kube::{PodLookupError, PodNetnsError},
     netns::TargetError,
     redirect::RedirectError,
@@ -33,18 +34,25 @@ const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// interval + timeout, well inside the 10 s users are promised.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Calls open at once on one client's HTTP/2 connection: one per stolen or
+/// mirrored connection (and the waiting standby calls), so this caps what one
+/// client can make the agent hold at about 16k × 2.4 KiB ≈ 40 MiB, above the
+/// 10,000 connections the benchmark holds.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16 * 1024;
 
 /// The server settings the data path relies on: per-stream windows small
 /// enough that one stalled connection pins little, a connection window large
 /// enough that stalled streams cannot starve the others, and no cap on
-/// concurrent streams below what a busy session needs.
-pub fn server() -> Server {
+/// concurrent streams below what a busy session needs (nor above what the
+/// agent's memory budget allows). Every call passes `auth` first.
+pub fn server(auth: Arc<Auth>) -> Server<tower_layer::Stack<AuthLayer, tower_layer::Identity>> {
     Server::builder()
+        .layer(AuthLayer(auth))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(64 << 20))
-        .max_concurrent_streams(Some(1 << 20))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .max_frame_size(Some(remocal_proto::HTTP2_FRAME_SIZE))
 }
 
@@ -80,9 +88,7 @@ impl agent_server::Agent for AgentService {
         &self,
         request: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "an unknown address".to_string(), |addr| addr.to_string());
+        let identity = caller(request.extensions())?;
         let mut requests = request.into_inner();
         let open = match first_message(requests.message()).await? {
             SessionRequest {
@@ -96,7 +102,7 @@ impl agent_server::Agent for AgentService {
         };
         let events = self
             .sessions
-            .open(open, peer, requests)
+            .open(open, identity, requests)
             .await
             .map_err(|err| {
                 let status = open_status(err);
@@ -147,6 +153,15 @@ async fn first_message<T>(
     }
 }
 
+/// The identity [`AuthLayer`] verified. A call without one never reaches a
+/// service; refusing here too keeps it so if the layering ever changes.
+pub(crate) fn caller(extensions: &http::Extensions) -> Result<Identity, Status> {
+    extensions
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("the call was not authenticated"))
+}
+
 fn open_status(err: OpenError) -> Status {
     let message = err.to_string();
     match err {
@@ -169,6 +184,11 @@ fn open_status(err: OpenError) -> Status {
             Status::permission_denied(message)
         }
         OpenError::Conflict { .. } => Status::already_exists(message),
+        OpenError::Access(AccessError::Denied { .. }) => Status::permission_denied(message),
+        OpenError::Access(AccessError::Unavailable(_)) => Status::unavailable(message),
+        OpenError::TooManySessions { .. } => Status::resource_exhausted(message),
+        OpenError::Target(TargetError::UnsupportedPath(_)) => Status::invalid_argument(message),
+        OpenError::Target(TargetError::Timeout(_)) => Status::deadline_exceeded(message),
         OpenError::Target(TargetError::Io { .. }) | OpenError::Redirect(_) => {
             Status::internal(message)
         }

@@ -117,6 +117,11 @@ impl PodLookup {
         }
     }
 
+    /// The agent's own API client (its service account, or --kubeconfig).
+    pub fn client(&self) -> Option<Client> {
+        self.client.clone()
+    }
+
     pub fn has_api_access(&self) -> bool {
         self.client.is_some()
     }
@@ -158,7 +163,7 @@ impl PodLookup {
 
 /// kube's own message names the layer ("client error (Connect)"); the
 /// innermost cause says what to fix (a certificate, a refused connection).
-fn with_root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+pub fn with_root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     let mut root = err;
     while let Some(next) = root.source() {
         root = next;

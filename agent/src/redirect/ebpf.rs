@@ -51,6 +51,11 @@ pub struct EbpfRedirector {
     /// Bytes of each namespace's capture ring buffer.
     capture_buffer: u32,
     shared: Arc<Shared>,
+    /// Held while a namespace's programs load (the verifier takes tens of
+    /// milliseconds), and only on the blocking threads sessions start on:
+    /// the map in [`Shared`] is locked just to look up and insert, so a
+    /// metrics scrape on the async runtime never waits for a load.
+    loading: Mutex<()>,
 }
 
 /// What the metrics collector reads too.
@@ -77,6 +82,7 @@ impl EbpfRedirector {
             runtime,
             capture_buffer,
             shared: Arc::default(),
+            loading: Mutex::default(),
         })
     }
 
@@ -87,10 +93,13 @@ impl EbpfRedirector {
     }
 
     fn attachment_for(&self, target: &Netns) -> Result<Arc<Attachment>, RedirectError> {
-        let mut attachments = self.shared.attachments.lock().expect("attachments lock");
-        attachments.retain(|_, attachment| attachment.strong_count() > 0);
-        if let Some(existing) = attachments.get(&target.id()).and_then(Weak::upgrade) {
-            return Ok(existing);
+        let _loading = self.loading.lock().expect("loading lock");
+        {
+            let mut attachments = self.shared.attachments.lock().expect("attachments lock");
+            attachments.retain(|_, attachment| attachment.strong_count() > 0);
+            if let Some(existing) = attachments.get(&target.id()).and_then(Weak::upgrade) {
+                return Ok(existing);
+            }
         }
         let attachment = Arc::new(Attachment::new(
             target,
@@ -98,7 +107,11 @@ impl EbpfRedirector {
             self.capture_buffer,
             self.shared.clone(),
         )?);
-        attachments.insert(target.id(), Arc::downgrade(&attachment));
+        self.shared
+            .attachments
+            .lock()
+            .expect("attachments lock")
+            .insert(target.id(), Arc::downgrade(&attachment));
         crate::memory::release_free();
         Ok(attachment)
     }

@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ring::rand::SecureRandom as _;
+
 use remocal_proto::v1::{
     ConnectionClosed, ConnectionDownstream, Mode, NewConnection, OpenSession, Ready, SessionEnded,
     SessionEvent, SessionRequest, Warning, session_event, session_request, target,
@@ -27,7 +29,8 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::{
-    kube::{PodLookup, PodLookupError},
+    auth::{Access, AccessError, Auth, AuthMode, Identity},
+    kube::{PodEvents, PodLookup, PodLookupError, ScheduledPod},
     metrics::{self, Metrics},
     mirror,
     netns::{Netns, NsId, TargetError, TargetSpec},
@@ -49,6 +52,13 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events queued for a client that reads them slowly; beyond this the accept
 /// loop waits, and the kernel's backlog absorbs the burst.
 const EVENT_QUEUE: usize = 1024;
+/// Sessions one user may hold on this agent at once, and all users together:
+/// each holds an event queue, a listener or a tap, and kernel state, so a
+/// caller looping on `open` hits this instead of the node's memory.
+pub const MAX_SESSIONS_PER_USER: usize = 16;
+pub const MAX_SESSIONS: usize = 256;
+/// Opening a target's namespace file must never hold a session start for long.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub type Events = mpsc::Receiver<Result<SessionEvent, Status>>;
 
@@ -74,11 +84,22 @@ pub enum OpenError {
     },
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error(
+        "{user} already holds {held} sessions on this agent (at most {limit}{scope}): end some first"
+    )]
+    TooManySessions {
+        user: String,
+        held: usize,
+        limit: usize,
+        scope: &'static str,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("session {0} does not exist (it has ended)")]
+    #[error("no session {0} of yours exists (it has ended, or it was never yours)")]
     NoSession(String),
     #[error(
         "connection {0} is not waiting to be attached (already attached, rejected, or timed out)"
@@ -94,9 +115,10 @@ pub enum AttachError {
 pub struct Sessions {
     redirector: Arc<dyn Redirector>,
     pods: PodLookup,
+    auth: Arc<Auth>,
+    pod_events: PodEvents,
     claims: Mutex<HashMap<(NsId, u16), Holder>>,
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
-    next_session: AtomicU64,
     settings: Settings,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -124,6 +146,10 @@ pub enum Pending {
 /// The part of a session that connection calls reach by session id.
 pub struct LiveSession {
     id: String,
+    /// Only its owner's calls may carry its connections.
+    owner: Identity,
+    /// What it is about, for the log and the pod's events.
+    audit: Audit,
     mode: metrics::Mode,
     metrics: Arc<Metrics>,
     /// For the kernel's TCP statistics of this session's connections.
@@ -144,16 +170,18 @@ impl Sessions {
     pub fn new(
         redirector: Arc<dyn Redirector>,
         pods: PodLookup,
+        auth: Arc<Auth>,
         settings: Settings,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             redirector,
+            pod_events: PodEvents::new(pods.client(), pods.node()),
             pods,
+            auth,
             metrics,
             claims: Mutex::default(),
             live: Mutex::default(),
-            next_session: AtomicU64::new(1),
             settings,
             shutdown: CancellationToken::new(),
         })
@@ -171,41 +199,25 @@ impl Sessions {
         self.live.lock().expect("live lock").len()
     }
 
-    /// Validates, claims and redirects; on success the session runs until
-    /// the client closes it or its call breaks.
+    /// Authorizes, validates, claims and redirects; on success the session
+    /// runs until the client closes it or its call breaks.
     pub async fn open(
         self: &Arc<Self>,
         open: OpenSession,
-        peer: String,
+        identity: Identity,
         requests: Streaming<SessionRequest>,
     ) -> Result<Events, OpenError> {
-        let mode = Mode::try_from(open.mode)
-            .ok()
-            .filter(|mode| *mode != Mode::Unspecified)
-            .ok_or(OpenError::UnsupportedMode(open.mode))?;
-        let port = u16::try_from(open.port)
-            .ok()
-            .filter(|port| *port != 0)
-            .ok_or(OpenError::InvalidPort(open.port))?;
-        let spec = match open.target.and_then(|target| target.kind) {
-            Some(target::Kind::NetnsPath(path)) if !path.is_empty() => TargetSpec::Path(path),
-            Some(target::Kind::Pid(pid)) if pid != 0 => TargetSpec::Pid(pid),
-            Some(target::Kind::PodUid(uid)) if !uid.is_empty() => TargetSpec::PodUid(uid),
-            Some(target::Kind::Pod(pod)) if !pod.name.is_empty() => {
-                let namespace = if pod.namespace.is_empty() {
-                    "default"
-                } else {
-                    &pod.namespace
-                };
-                TargetSpec::Pod(self.pods.find(namespace, &pod.name).await?)
-            }
-            _ => return Err(OpenError::MissingTarget),
-        };
-        let netns = blocking(move || Netns::open(&spec)).await?;
-        let id = format!(
-            "{:016x}",
-            self.next_session.fetch_add(1, Ordering::Relaxed) ^ rand_seed()
-        );
+        let started = self.start(open, &identity).await;
+        if let Err(err) = &started {
+            warn!(
+                user = %identity,
+                groups = ?identity.groups,
+                %err,
+                "session refused"
+            );
+        }
+        let (open, mode, port, netns, pod) = started?;
+        let id = session_id();
         let client = if open.client.is_empty() {
             "an unnamed client".to_string()
         } else {
@@ -213,13 +225,7 @@ impl Sessions {
         };
         // Several developers may mirror one port; only a steal is exclusive.
         let claim = (mode == Mode::Steal)
-            .then(|| {
-                self.claim(
-                    &netns,
-                    port,
-                    format!("{client} connected from {peer} (session {id})"),
-                )
-            })
+            .then(|| self.claim(&netns, port, format!("{identity} (from {client})")))
             .transpose()?;
         let redirector = self.redirector.clone();
         let (netns, redirection) = blocking(move || {
@@ -233,8 +239,17 @@ impl Sessions {
         let redirection = redirection?;
 
         let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+        let audit = Audit {
+            target: netns.to_string(),
+            port,
+            mode,
+            client,
+            pod,
+        };
         let live = Arc::new(LiveSession {
             id: id.clone(),
+            owner: identity.clone(),
+            audit,
             mode: if mode == Mode::Mirror {
                 metrics::Mode::mirror
             } else {
@@ -254,6 +269,7 @@ impl Sessions {
             target: netns.to_string(),
             port: port.into(),
             standby_calls: true,
+            user: identity.user.clone(),
         }));
         self.live
             .lock()
@@ -263,7 +279,16 @@ impl Sessions {
             .sessions_active
             .get_or_create(&metrics::ModeLabels { mode: live.mode })
             .inc();
-        info!(session = %id, target = %netns, port, %client, ?mode, "session started");
+        info!(
+            user = %identity,
+            groups = ?identity.groups,
+            target = %netns,
+            port,
+            client = %live.audit.client,
+            ?mode,
+            "session started"
+        );
+        self.record(&live, "Started", format!("started {}", live.audit.doing()));
         let sessions = self.clone();
         tokio::spawn(async move {
             let reason = match redirection {
@@ -294,10 +319,11 @@ impl Sessions {
     /// for it.
     pub fn attach(
         &self,
+        caller: &Identity,
         session_id: &str,
         connection_id: u64,
     ) -> Result<(Pending, Arc<LiveSession>), AttachError> {
-        let live = self.live(session_id)?;
+        let live = self.owned(caller, session_id)?;
         let pending = live
             .take_pending(connection_id)
             .ok_or(AttachError::NoConnection(connection_id))?;
@@ -308,9 +334,10 @@ impl Sessions {
     /// next connection that no earlier call took.
     pub fn stand_by(
         &self,
+        caller: &Identity,
         session_id: &str,
     ) -> Result<(oneshot::Receiver<Handoff>, Arc<LiveSession>), AttachError> {
-        let live = self.live(session_id)?;
+        let live = self.owned(caller, session_id)?;
         let handoff = live.standby.add().map_err(|refused| AttachError::Standby {
             session: session_id.to_string(),
             refused,
@@ -318,13 +345,136 @@ impl Sessions {
         Ok((handoff, live))
     }
 
-    fn live(&self, session_id: &str) -> Result<Arc<LiveSession>, AttachError> {
-        self.live
+    /// The session, if `caller` opened it. Someone else's session is
+    /// answered like one that does not exist, and logged.
+    fn owned(&self, caller: &Identity, session_id: &str) -> Result<Arc<LiveSession>, AttachError> {
+        let live = self
+            .live
             .lock()
             .expect("live lock")
             .get(session_id)
-            .cloned()
-            .ok_or_else(|| AttachError::NoSession(session_id.to_string()))
+            .cloned();
+        match live {
+            Some(live) if live.owner.same_as(caller) => Ok(live),
+            Some(live) => {
+                warn!(
+                    user = %caller,
+                    groups = ?caller.groups,
+                    owner = %live.owner,
+                    target = %live.audit.target,
+                    port = live.audit.port,
+                    "refused a connection call for a session of another user"
+                );
+                self.metrics.session_error(tonic::Code::PermissionDenied);
+                Err(AttachError::NoSession(session_id.to_string()))
+            }
+            None => Err(AttachError::NoSession(session_id.to_string())),
+        }
+    }
+
+    /// Everything a session start checks and resolves before it claims
+    /// anything. Authorization comes first: a caller without the grant
+    /// learns nothing about the target (whether it exists, who holds it).
+    async fn start(
+        &self,
+        open: OpenSession,
+        identity: &Identity,
+    ) -> Result<(OpenSession, Mode, u16, Netns, Option<ScheduledPod>), OpenError> {
+        let mode = Mode::try_from(open.mode)
+            .ok()
+            .filter(|mode| *mode != Mode::Unspecified)
+            .ok_or(OpenError::UnsupportedMode(open.mode))?;
+        let port = u16::try_from(open.port)
+            .ok()
+            .filter(|port| *port != 0)
+            .ok_or(OpenError::InvalidPort(open.port))?;
+        let kind = open
+            .target
+            .as_ref()
+            .and_then(|target| target.kind.clone())
+            .ok_or(OpenError::MissingTarget)?;
+        if self.auth.mode() == AuthMode::Kubernetes {
+            let access = self.access(&kind, mode)?;
+            self.auth.authorize(identity, &access).await?;
+        }
+        self.check_limits(identity)?;
+        let mut pod = None;
+        let spec = match kind {
+            target::Kind::NetnsPath(path) if !path.is_empty() => TargetSpec::Path(path),
+            target::Kind::Pid(pid) if pid != 0 => TargetSpec::Pid(pid),
+            target::Kind::PodUid(uid) if !uid.is_empty() => TargetSpec::PodUid(uid),
+            target::Kind::Pod(named) if !named.name.is_empty() => {
+                let found = self
+                    .pods
+                    .find(pod_namespace(&named.namespace), &named.name)
+                    .await?;
+                pod = Some(found.clone());
+                TargetSpec::Pod(found)
+            }
+            _ => return Err(OpenError::MissingTarget),
+        };
+        let shown = spec.to_string();
+        let netns = tokio::time::timeout(OPEN_TIMEOUT, blocking(move || Netns::open(&spec)))
+            .await
+            .map_err(|_| TargetError::Timeout(shown))??;
+        Ok((open, mode, port, netns, pod))
+    }
+
+    /// What RBAC must allow for a session on this target.
+    fn access(&self, kind: &target::Kind, mode: Mode) -> Result<Access, OpenError> {
+        Ok(match kind {
+            target::Kind::Pod(named) => Access::Pod {
+                namespace: pod_namespace(&named.namespace).to_string(),
+                name: named.name.clone(),
+                subresource: if mode == Mode::Mirror {
+                    "mirror"
+                } else {
+                    "steal"
+                },
+            },
+            target::Kind::NetnsPath(_) | target::Kind::Pid(_) | target::Kind::PodUid(_) => {
+                Access::Node {
+                    node: self
+                        .pods
+                        .node()
+                        .ok_or(PodLookupError::NoNodeName)?
+                        .to_string(),
+                }
+            }
+        })
+    }
+
+    fn check_limits(&self, identity: &Identity) -> Result<(), OpenError> {
+        let live = self.live.lock().expect("live lock");
+        let held = live
+            .values()
+            .filter(|session| session.owner.same_as(identity))
+            .count();
+        let (held, limit, scope) = if live.len() >= MAX_SESSIONS {
+            (live.len(), MAX_SESSIONS, " for all users together")
+        } else if held >= MAX_SESSIONS_PER_USER {
+            (held, MAX_SESSIONS_PER_USER, " per user")
+        } else {
+            return Ok(());
+        };
+        Err(OpenError::TooManySessions {
+            user: identity.to_string(),
+            held,
+            limit,
+            scope,
+        })
+    }
+
+    /// Tells whoever looks at the pod (`kubectl describe pod`) who
+    /// intercepts it.
+    fn record(&self, live: &LiveSession, reason: &str, message: String) {
+        if let Some(pod) = &live.audit.pod {
+            self.pod_events.record(
+                pod,
+                &format!("Remocal{reason}"),
+                format!("{} {message}", live.owner),
+            );
+        }
     }
 
     /// Ends every session (their clients are told why) and waits briefly for
@@ -394,11 +544,29 @@ impl Sessions {
         // task sleeping 10 s beside each new connection cost more memory than
         // the connection itself under a burst.
         let mut sweep = tokio::time::interval(ATTACH_TIMEOUT / 10);
+        // An announcement waiting for room in a full event queue. Accepting
+        // pauses meanwhile (the kernel's backlog absorbs the burst), so a
+        // client reading events slowly slows accepting, not memory; and the
+        // loop never waits on the queue itself, so closing, shutdown and
+        // the sweep go on even for a client that stopped reading.
+        let mut unsent: Option<SessionEvent> = None;
         let reason = loop {
             tokio::select! {
                 _ = sweep.tick() => live.reset_unclaimed(),
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, source)) => self.announce(live, &events, stream, source).await,
+                room = events.reserve(), if unsent.is_some() => match room {
+                    Ok(room) => room.send(Ok(unsent.take().expect("checked by the guard"))),
+                    Err(_) => break "the client stopped listening",
+                },
+                accepted = listener.accept(), if unsent.is_none() => match accepted {
+                    Ok((stream, source)) => {
+                        unsent = self.announce(live, stream, source).and_then(|event| {
+                            match events.try_send(Ok(event)) {
+                                Err(mpsc::error::TrySendError::Full(Ok(event))) => Some(event),
+                                // Closed: the loop notices below.
+                                _ => None,
+                            }
+                        });
+                    }
                     Err(err) => {
                         // Typically out of file descriptors: back off instead of spinning.
                         warn!(session = %live.id, %err, "accepting a stolen connection failed");
@@ -441,20 +609,37 @@ impl Sessions {
             reason: reason.to_string(),
         }));
         live.events.lock().expect("events lock").take();
-        info!(session = %live.id, reason, "session ended");
+        info!(
+            user = %live.owner,
+            groups = ?live.owner.groups,
+            target = %live.audit.target,
+            port = live.audit.port,
+            mode = ?live.audit.mode,
+            reason,
+            "session ended"
+        );
+        self.record(
+            &live,
+            "Ended",
+            format!("stopped {}: {reason}", live.audit.doing()),
+        );
     }
 
-    async fn announce(
+    /// Hands a stolen connection to a standby call, or returns the event
+    /// that announces it to the client.
+    fn announce(
         &self,
         live: &Arc<LiveSession>,
-        events: &mpsc::Sender<Result<SessionEvent, Status>>,
         stream: TcpStream,
         source: SocketAddr,
-    ) {
+    ) -> Option<SessionEvent> {
         let _ = stream.set_nodelay(true);
         let destination = match stream.local_addr() {
             Ok(addr) => canonical(addr),
-            Err(err) => return debug!(%err, "a stolen connection closed before it was announced"),
+            Err(err) => {
+                debug!(%err, "a stolen connection closed before it was announced");
+                return None;
+            }
         };
         let source = canonical(source);
         let (id, announcement) = live.hand_over(
@@ -463,13 +648,9 @@ impl Sessions {
             destination.to_string(),
         );
         debug!(session = %live.id, connection = id, %source, %destination, "stolen connection");
-        if let Some(connection) = announcement {
-            let event = session_event::Kind::Connection(connection);
-            // Awaited: a client reading events slowly slows accepting, not
-            // memory. A client gone is noticed by the loop; its connection is
-            // swept.
-            let _ = events.send(Ok(SessionEvent { kind: Some(event) })).await;
-        }
+        announcement.map(|connection| SessionEvent {
+            kind: Some(session_event::Kind::Connection(connection)),
+        })
     }
 }
 
@@ -688,11 +869,47 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// Session ids must not be guessable from one another across agent restarts.
-fn rand_seed() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *SEED.get_or_init(|| RandomState::new().hash_one(std::process::id()))
+/// 128 bits from the OS: a session id names a session to its owner's calls
+/// and is never shown to anyone else, so none can be guessed from another.
+fn session_id() -> String {
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the OS random generator");
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// A pod named without a namespace is in `default`, as kubectl has it.
+fn pod_namespace(namespace: &str) -> &str {
+    if namespace.is_empty() {
+        "default"
+    } else {
+        namespace
+    }
+}
+
+/// What a session does, for the agent's log and the pod's events.
+struct Audit {
+    target: String,
+    port: u16,
+    mode: Mode,
+    /// Where the owner runs, as they said (user@host).
+    client: String,
+    pod: Option<ScheduledPod>,
+}
+
+impl Audit {
+    fn doing(&self) -> String {
+        let verb = if self.mode == Mode::Mirror {
+            "mirroring"
+        } else {
+            "stealing"
+        };
+        format!(
+            "{verb} port {} with remocal (from {})",
+            self.port, self.client
+        )
+    }
 }
 
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {

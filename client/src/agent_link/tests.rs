@@ -74,7 +74,9 @@ fn data(bytes: &'static [u8]) -> Result<Bytes, tonic::Status> {
 async fn a_stock_grpc_server_reads_the_call_and_is_read_back() {
     let addr = stock_server().await;
     let mut agent = AgentAddress::url(&addr.to_string())
-        .connect()
+        .connect(&crate::credentials::Credentials::None {
+            why: "a test".into(),
+        })
         .await
         .unwrap();
 

@@ -16,6 +16,7 @@ pub use port_forward::PortForward;
 
 use crate::{
     cli::ClusterArgs,
+    credentials::Credentials,
     exit::{Failure, Status},
 };
 
@@ -23,6 +24,8 @@ use crate::{
 #[derive(Clone)]
 pub struct Cluster {
     pub client: Client,
+    /// What the client was made from: its credential is also ours to the agent.
+    pub config: Config,
     /// The kubeconfig context (or `in-cluster`), so errors say where we looked.
     pub context: String,
     /// The namespace for names given without `-n`.
@@ -71,16 +74,37 @@ impl Cluster {
             .namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
-        let client = Client::try_from(config).map_err(|err| {
+        let client = Client::try_from(config.clone()).map_err(|err| {
             Failure::unexpected(format!(
                 "cannot set up a client for context {context}: {err}"
             ))
         })?;
         Ok(Self {
             client,
+            config,
             context,
             default_namespace,
         })
+    }
+}
+
+impl Cluster {
+    /// Our credential to an agent: the kubeconfig user's.
+    pub fn credentials(&self) -> Result<Credentials, Failure> {
+        Credentials::from_config(&self.config, &self.context)
+            .map_err(|message| Failure::new(Status::PermissionDenied, message))
+    }
+}
+
+/// The credential of the cluster the flags name, when there is one: a
+/// session on a namespace or process of a node may need it too, while an
+/// agent running with `--auth none` needs none.
+pub async fn credentials(args: &ClusterArgs) -> Result<Credentials, Failure> {
+    match Cluster::connect(args).await {
+        Ok(cluster) => cluster.credentials(),
+        Err(failure) => Ok(Credentials::None {
+            why: failure.message().to_string(),
+        }),
     }
 }
 

@@ -5,7 +5,7 @@
 
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Status, StatusDetails};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Status, StatusCause, StatusDetails};
 
 /// A resource as apimachinery names it in messages: `pods`, `deployments.apps`.
 pub(super) fn qualified(group: &str, resource: &str) -> String {
@@ -85,6 +85,95 @@ pub(super) fn unauthorized() -> Response {
         "Unauthorized",
         "Unauthorized".to_string(),
         None,
+    )
+}
+
+/// One of a validation's errors, as apimachinery's `field.Error` prints it.
+pub(super) struct FieldError {
+    pub field: &'static str,
+    /// `None`: a required value is missing; `Some(value)`: the value is invalid.
+    pub invalid: Option<String>,
+    pub detail: String,
+}
+
+impl FieldError {
+    pub fn required(field: &'static str, detail: &str) -> FieldError {
+        FieldError {
+            field,
+            invalid: None,
+            detail: detail.to_string(),
+        }
+    }
+
+    pub fn invalid(field: &'static str, value: &str, detail: &str) -> FieldError {
+        FieldError {
+            field,
+            invalid: Some(value.to_string()),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        if self.invalid.is_some() {
+            "FieldValueInvalid"
+        } else {
+            "FieldValueRequired"
+        }
+    }
+
+    /// The text after the field: `Required value` or `Invalid value: "x"`, and
+    /// the detail if any.
+    fn message(&self) -> String {
+        let what = match &self.invalid {
+            None => "Required value".to_string(),
+            Some(value) => format!("Invalid value: {value:?}"),
+        };
+        if self.detail.is_empty() {
+            what
+        } else {
+            format!("{what}: {}", self.detail)
+        }
+    }
+}
+
+/// `errors.NewInvalid`: `Event "x" is invalid: reason: Required value`, the
+/// errors in brackets when there are several. `kind` is the object's kind.
+pub(super) fn invalid(group: &str, kind: &str, name: &str, errors: &[FieldError]) -> Response {
+    let mut shown: Vec<String> = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message()))
+        .collect();
+    let shown = if shown.len() == 1 {
+        shown.remove(0)
+    } else {
+        format!("[{}]", shown.join(", "))
+    };
+    let causes = errors
+        .iter()
+        .map(|e| StatusCause {
+            field: Some(e.field.to_string()),
+            message: Some(e.message()),
+            reason: Some(e.reason().to_string()),
+        })
+        .collect();
+    failure(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+        format!("{} {name:?} is invalid: {shown}", qualified(group, kind)),
+        Some(StatusDetails {
+            causes: Some(causes),
+            ..details(group, kind, name)
+        }),
+    )
+}
+
+/// `errors.NewAlreadyExists`: `events "x" already exists`.
+pub(super) fn already_exists(group: &str, resource: &str, name: &str) -> Response {
+    failure(
+        StatusCode::CONFLICT,
+        "AlreadyExists",
+        format!("{} \"{name}\" already exists", qualified(group, resource)),
+        Some(details(group, resource, name)),
     )
 }
 

@@ -2,18 +2,28 @@
 //! certificate it signed for `127.0.0.1` (IP SAN) and `localhost` (DNS SAN),
 //! TLS through rustls with the ring provider, and ALPN `http/1.1` (kube speaks
 //! nothing else, and the port-forward WebSocket is an HTTP/1.1 upgrade).
+//!
+//! Like kube-apiserver (Go's `tls.RequestClientCert`), it asks every client for
+//! a certificate but lets the handshake through without one or with one it
+//! does not trust: the client must prove it holds the certificate's key, and
+//! the request handler then verifies the chain (`client_pki`), so a
+//! certificate the fake does not trust is a 401, not a failed handshake.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use rustls::ServerConfig;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -35,8 +45,9 @@ pub(super) struct Pki {
 }
 
 impl Pki {
-    /// A fresh CA (ECDSA P-256) and a serving certificate signed by it.
-    pub fn generate() -> Pki {
+    /// A fresh CA (ECDSA P-256) and a serving certificate signed by it;
+    /// `client_verifier` (the client CA's) checks the client's proof of its key.
+    pub fn generate(client_verifier: Arc<dyn ClientCertVerifier>) -> Pki {
         let ca_key = KeyPair::generate().expect("generate the fake CA's key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
         ca_params.distinguished_name = rcgen::DistinguishedName::new();
@@ -74,7 +85,7 @@ impl Pki {
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("TLS versions of the ring provider")
-            .with_no_client_auth()
+            .with_client_cert_verifier(Arc::new(RequestClientCertificate(client_verifier)))
             .with_single_cert(
                 vec![CertificateDer::from(server_cert.der().to_vec())],
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
@@ -86,6 +97,68 @@ impl Pki {
             ca_pem: ca_cert.pem(),
             acceptor: TlsAcceptor::from(Arc::new(config)),
         }
+    }
+}
+
+/// Asks for a client certificate without requiring one or verifying its chain
+/// in the handshake (see the module's comment); the client's signature with
+/// the certificate's key is still checked.
+#[derive(Debug)]
+struct RequestClientCertificate(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for RequestClientCertificate {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The certificate chain a connection's client sent (unverified), for the
+/// handlers of its requests: axum's connect info of a [`TlsListener`].
+#[derive(Debug, Clone, Default)]
+pub(super) struct PeerCertificates(pub Option<Arc<[CertificateDer<'static>]>>);
+
+impl Connected<IncomingStream<'_, TlsListener>> for PeerCertificates {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        PeerCertificates(stream.io().get_ref().1.peer_certificates().map(Arc::from))
     }
 }
 

@@ -1,0 +1,88 @@
+//! Verdicts on credentials, kept briefly so that a session's many calls (one
+//! per stolen connection) cost the API server one review, not one each.
+//! Keys are SHA-256 digests: the agent never keeps a caller's token.
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use ring::digest;
+
+/// Entries kept at most. A caller sending endless distinct credentials only
+/// evicts earlier verdicts (which are then asked again), never grows memory:
+/// about 4096 × (32-byte key + verdict of a few hundred bytes) ≤ 2 MiB.
+pub const MAX_ENTRIES: usize = 4096;
+
+pub struct VerdictCache<T> {
+    entries: Mutex<HashMap<[u8; 32], (Instant, T)>>,
+}
+
+impl<T> Default for VerdictCache<T> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+        }
+    }
+}
+
+impl<T: Clone> VerdictCache<T> {
+    pub fn key(credential: &[u8]) -> [u8; 32] {
+        let digest = digest::digest(&digest::SHA256, credential);
+        let mut key = [0; 32];
+        key.copy_from_slice(digest.as_ref());
+        key
+    }
+
+    /// The verdict, while it has not expired.
+    pub fn get(&self, key: &[u8; 32]) -> Option<T> {
+        let entries = self.entries.lock().expect("verdict cache lock");
+        let (until, verdict) = entries.get(key)?;
+        (Instant::now() < *until).then(|| verdict.clone())
+    }
+
+    pub fn put(&self, key: [u8; 32], verdict: T, lifetime: Duration) {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().expect("verdict cache lock");
+        if entries.len() >= MAX_ENTRIES {
+            entries.retain(|_, (until, _)| *until > now);
+        }
+        if entries.len() >= MAX_ENTRIES
+            && let Some(soonest) = entries
+                .iter()
+                .min_by_key(|(_, (until, _))| *until)
+                .map(|(key, _)| *key)
+        {
+            entries.remove(&soonest);
+        }
+        entries.insert(key, (now + lifetime, verdict));
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("verdict cache lock").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_expire_and_the_cache_stays_bounded() {
+        let cache = VerdictCache::default();
+        let key = VerdictCache::<u32>::key(b"token");
+        cache.put(key, 7, Duration::from_secs(60));
+        assert_eq!(cache.get(&key), Some(7));
+        cache.put(key, 8, Duration::ZERO);
+        assert_eq!(cache.get(&key), None, "expired");
+        for n in 0..(MAX_ENTRIES as u32 + 100) {
+            cache.put(
+                VerdictCache::<u32>::key(&n.to_be_bytes()),
+                n,
+                Duration::from_secs(60),
+            );
+        }
+        assert_eq!(cache.len(), MAX_ENTRIES);
+    }
+}

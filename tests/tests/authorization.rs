@@ -1,0 +1,518 @@
+//! Who may steal what. The agent is called as an attacker would call it
+//! (a gRPC client built from the proto, `remocal_tests::attacker`) and as
+//! developers do (the `remocal` CLI with their kubeconfig): no credential, a
+//! wrong or expired token, a certificate of another CA, a user without the
+//! RBAC grant, another user's session id, hostile namespace paths and
+//! floods. Each gets the documented refusal or bound, and the legitimate
+//! session beside it keeps working. Callers are checked by the agent with
+//! real TokenReviews and SubjectAccessReviews against the fake API server,
+//! whose RBAC is the shipped roles of manifests/user-roles.yaml.
+
+use std::time::Duration;
+
+use remocal_proto::v1::{Mode, connection_downstream};
+use remocal_tests::attacker::{self, RawAgent};
+use remocal_tests::kube_api::KeyKind;
+use remocal_tests::kube_cluster::{KubeCluster, NODE};
+use remocal_tests::processes::{Finished, Steal};
+use remocal_tests::servers::{self, TcpServer};
+use remocal_tests::user_roles;
+use tonic::Code;
+
+const LOCAL_BODY: &str = "local";
+/// May steal and mirror in `shop` (remocal-user).
+const ALICE: &str = "alice-token";
+/// May only mirror in `shop` (remocal-mirror-only).
+const BOB: &str = "bob-token";
+/// May target any namespace of node-a (remocal-node-admin).
+const DANA: &str = "dana-token";
+/// Authenticated, granted nothing.
+const EVE: &str = "eve-token";
+
+struct Secured {
+    cluster: KubeCluster,
+}
+
+impl Secured {
+    async fn start() -> Secured {
+        let cluster = KubeCluster::start().await;
+        let api = &cluster.api;
+        api.add_user_in_groups(ALICE, "alice", &["developers"]);
+        api.add_user(BOB, "bob");
+        api.add_user(DANA, "dana");
+        api.add_user(EVE, "eve");
+        user_roles::bind(api, "alice", "remocal-user", "shop");
+        user_roles::bind(api, "bob", "remocal-mirror-only", "shop");
+        user_roles::bind(api, "dana", "remocal-node-admin", "");
+        for user in ["alice", "bob", "dana", "eve", "carol", "erin"] {
+            user_roles::bind(api, user, "remocal-user", "remocal");
+        }
+        Secured { cluster }
+    }
+
+    fn url(&self) -> String {
+        self.cluster.scenario.agent.url()
+    }
+
+    async fn as_user(&self, token: &str) -> RawAgent {
+        RawAgent::with_token(&self.url(), token).await
+    }
+
+    /// `remocal ARGS --port 80` with a kubeconfig holding `token`.
+    fn remocal(&self, token: &str, args: &[&str]) -> Steal {
+        let kubeconfig = self.cluster.api.kubeconfig("dev", token, Some("shop"));
+        Steal::remocal(args)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .port(80)
+    }
+
+    fn pod_netns(&self) -> String {
+        self.cluster
+            .scenario
+            .pod(0)
+            .netns
+            .path()
+            .display()
+            .to_string()
+    }
+
+    fn agent_logs(&self) -> String {
+        self.cluster.scenario.agent.logs()
+    }
+
+    fn metric(&self, sample: &str) -> f64 {
+        self.cluster.scenario.agent.metric(sample)
+    }
+
+    /// The pod serves its own traffic and nothing of remocal is attached.
+    async fn assert_untouched(&self) {
+        self.cluster.scenario.assert_nothing_attached(0);
+        self.cluster.scenario.assert_pod_answers(0, 80).await;
+    }
+}
+
+fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: Code,
+    says: &[&str],
+) -> tonic::Status {
+    let status = result.expect_err("the agent must refuse this call");
+    assert_eq!(status.code(), code, "{status:?}");
+    for part in says {
+        assert!(status.message().contains(part), "{part:?} in {status:?}");
+    }
+    status
+}
+
+fn assert_exit(finished: &Finished, code: i32, says: &[&str]) {
+    assert_eq!(finished.code, Some(code), "{finished:?}");
+    for part in says {
+        assert!(finished.stderr.contains(part), "{part:?} in {finished:?}");
+    }
+    assert!(!finished.stderr.contains("panicked"), "{finished:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_a_valid_credential_are_unauthenticated() {
+    let secured = Secured::start().await;
+    let api = &secured.cluster.api;
+    let url = secured.url();
+
+    // Every call, the hand-framed data call included, needs a credential.
+    let anonymous = RawAgent::connect(&url, None).await;
+    let status = assert_refused(
+        anonymous.info().await,
+        Code::Unauthenticated,
+        &["no credential"],
+    );
+    assert!(
+        status.metadata().get_bin("remocal-challenge-bin").is_some(),
+        "an unauthenticated answer carries a challenge for certificate users"
+    );
+    assert_refused(
+        anonymous
+            .open(attacker::pod("shop", "web"), 80, Mode::Steal)
+            .await,
+        Code::Unauthenticated,
+        &["no credential"],
+    );
+    assert_refused(
+        anonymous.standby("00000000000000000000000000000000").await,
+        Code::Unauthenticated,
+        &[],
+    );
+    assert_refused(
+        anonymous
+            .attach("00000000000000000000000000000000", 1)
+            .await,
+        Code::Unauthenticated,
+        &[],
+    );
+
+    let stranger = RawAgent::with_token(&url, "not-a-token").await;
+    assert_refused(
+        stranger
+            .open(attacker::pod("shop", "web"), 80, Mode::Mirror)
+            .await,
+        Code::Unauthenticated,
+        &["the cluster rejected your token"],
+    );
+    api.expire_token(BOB);
+    let expired = secured.as_user(BOB).await;
+    assert_refused(
+        expired.info().await,
+        Code::Unauthenticated,
+        &["rejected your token", "expired"],
+    );
+    let malformed = RawAgent::connect(&url, Some("Remocal-Certificate !!!")).await;
+    assert_refused(
+        malformed.info().await,
+        Code::Unauthenticated,
+        &["malformed"],
+    );
+
+    // A certificate of another CA, through the CLI: exit 6, saying why.
+    let foreign = api.foreign_client_certificate("mallory", &["developers"], KeyKind::EcdsaP256);
+    let kubeconfig = api.kubeconfig_with_certificate("mallory", &foreign, Some("shop"));
+    let finished = Steal::remocal(&["steal", "pod/web", "--agent", &url])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .port(80)
+        .run_to_exit()
+        .await;
+    assert_exit(
+        &finished,
+        6,
+        &["does not know who you are", "not valid for this cluster"],
+    );
+    // No credential at all, through the CLI: exit 6 naming what was missing.
+    let finished = Steal::remocal(&["steal", "pod/web", "-n", "shop", "--agent", &url])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .port(80)
+        .run_to_exit()
+        .await;
+    assert_exit(
+        &finished,
+        6,
+        &["no credential", "remocal sent no credential"],
+    );
+
+    assert!(secured.metric(r#"remocal_session_errors_total{reason="Unauthenticated"}"#) >= 8.0);
+    secured.assert_untouched().await;
+    // A rejected token is not asked about again and again.
+    let reviews = api.token_reviews();
+    assert_eq!(
+        reviews
+            .iter()
+            .filter(|token| *token == "not-a-token")
+            .count(),
+        1,
+        "{reviews:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_of_client_certificates_prove_their_key() {
+    let secured = Secured::start().await;
+    let api = &secured.cluster.api;
+    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
+    // k3s writes ECDSA keys, kind and minikube RSA ones.
+    for (user, kind) in [("carol", KeyKind::EcdsaP256), ("erin", KeyKind::Rsa2048)] {
+        user_roles::bind(api, user, "remocal-user", "shop");
+        let certificate = api.client_certificate(user, &["developers"], kind);
+        let kubeconfig = api.kubeconfig_with_certificate(user, &certificate, Some("shop"));
+        let mut session = Steal::remocal(&["steal", "pod/web"])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .port(80)
+            .local_port(local.port())
+            .start()
+            .await;
+        assert!(
+            session.ready_line().ends_with(&format!("as {user}")),
+            "{}",
+            session.ready_line()
+        );
+        let addr = secured.cluster.scenario.pod(0).v4(80);
+        assert_eq!(secured.cluster.scenario.curl(addr).await, LOCAL_BODY);
+        let ended = session.stop().await;
+        assert_eq!(ended.code, Some(0), "{ended:?}");
+    }
+    let reviews = api.access_reviews();
+    for user in ["carol", "erin"] {
+        assert!(
+            reviews.iter().any(|review| review.user == user
+                && review.groups.contains(&"developers".to_string())
+                && review.subresource == "steal"
+                && review.allowed),
+            "{user} authorized with the certificate's CN and O: {reviews:#?}"
+        );
+    }
+    secured.assert_untouched().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_decides_who_may_steal_or_mirror_which_pod() {
+    let secured = Secured::start().await;
+    let api = &secured.cluster.api;
+    // A pod in a namespace alice has no grant in, on this node.
+    api.upsert_pod(
+        remocal_tests::kube_api::pod("payments", "ledger")
+            .node(NODE)
+            .running()
+            .ready(true),
+    );
+    let alice = secured.as_user(ALICE).await;
+    for (namespace, name) in [("payments", "ledger"), ("payments", "no-such-pod")] {
+        // Denied the same way whether the pod exists or not: a caller
+        // without the grant learns nothing about the target.
+        assert_refused(
+            alice
+                .open(attacker::pod(namespace, name), 80, Mode::Steal)
+                .await,
+            Code::PermissionDenied,
+            &[
+                "\"alice\"",
+                "create pods/steal",
+                "remocal.dev",
+                "\"payments\"",
+            ],
+        );
+    }
+    // Allowed in shop.
+    let session = alice
+        .open(attacker::pod("shop", "web"), 80, Mode::Steal)
+        .await
+        .expect("alice may steal in shop");
+    assert_eq!(session.ready.user, "alice");
+    drop(session);
+
+    // bob may mirror, not steal.
+    let bob = secured.as_user(BOB).await;
+    assert_refused(
+        bob.open(attacker::pod("shop", "web"), 80, Mode::Steal)
+            .await,
+        Code::PermissionDenied,
+        &["\"bob\"", "create pods/steal", "remocal-user"],
+    );
+    let mirror = bob
+        .open(attacker::pod("shop", "web"), 80, Mode::Mirror)
+        .await
+        .expect("bob may mirror in shop");
+    drop(mirror);
+
+    // Namespaces and processes of the node are for node admins only.
+    let eve = secured.as_user(EVE).await;
+    for target in [
+        attacker::netns(&secured.pod_netns()),
+        attacker::netns("/var/run/netns/no-such-namespace"),
+    ] {
+        assert_refused(
+            alice.open(target.clone(), 80, Mode::Steal).await,
+            Code::PermissionDenied,
+            &["create nodes/targets", NODE, "remocal-node-admin"],
+        );
+        assert_refused(
+            eve.open(target, 80, Mode::Mirror).await,
+            Code::PermissionDenied,
+            &["\"eve\"", "nodes/targets"],
+        );
+    }
+    let dana = secured.as_user(DANA).await;
+    let session = dana
+        .open(attacker::netns(&secured.pod_netns()), 80, Mode::Steal)
+        .await
+        .expect("a node admin may target the node's namespaces");
+    drop(session);
+
+    // Through the CLI: exit 6 with the agent's reason.
+    let finished = secured
+        .remocal(ALICE, &["steal", "pod/ledger", "-n", "payments"])
+        .run_to_exit()
+        .await;
+    assert_exit(&finished, 6, &["may not create pods/steal", "payments"]);
+
+    assert!(secured.metric(r#"remocal_session_errors_total{reason="PermissionDenied"}"#) >= 7.0);
+    let logs = secured.agent_logs();
+    assert!(
+        logs.contains("session refused") && logs.contains("alice"),
+        "denials are logged with the user: {logs}"
+    );
+    secured.assert_untouched().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_belongs_to_who_opened_it() {
+    let secured = Secured::start().await;
+    let scenario = &secured.cluster.scenario;
+    let alice = secured.as_user(ALICE).await;
+    let mut session = alice
+        .open(attacker::pod("shop", "web"), 80, Mode::Steal)
+        .await
+        .expect("alice steals shop/web:80");
+    let id = session.ready.session_id.clone();
+    assert_eq!(id.len(), 32, "128 random bits: {id}");
+    assert!(id.bytes().all(|byte| byte.is_ascii_hexdigit()), "{id}");
+
+    // Another authenticated user with alice's session id gets nothing.
+    let eve = secured.as_user(EVE).await;
+    assert_refused(eve.standby(&id).await, Code::NotFound, &["no session"]);
+    assert_refused(eve.attach(&id, 1).await, Code::NotFound, &["no session"]);
+    assert!(
+        secured
+            .agent_logs()
+            .contains("refused a connection call for a session of another user"),
+        "{}",
+        secured.agent_logs()
+    );
+
+    // A conflict names the holder by verified name, never by session id.
+    let carol_token = "carol-token";
+    secured.cluster.api.add_user(carol_token, "carol");
+    user_roles::bind(&secured.cluster.api, "carol", "remocal-user", "shop");
+    let carol = secured.as_user(carol_token).await;
+    let status = assert_refused(
+        carol
+            .open(attacker::pod("shop", "web"), 80, Mode::Steal)
+            .await,
+        Code::AlreadyExists,
+        &["already stolen by alice (from attacker@nowhere)"],
+    );
+    assert!(!status.message().contains(&id), "{status:?}");
+
+    // alice's own call gets the next stolen connection.
+    let mut standby = alice.standby(&id).await.expect("alice's standby call");
+    let addr = scenario.pod(0).v4(80);
+    let client = scenario
+        .node()
+        .connect(addr)
+        .await
+        .expect("connect to the pod");
+    let first = tokio::time::timeout(Duration::from_secs(10), standby.message())
+        .await
+        .expect("a connection within 10 s")
+        .expect("the call goes on")
+        .expect("a first message");
+    assert!(
+        matches!(first.kind, Some(connection_downstream::Kind::Connection(_))),
+        "{first:?}"
+    );
+    drop(client);
+    let _ = session
+        .requests
+        .try_send(remocal_proto::v1::SessionRequest {
+            kind: Some(remocal_proto::v1::session_request::Kind::Close(
+                remocal_proto::v1::CloseSession {},
+            )),
+        });
+    let _ = tokio::time::timeout(Duration::from_secs(5), session.events.message()).await;
+}
+
+/// A FIFO in /var/run/netns, removed even when the test fails.
+struct Fifo(std::path::PathBuf);
+
+impl Fifo {
+    fn create() -> Fifo {
+        let dir = std::path::Path::new("/var/run/netns");
+        std::fs::create_dir_all(dir).expect("/var/run/netns");
+        let path = dir.join(format!("remocal-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        Fifo(path)
+    }
+}
+
+impl Drop for Fifo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_namespace_paths_reveal_nothing_and_cannot_hang_the_agent() {
+    let mut secured = Secured::start().await;
+    // Even a node admin names only namespaces.
+    let dana = secured.as_user(DANA).await;
+    for path in [
+        "/proc/1/root/etc/shadow",
+        "/proc/1/root/etc/no-such-file",
+        "/var/run/netns/../../etc/passwd",
+        "/proc/self/ns/net",
+        "/dev/zero",
+    ] {
+        let status = assert_refused(
+            dana.open(attacker::netns(path), 80, Mode::Steal).await,
+            Code::InvalidArgument,
+            &["is not a namespace path remocal accepts"],
+        );
+        // The same answer whether the file exists or not.
+        assert!(!status.message().contains("does not exist"), "{status:?}");
+    }
+    let fifo = Fifo::create();
+    assert_refused(
+        dana.open(attacker::netns(&fifo.0.display().to_string()), 80, Mode::Steal)
+            .await,
+        Code::InvalidArgument,
+        &["is not a network namespace"],
+    );
+    // Nothing was left waiting on the FIFO: the agent stops at once when told.
+    let agent = &mut secured.cluster.scenario.agent;
+    let status = agent.terminate(Duration::from_secs(10)).await;
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "the agent exits on SIGTERM: {status:?}\n{}",
+        agent.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_cannot_exhaust_the_agent_with_sessions_or_calls() {
+    let secured = Secured::start().await;
+    let alice = secured.as_user(ALICE).await;
+    // Mirrors share a port, so nothing but the limit stops the 17th.
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(
+            alice
+                .open(attacker::pod("shop", "web"), 80, Mode::Mirror)
+                .await
+                .expect("a session within the limit"),
+        );
+    }
+    assert_refused(
+        alice.open(attacker::pod("shop", "web"), 80, Mode::Mirror).await,
+        Code::ResourceExhausted,
+        &["alice already holds 16 sessions", "at most 16 per user"],
+    );
+    // One session's calls waiting for connections are bounded too.
+    let id = held[0].ready.session_id.clone();
+    let mut calls = Vec::new();
+    for _ in 0..256 {
+        calls.push(alice.standby(&id).await.expect("a standby call within the limit"));
+    }
+    assert_refused(
+        alice.standby(&id).await,
+        Code::ResourceExhausted,
+        &["256 standby calls"],
+    );
+    assert!(secured.metric(r#"remocal_session_errors_total{reason="ResourceExhausted"}"#) >= 1.0);
+    drop(calls);
+    drop(held);
+
+    // Someone else is not affected by alice's sessions.
+    let carol_token = "carol-token";
+    secured.cluster.api.add_user(carol_token, "carol");
+    user_roles::bind(&secured.cluster.api, "carol", "remocal-user", "shop");
+    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
+    let mut session = secured
+        .remocal(carol_token, &["steal", "pod/web"])
+        .local_port(local.port())
+        .start()
+        .await;
+    let addr = secured.cluster.scenario.pod(0).v4(80);
+    assert_eq!(secured.cluster.scenario.curl(addr).await, LOCAL_BODY);
+    let ended = session.stop().await;
+    assert_eq!(ended.code, Some(0), "{ended:?}");
+}
