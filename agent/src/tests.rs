@@ -63,6 +63,7 @@ impl Drop for OtherNamespace {
 
 struct Harness {
     client: AgentClient<Channel>,
+    addr: SocketAddr,
     active: Arc<Mutex<Vec<SocketAddr>>>,
     taps: Arc<Mutex<Vec<mpsc::Sender<Capture>>>>,
     netns: OtherNamespace,
@@ -96,10 +97,15 @@ impl Harness {
             .unwrap();
         Self {
             client,
+            addr,
             active,
             taps,
             netns: OtherNamespace::new(),
         }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     async fn open(&mut self, port: u32) -> Result<Session, tonic::Status> {
@@ -450,13 +456,10 @@ async fn a_dropped_session_call_ends_the_session() {
     let mut harness = Harness::start().await;
     let session = harness.open(80).await.unwrap();
     drop(session);
-    for _ in 0..500 {
-        if harness.active.lock().unwrap().is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the redirection outlived the client's call");
+    until("the redirection outlived the client's call", || {
+        harness.active.lock().unwrap().is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -599,29 +602,126 @@ async fn standby_calls_end_with_their_session_and_are_refused_after_it() {
 async fn a_mirrored_copy_that_nothing_answers_locally_ends_its_standby_call() {
     let (mut harness, mut session, tap, flow) = mirroring().await;
     let mut standby = harness.standby(&session).await.unwrap();
-    tap.send(Capture::Syn { flow, isn: 1 }).await.unwrap();
+    // A copy starts with its connection's first data, not with its SYN.
+    connect_and_send(&tap, flow).await;
     assert_eq!(standby.handed().await.source, "198.18.0.1:40000");
     standby
         .send(connection_upstream::Kind::Reset(Reset {
             reason: "nothing answers at 127.0.0.1:8080".into(),
         }))
         .await;
-    let end = tokio::time::timeout(Duration::from_secs(5), standby.downstream.message())
-        .await
-        .expect("the refused copy ends at once");
-    assert!(matches!(end, Ok(None)), "{end:?}");
-    // The session forgets the copy when its next capture arrives.
-    tap.send(Capture::Data {
-        flow,
-        seq: 2,
-        payload: b"GET /".as_slice().into(),
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match standby.downstream.message().await {
+                // The copy's first bytes may be on their way already.
+                Ok(Some(ConnectionDownstream {
+                    kind: Some(connection_downstream::Kind::Data(_)),
+                })) => {}
+                end => break end,
+            }
+        }
     })
     .await
-    .unwrap();
+    .expect("the refused copy ends at once");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    // The session forgets the copy at its next look.
     let Some(session_event::Kind::Closed(closed)) = next(&mut session.events).await else {
         panic!("no closed event");
     };
     assert_eq!(closed.connection_id, standby.id);
+}
+
+/// A copy starts with its connection's first data: a SYN alone, a connection
+/// that ends before sending anything, and data after a reset are never announced.
+#[tokio::test]
+async fn a_mirrored_connection_without_data_is_never_announced() {
+    let (_harness, mut session, tap, flow) = mirroring().await;
+    let from = |port| Flow {
+        source: SocketAddr::new(flow.source.ip(), port),
+        ..flow
+    };
+    let data = |port, seq| Capture::Data {
+        flow: from(port),
+        seq,
+        payload: b"GET /".as_slice().into(),
+    };
+    for capture in [
+        Capture::Syn {
+            flow: from(1),
+            isn: 10,
+        },
+        Capture::Syn {
+            flow: from(2),
+            isn: 20,
+        },
+        Capture::Fin {
+            flow: from(2),
+            seq: 21,
+        },
+        Capture::Syn {
+            flow: from(3),
+            isn: 30,
+        },
+        Capture::Rst {
+            flow: from(3),
+            by_pod: false,
+        },
+        data(3, 31),
+        Capture::Syn {
+            flow: from(4),
+            isn: 40,
+        },
+        data(4, 41),
+    ] {
+        tap.send(capture).await.unwrap();
+    }
+    let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await else {
+        panic!("no connection event");
+    };
+    assert_eq!(announced.source, "198.18.0.1:4", "the first with data");
+}
+
+/// A copy announced on the session whose data call never comes is dropped
+/// after 10 s, as a steal session resets its unclaimed connections.
+#[tokio::test]
+async fn a_mirrored_copy_nobody_picks_up_is_dropped() {
+    let (mut harness, mut session, tap, flow) = mirroring().await;
+    connect_and_send(&tap, flow).await;
+    let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await else {
+        panic!("no connection event");
+    };
+    let (mut warned, mut closed) = (None, None);
+    let events = async {
+        while warned.is_none() || closed.is_none() {
+            match session.events.message().await.unwrap().and_then(|e| e.kind) {
+                Some(session_event::Kind::Warning(warning)) => warned = Some(warning.message),
+                Some(session_event::Kind::Closed(c)) => closed = Some(c),
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), events)
+        .await
+        .expect("dropped within 15 s");
+    let closed = closed.unwrap();
+    assert_eq!(closed.connection_id, announced.connection_id);
+    assert_eq!(closed.error, "not picked up");
+    assert!(warned.unwrap().contains("did not pick it up"));
+    let (upstream, outgoing) = mpsc::channel(16);
+    let attach = connection_upstream::Kind::Attach(Attach {
+        session_id: session.id.clone(),
+        connection_id: announced.connection_id,
+    });
+    upstream.send(frame(attach)).await.unwrap();
+    let late = harness
+        .client
+        .connection(ReceiverStream::new(outgoing))
+        .await;
+    let refused = match late {
+        Err(status) => status,
+        Ok(response) => response.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(refused.code(), Code::NotFound, "{}", refused.message());
 }
 
 /// A mirror session, its capture tap, and the flow the tests capture.
@@ -637,6 +737,17 @@ async fn mirroring() -> (Harness, Session, mpsc::Sender<Capture>, Flow) {
         destination: "198.18.0.2:80".parse().unwrap(),
     };
     (harness, session, tap, flow)
+}
+
+/// The captures of a connection's SYN (ISN 1) and its first data, `GET /`.
+async fn connect_and_send(tap: &mpsc::Sender<Capture>, flow: Flow) {
+    tap.send(Capture::Syn { flow, isn: 1 }).await.unwrap();
+    let data = Capture::Data {
+        flow,
+        seq: 2,
+        payload: b"GET /".as_slice().into(),
+    };
+    tap.send(data).await.unwrap();
 }
 
 async fn assert_reset(remote: &mut TcpStream) {
@@ -687,10 +798,6 @@ async fn a_mirrored_connection_arrives_in_order_and_ends_with_its_fin() {
     let data = pattern(10_000, 5);
     let seq = |offset: usize| isn.wrapping_add(1).wrapping_add(offset as u32);
     tap.send(Capture::Syn { flow, isn }).await.unwrap();
-    let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await else {
-        panic!("no connection event");
-    };
-    assert_eq!(announced.source, "198.18.0.1:40000");
     // Out of order, with a duplicate: the copy is still in order and exact.
     for (from, to) in [(4000, 10_000), (0, 5000), (0, 3000)] {
         let payload = data[from..to].to_vec().into();
@@ -708,9 +815,103 @@ async fn a_mirrored_connection_arrives_in_order_and_ends_with_its_fin() {
     })
     .await
     .unwrap();
+    // Announced with its first data, not with its SYN.
+    let Some(session_event::Kind::Connection(announced)) = next(&mut session.events).await else {
+        panic!("no connection event");
+    };
+    assert_eq!(announced.source, "198.18.0.1:40000");
 
     let mut connection = harness.attach(&session, announced.connection_id).await;
     let (received, eof) = connection.receive(data.len() + 1).await;
     assert_eq!(received, data);
     assert!(eof, "the FIN ends the copy");
+}
+
+/// A client with a small HTTP/2 window, so that the session events it does
+/// not read back up to the agent after a thousand or so instead of tens of
+/// thousands.
+async fn stingy_client(harness: &mut Harness) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(harness.url())
+        .unwrap()
+        .initial_stream_window_size(Some(16 * 1024))
+        .connect()
+        .await
+        .unwrap();
+    harness.client = AgentClient::new(channel);
+}
+
+/// Polls until `done` says so; panics with `failure` after 10 s.
+async fn until(failure: &str, done: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{failure}");
+}
+
+/// A client that stops reading its session's events fills the agent's
+/// queue of announcements; the agent then stops accepting (the kernel's
+/// backlog holds the rest), but closing the session still works.
+#[tokio::test]
+async fn a_client_that_stops_reading_events_cannot_keep_its_steal_alive() {
+    let mut harness = Harness::start().await;
+    stingy_client(&mut harness).await;
+    let session = harness.open(80).await.unwrap();
+    let mut remotes = Vec::new();
+    // Until the agent stops accepting and the backlog is full.
+    while let Ok(Ok(remote)) = tokio::time::timeout(
+        Duration::from_millis(500),
+        TcpStream::connect(session.listener),
+    )
+    .await
+    {
+        remotes.push(remote);
+        assert!(remotes.len() < 20_000, "the agent never stopped accepting");
+    }
+    assert!(
+        remotes.len() > 1024,
+        "the event queue filled up: {}",
+        remotes.len()
+    );
+    session.close().await;
+    until(
+        "the steal outlived its close while its client read no events",
+        || harness.active.lock().unwrap().is_empty(),
+    )
+    .await;
+}
+
+/// The same for a mirror, whose copies are announced as their first data
+/// arrives.
+#[tokio::test]
+async fn a_client_that_stops_reading_events_cannot_keep_its_mirror_alive() {
+    let mut harness = Harness::start().await;
+    stingy_client(&mut harness).await;
+    let session = harness
+        .open_mode(Some(harness.netns.target()), 80, Mode::Mirror)
+        .await
+        .unwrap();
+    let tap = harness.taps.lock().unwrap().last().unwrap().clone();
+    for port in 0..3000u16 {
+        let flow = Flow {
+            source: SocketAddr::from(([198, 18, 0, 1], 10_000 + port)),
+            destination: "198.18.0.2:80".parse().unwrap(),
+        };
+        // An agent stuck on the unread events stops taking captures too.
+        let sent = tokio::time::timeout(Duration::from_secs(1), connect_and_send(&tap, flow));
+        if sent.await.is_err() {
+            break;
+        }
+    }
+    session.close().await;
+    until(
+        "the mirror outlived its close while its client read no events",
+        || tap.is_closed(),
+    )
+    .await;
 }

@@ -27,5 +27,6 @@ pub mod remote;
 pub mod retry;
 pub mod scenario;
 pub mod servers;
+pub mod syn_flood;
 pub mod topology;
 pub mod user_roles;

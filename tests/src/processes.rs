@@ -314,14 +314,21 @@ impl Agent {
     /// The value of one sample of `/metrics`, e.g.
     /// `remocal_session_errors_total{reason="Unauthenticated"}`; 0 when absent
     /// (a counter nothing incremented yet).
-    pub fn metric(&self, sample: &str) -> f64 {
-        let out = Command::new("curl")
-            .args(["--silent", "--fail", "--max-time", "5"])
-            .arg(format!("http://{}/metrics", self.metrics))
-            .output()
-            .expect("run curl");
-        assert!(out.status.success(), "scraping the agent's /metrics failed");
-        String::from_utf8_lossy(&out.stdout)
+    pub async fn metric(&self, sample: &str) -> f64 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics)
+            .await
+            .expect("reach the agent's metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")
+            .await
+            .expect("ask for the metrics");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .expect("read the metrics");
+        response
             .lines()
             .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
             .map_or(0.0, |value| value.trim().parse().expect("a number"))

@@ -143,6 +143,24 @@ pub async fn http(stream: TcpStream, body: &'static str) {
 }
 
 /// Sends back whatever it reads, passing half-close on.
+/// A local process that reads each connection to its end (a reset ends it
+/// too: what came before still counts) and keeps `what(received bytes)`.
+pub fn recording<T: Send + 'static>(
+    what: fn(Vec<u8>) -> T,
+) -> (TcpServer, Arc<std::sync::Mutex<Vec<T>>>) {
+    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = kept.clone();
+    let server = TcpServer::local(move |mut stream: TcpStream| {
+        let sink = sink.clone();
+        async move {
+            let mut received = Vec::new();
+            let _ = stream.read_to_end(&mut received).await;
+            sink.lock().unwrap().push(what(received));
+        }
+    });
+    (server, kept)
+}
+
 pub async fn echo(stream: TcpStream) {
     let (mut reader, mut writer) = stream.into_split();
     if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {

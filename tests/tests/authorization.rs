@@ -81,8 +81,8 @@ impl Secured {
         self.cluster.scenario.agent.logs()
     }
 
-    fn metric(&self, sample: &str) -> f64 {
-        self.cluster.scenario.agent.metric(sample)
+    async fn metric(&self, sample: &str) -> f64 {
+        self.cluster.scenario.agent.metric(sample).await
     }
 
     /// The pod serves its own traffic and nothing of remocal is attached.
@@ -118,6 +118,14 @@ async fn calls_without_a_valid_credential_are_unauthenticated() {
     let secured = Secured::start().await;
     let api = &secured.cluster.api;
     let url = secured.url();
+    // alice steals the port all along; nothing below may disturb her.
+    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
+    let mut legitimate = secured
+        .remocal(ALICE, &["steal", "pod/web"])
+        .local_port(local.port())
+        .start()
+        .await;
+    let addr = secured.cluster.scenario.pod(0).v4(80);
 
     // Every call, the hand-framed data call included, needs a credential.
     let anonymous = RawAgent::connect(&url, None).await;
@@ -198,7 +206,15 @@ async fn calls_without_a_valid_credential_are_unauthenticated() {
         &["no credential", "remocal sent no credential"],
     );
 
-    assert!(secured.metric(r#"remocal_session_errors_total{reason="Unauthenticated"}"#) >= 8.0);
+    assert!(
+        secured
+            .metric(r#"remocal_session_errors_total{reason="Unauthenticated"}"#)
+            .await
+            >= 8.0
+    );
+    assert_eq!(secured.cluster.scenario.curl(addr).await, LOCAL_BODY);
+    let ended = legitimate.stop().await;
+    assert_eq!(ended.code, Some(0), "{ended:?}");
     secured.assert_untouched().await;
     // A rejected token is not asked about again and again.
     let reviews = api.token_reviews();
@@ -333,7 +349,12 @@ async fn rbac_decides_who_may_steal_or_mirror_which_pod() {
         .await;
     assert_exit(&finished, 6, &["may not create pods/steal", "payments"]);
 
-    assert!(secured.metric(r#"remocal_session_errors_total{reason="PermissionDenied"}"#) >= 7.0);
+    assert!(
+        secured
+            .metric(r#"remocal_session_errors_total{reason="PermissionDenied"}"#)
+            .await
+            >= 7.0
+    );
     let logs = secured.agent_logs();
     assert!(
         logs.contains("session refused") && logs.contains("alice"),
@@ -452,8 +473,12 @@ async fn hostile_namespace_paths_reveal_nothing_and_cannot_hang_the_agent() {
     }
     let fifo = Fifo::create();
     assert_refused(
-        dana.open(attacker::netns(&fifo.0.display().to_string()), 80, Mode::Steal)
-            .await,
+        dana.open(
+            attacker::netns(&fifo.0.display().to_string()),
+            80,
+            Mode::Steal,
+        )
+        .await,
         Code::InvalidArgument,
         &["is not a network namespace"],
     );
@@ -482,7 +507,9 @@ async fn a_caller_cannot_exhaust_the_agent_with_sessions_or_calls() {
         );
     }
     assert_refused(
-        alice.open(attacker::pod("shop", "web"), 80, Mode::Mirror).await,
+        alice
+            .open(attacker::pod("shop", "web"), 80, Mode::Mirror)
+            .await,
         Code::ResourceExhausted,
         &["alice already holds 16 sessions", "at most 16 per user"],
     );
@@ -490,14 +517,32 @@ async fn a_caller_cannot_exhaust_the_agent_with_sessions_or_calls() {
     let id = held[0].ready.session_id.clone();
     let mut calls = Vec::new();
     for _ in 0..256 {
-        calls.push(alice.standby(&id).await.expect("a standby call within the limit"));
+        calls.push(
+            alice
+                .standby(&id)
+                .await
+                .expect("a standby call within the limit"),
+        );
     }
     assert_refused(
         alice.standby(&id).await,
         Code::ResourceExhausted,
         &["256 standby calls"],
     );
-    assert!(secured.metric(r#"remocal_session_errors_total{reason="ResourceExhausted"}"#) >= 1.0);
+    assert!(
+        secured
+            .metric(r#"remocal_session_errors_total{reason="ResourceExhausted"}"#)
+            .await
+            >= 1.0
+    );
+    // Hundreds of calls, one TokenReview: the answer is kept for a while.
+    let reviews = secured.cluster.api.token_reviews();
+    assert_eq!(
+        reviews.iter().filter(|token| *token == ALICE).count(),
+        1,
+        "{} reviews in all",
+        reviews.len()
+    );
     drop(calls);
     drop(held);
 
@@ -515,4 +560,78 @@ async fn a_caller_cannot_exhaust_the_agent_with_sessions_or_calls() {
     assert_eq!(secured.cluster.scenario.curl(addr).await, LOCAL_BODY);
     let ended = session.stop().await;
     assert_eq!(ended.code, Some(0), "{ended:?}");
+}
+
+/// Whatever the kubeconfig resolves to is sent: here an exec plugin (as
+/// EKS, GKE and OIDC logins use) that prints alice's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_an_exec_plugin_is_sent_and_checked() {
+    let secured = Secured::start().await;
+    let path = secured
+        .cluster
+        .api
+        .kubeconfig("dev", "unused", Some("shop"));
+    let mut kubeconfig: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let credential = serde_json::json!({
+        "apiVersion": "client.authentication.k8s.io/v1",
+        "kind": "ExecCredential",
+        "status": { "token": ALICE },
+    });
+    kubeconfig["users"][0]["user"] = serde_yaml::to_value(serde_json::json!({
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "command": "/bin/sh",
+            "args": ["-c", format!("printf '%s' '{credential}'")],
+            "interactiveMode": "Never",
+        }
+    }))
+    .unwrap();
+    std::fs::write(&path, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
+    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
+    let mut session = Steal::remocal(&["steal", "pod/web"])
+        .arg("--kubeconfig")
+        .arg(&path)
+        .port(80)
+        .local_port(local.port())
+        .start()
+        .await;
+    assert!(
+        session.ready_line().ends_with("as alice"),
+        "{}",
+        session.ready_line()
+    );
+    let addr = secured.cluster.scenario.pod(0).v4(80);
+    assert_eq!(secured.cluster.scenario.curl(addr).await, LOCAL_BODY);
+    let ended = session.stop().await;
+    assert_eq!(ended.code, Some(0), "{ended:?}");
+}
+
+/// `--auth none` only where nobody but the node's own users can call, and
+/// `--auth kubernetes` only with an API server to ask.
+#[test]
+fn the_agent_refuses_to_run_open_to_everyone() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(remocal_tests::processes::binary("remocal-agent"))
+            .args(args)
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .expect("run remocal-agent")
+    };
+    for (args, says) in [
+        (
+            ["--auth", "none", "--grpc-listen", "0.0.0.0:0"],
+            "--auth none is only allowed when --grpc-listen is a loopback address",
+        ),
+        (
+            ["--auth", "kubernetes", "--grpc-listen", "127.0.0.1:0"],
+            "--auth kubernetes needs the Kubernetes API",
+        ),
+    ] {
+        let refused = run(&args);
+        assert!(!refused.status.success(), "{args:?}: {refused:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
 }

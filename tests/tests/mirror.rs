@@ -32,40 +32,33 @@ struct Copy {
     exact: bool,
 }
 
-/// The developer's process: reads each copy to its end and checks it against the
-/// pattern its first 16 bytes name (seed, length).
-fn recording_local() -> (TcpServer, Arc<Mutex<Vec<Copy>>>) {
-    let copies = Arc::new(Mutex::new(Vec::new()));
-    let sink = copies.clone();
-    let server = TcpServer::local(move |mut stream: tokio::net::TcpStream| {
-        let sink = sink.clone();
-        async move {
-            let mut received = Vec::new();
-            // A copy cut off by the agent ends in a reset: what came before still counts.
-            let _ = stream.read_to_end(&mut received).await;
-            let copy = match received.get(..16) {
-                Some(preamble) => {
-                    let seed = u64::from_le_bytes(preamble[..8].try_into().unwrap());
-                    let len = u64::from_le_bytes(preamble[8..].try_into().unwrap()) as usize;
-                    let body = &received[16..];
-                    let exact =
-                        body.len() == len && body == Pattern::new(seed).take(len).as_slice();
-                    Copy {
-                        seed,
-                        len: body.len(),
-                        exact,
-                    }
+impl Copy {
+    /// Checks a copy against the pattern its first 16 bytes name (seed, length).
+    fn check(received: Vec<u8>) -> Copy {
+        match received.get(..16) {
+            Some(preamble) => {
+                let seed = u64::from_le_bytes(preamble[..8].try_into().unwrap());
+                let len = u64::from_le_bytes(preamble[8..].try_into().unwrap()) as usize;
+                let body = &received[16..];
+                let exact = body.len() == len && body == Pattern::new(seed).take(len).as_slice();
+                Copy {
+                    seed,
+                    len: body.len(),
+                    exact,
                 }
-                None => Copy {
-                    seed: u64::MAX,
-                    len: received.len(),
-                    exact: false,
-                },
-            };
-            sink.lock().unwrap().push(copy);
+            }
+            None => Copy {
+                seed: u64::MAX,
+                len: received.len(),
+                exact: false,
+            },
         }
-    });
-    (server, copies)
+    }
+}
+
+/// The developer's process: checks each copy it receives.
+fn recording_local() -> (TcpServer, Arc<Mutex<Vec<Copy>>>) {
+    servers::recording(Copy::check)
 }
 
 /// The request of connection `seed`: a 16-byte preamble naming it, then `len` bytes.
@@ -335,6 +328,31 @@ async fn connections_open_before_the_mirror_are_skipped() {
     let copies = wait_for_copies(&copies, 1, Duration::from_secs(30)).await;
     sleep(Duration::from_millis(300)).await;
     assert_complete(&copies, &[(2, 10_000)], "the local process");
+}
+
+/// A copy starts with a connection's first data: one that ends, with a FIN or a reset,
+/// before sending anything never reaches the local process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_end_before_sending_data_are_not_copied() {
+    let scenario = Scenario::start(1, &[]).await;
+    let _pod = TcpServer::in_netns(&scenario.pod(0).netns, PORT, servers::echo);
+    let (local, copies) = recording_local();
+    let _mirror = scenario.mirror(0, PORT, &local).start().await;
+    let addr = scenario.pod(0).v4(PORT);
+
+    let mut closed = scenario.node().connect(addr).await.unwrap();
+    closed.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    closed.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.is_empty(), "the pod closed its side too");
+    let reset = scenario.node().connect(addr).await.unwrap();
+    reset.set_zero_linger().unwrap();
+    drop(reset);
+    // Captured after both: had either been copied, its copy would have come first.
+    run_workload(&scenario, &[(4, 10_000)]).await;
+    let copies = wait_for_copies(&copies, 1, Duration::from_secs(30)).await;
+    assert_complete(&copies, &[(4, 10_000)], "the local process");
+    assert_eq!(local.accepted(), 1, "one local connection");
 }
 
 /// The pod may end a connection abortively while the remote client, reset,

@@ -3,6 +3,7 @@
 //! back in order and feeds them to the client without ever touching the
 //! pod's own traffic.
 mod capture;
+mod half_open;
 pub mod reassembly;
 mod session;
 

@@ -16,9 +16,10 @@
 //!   a segment is new: that part is copied so a mostly duplicate 64 KiB segment cannot pin
 //!   its whole buffer while counting as a few bytes. Payload memory stays within about
 //!   twice [`Reassembler::held`].
-//! - Everything held is bounded by `limit`. Going over is an error that changes nothing,
-//!   and the caller cuts the flow: neither a slow local process nor a hole that never
-//!   fills may grow the agent's memory.
+//! - Everything held is bounded by `limit`, counting [`PIECE_OVERHEAD`] for each piece
+//!   besides its bytes. Going over is an error that changes nothing, and the caller cuts
+//!   the flow: neither a slow local process, nor a hole that never fills, nor a flood of
+//!   tiny out-of-order segments may grow the agent's memory.
 //! - Whatever cannot be part of the stream the receiver reads is silently dropped: bytes
 //!   before the first one or already in order, bytes beyond the FIN or more than a TCP
 //!   window ahead, and FINs that contradict bytes already in order. These come from
@@ -30,6 +31,13 @@ use bytes::Bytes;
 /// TCP's largest receive window is 65535 << 14, just under 2^30: no sender has data
 /// further ahead than that in flight, so nothing beyond it belongs to this stream.
 const WINDOW: u64 = 1 << 30;
+
+/// What a held piece costs beyond its bytes, counted against the limit: its `Bytes`
+/// handle, its slot in the map or list, and the allocations behind a small piece (the
+/// captured buffer and the handle's shared header). Measured at 105 bytes for a piece in
+/// order and 142 for a 1-byte piece out of order; without this, 1-byte segments held
+/// out of order took 143 times the memory the limit allowed.
+pub const PIECE_OVERHEAD: usize = 160;
 
 /// Bytes of one direction of one TCP connection, put back in order.
 pub struct Reassembler {
@@ -52,9 +60,10 @@ pub struct Reassembler {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReassemblyError {
-    /// More than `limit` bytes would have to be held (out-of-order data waiting for a gap,
-    /// plus data delivered but not yet taken); the flow must be cut off.
-    Overflow { held: usize, limit: usize },
+    /// More than `limit` would have to be held (out-of-order data waiting for a gap, plus
+    /// data delivered but not yet taken, counted by [`Reassembler::footprint`]); the flow
+    /// must be cut off.
+    Overflow { footprint: usize, limit: usize },
 }
 
 impl Reassembler {
@@ -84,12 +93,13 @@ impl Reassembler {
         };
         let gaps = self.uncovered(from, to);
         let new: u64 = gaps.iter().map(|(from, to)| to - from).sum();
-        let held = self
-            .held()
-            .saturating_add(usize::try_from(new).unwrap_or(usize::MAX));
-        if held > self.limit {
+        let footprint = self
+            .footprint()
+            .saturating_add(usize::try_from(new).unwrap_or(usize::MAX))
+            .saturating_add(gaps.len() * PIECE_OVERHEAD);
+        if footprint > self.limit {
             return Err(ReassemblyError::Overflow {
-                held,
+                footprint,
                 limit: self.limit,
             });
         }
@@ -168,6 +178,16 @@ impl Reassembler {
     /// Bytes currently held: out-of-order data plus in-order data not yet taken.
     pub fn held(&self) -> usize {
         self.ready_len + self.pending_len
+    }
+
+    /// Pieces those bytes are held in.
+    pub fn pieces(&self) -> usize {
+        self.ready.len() + self.pending.len()
+    }
+
+    /// What the limit bounds: the bytes held and [`PIECE_OVERHEAD`] for each piece.
+    pub fn footprint(&self) -> usize {
+        self.held() + self.pieces() * PIECE_OVERHEAD
     }
 
     /// The part of `len` bytes from position `start` that may still join the stream: not
@@ -298,7 +318,7 @@ mod tests {
             r.pending.values().map(Bytes::len).sum::<usize>()
         );
         assert_eq!(r.ready_len, r.ready.iter().map(Bytes::len).sum::<usize>());
-        assert!(r.held() <= r.limit);
+        assert!(r.footprint() <= r.limit);
         assert_eq!(r.delivered + r.ready_len as u64, r.next);
     }
 
@@ -599,50 +619,94 @@ mod tests {
         assert_eq!(take(&mut r), stream(10, 50));
     }
 
+    /// The footprint of `bytes` held in `pieces`.
+    fn footprint(bytes: usize, pieces: usize) -> usize {
+        bytes + pieces * PIECE_OVERHEAD
+    }
+
     #[test]
     fn overflow_is_refused_without_change_and_taking_frees_room() {
-        let mut r = Reassembler::new(ISN, 10);
+        let limit = footprint(10, 2);
+        let mut r = Reassembler::new(ISN, limit);
         feed(&mut r, ISN, 0, 7).unwrap(); // ready, not taken
+        assert_eq!(r.footprint(), footprint(7, 1));
         assert_eq!(
             feed(&mut r, ISN, 7, 11),
             Err(ReassemblyError::Overflow {
-                held: 11,
-                limit: 10
+                footprint: footprint(11, 2),
+                limit
             })
         );
         assert_eq!(
             feed(&mut r, ISN, 20, 24), // out of order counts too
             Err(ReassemblyError::Overflow {
-                held: 11,
-                limit: 10
+                footprint: footprint(11, 2),
+                limit
             })
         );
         check(&r);
         assert_eq!((r.held(), r.hole(), r.delivered()), (7, None, 0));
         feed(&mut r, ISN, 0, 10).unwrap(); // exactly the limit; 3 new bytes
         assert_eq!(take(&mut r), stream(0, 10));
+        assert_eq!(r.footprint(), 0);
         feed(&mut r, ISN, 10, 20).unwrap();
         assert_eq!(take(&mut r), stream(10, 20));
     }
 
     #[test]
     fn overflow_counts_only_new_bytes_and_keeps_held_ones() {
-        let mut r = Reassembler::new(ISN, 10);
+        let limit = footprint(10, 3);
+        let mut r = Reassembler::new(ISN, limit);
         feed(&mut r, ISN, 12, 18).unwrap();
-        feed(&mut r, ISN, 10, 20).unwrap(); // 4 new of 10: exactly the limit
+        feed(&mut r, ISN, 10, 20).unwrap(); // 4 new of 10, in 2 pieces: exactly the limit
         let refused = feed(&mut r, ISN, 0, 21);
         assert_eq!(
             refused,
             Err(ReassemblyError::Overflow {
-                held: 21,
-                limit: 10
+                footprint: footprint(21, 5),
+                limit
             })
         );
         assert_eq!((r.held(), r.hole()), (10, Some((0, 10))));
         assert!(r.take_ready().is_empty());
-        r.limit = 20; // as if a bigger flow: the held bytes are intact
+        r.limit = footprint(20, 4); // as if a bigger flow: the held bytes are intact
         feed(&mut r, ISN, 0, 10).unwrap();
         assert_eq!(take(&mut r), stream(0, 20));
+    }
+
+    /// 1-byte segments held out of order cost far more than their byte: counted per piece,
+    /// they reach the limit after limit / PIECE_OVERHEAD pieces, holding a few KiB of data.
+    #[test]
+    fn tiny_out_of_order_segments_reach_the_limit_by_their_overhead() {
+        let limit = MIB;
+        let mut r = Reassembler::new(ISN, limit);
+        let mut pieces = 0;
+        let refused = loop {
+            let at = 2 * pieces as u64 + 1; // every other byte: each its own piece
+            match feed(&mut r, ISN, at, at + 1) {
+                Ok(()) => pieces += 1,
+                Err(refused) => break refused,
+            }
+            check(&r);
+        };
+        assert_eq!(pieces, limit / (1 + PIECE_OVERHEAD));
+        assert_eq!(r.held(), pieces, "a few KiB of data reached the limit");
+        assert_eq!(
+            refused,
+            ReassemblyError::Overflow {
+                footprint: footprint(pieces + 1, pieces + 1),
+                limit
+            }
+        );
+        // In order but not taken (a slow reader of tiny segments) counts the same.
+        let mut r = Reassembler::new(ISN, limit);
+        let mut offset = 0;
+        while feed(&mut r, ISN, offset, offset + 1).is_ok() {
+            offset += 1;
+        }
+        assert_eq!(offset as usize, limit / (1 + PIECE_OVERHEAD));
+        assert_eq!(take(&mut r), stream(0, offset));
+        assert_eq!(r.footprint(), 0, "taking frees the room");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The mirror loop of one session: captures in, one ordered byte stream per
 //! remote connection out. Connections already open when the session starts
 //! are skipped (their beginning is gone; a copy starting mid-request would
-//! only confuse the local process): a connection is mirrored from its SYN.
+//! only confuse the local process): a connection is mirrored from its SYN,
+//! and its copy starts with its first data (see [`super::half_open`]).
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, atomic::Ordering},
@@ -10,13 +11,18 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use remocal_proto::v1::{
-    ConnectionDownstream, Eof, SessionEvent, SessionRequest, connection_downstream, session_event,
+    ConnectionDownstream, Eof, SessionEvent, SessionRequest, Warning, connection_downstream,
+    session_event,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use super::{Capture, Flow, reassembly::Reassembler};
+use super::{
+    Capture, Flow,
+    half_open::{HalfOpen, Opening},
+    reassembly::{PIECE_OVERHEAD, Reassembler},
+};
 use crate::{
     proxy::Outcome,
     redirect::Tap,
@@ -35,6 +41,17 @@ const IDLE: Duration = Duration::from_secs(300);
 /// After a capture was lost, a connection quiet for this long may have lost
 /// its last bytes or its FIN: it is cut rather than left hanging.
 const QUIET_AFTER_LOSS: Duration = Duration::from_secs(2);
+/// Copies one session makes at once. Each holds a reassembler, a queue
+/// toward the client, an HTTP/2 stream and a local connection on the
+/// developer's machine: in the agent 5 to 7 KiB before any data (4096
+/// spoofed copies took it from 58 to 76-83 MiB), its data bounded by
+/// --mirror-flow-limit. A spoofed SYN followed by a data segment starts one,
+/// since the mirror cannot tell whether the handshake completed. Beyond it,
+/// new connections are not copied until some copies end.
+const MAX_COPIES: usize = 4096;
+/// A copy announced on the session whose data call never comes is dropped,
+/// as a steal session resets its unclaimed connections.
+const UNCLAIMED: Duration = Duration::from_secs(10);
 
 type Downstream = mpsc::Sender<Result<ConnectionDownstream, Status>>;
 
@@ -50,10 +67,26 @@ struct MirroredFlow {
     suspect: bool,
 }
 
+impl MirroredFlow {
+    /// Bytes held for the client, and in how many pieces.
+    fn backlog(&self) -> (usize, usize) {
+        (
+            self.reassembler.held() + self.outbox_bytes,
+            self.reassembler.pieces() + self.outbox.len(),
+        )
+    }
+
+    /// What --mirror-flow-limit bounds.
+    fn footprint(&self) -> usize {
+        let (bytes, pieces) = self.backlog();
+        bytes + pieces * PIECE_OVERHEAD
+    }
+}
+
 /// Why a mirrored connection stops before its natural end.
 enum Cut {
     Lost,
-    TooSlow(usize),
+    TooSlow { bytes: usize, pieces: usize },
     Reset { by_pod: bool },
     SessionEnded,
     Idle,
@@ -65,8 +98,8 @@ impl Cut {
             Cut::Lost => Status::data_loss(
                 "part of this connection was not captured (the capture buffer overran); the copy ends here rather than skip bytes",
             ),
-            Cut::TooSlow(held) => Status::resource_exhausted(format!(
-                "the copy fell {held} bytes behind the original (the local process, or the link from the agent to remocal, is slower than the mirrored traffic); this mirrored connection was cut off to bound the agent's memory (the agent's --mirror-flow-limit sets how far a copy may fall behind)"
+            Cut::TooSlow { bytes, pieces } => Status::resource_exhausted(format!(
+                "the copy fell {bytes} bytes behind the original, held in {pieces} pieces (the local process, or the link from the agent to remocal, is slower than the mirrored traffic, or the traffic arrives out of order in many small pieces); this mirrored connection was cut off to bound the agent's memory (the agent's --mirror-flow-limit sets how much a copy may hold, counting {PIECE_OVERHEAD} bytes a piece)"
             )),
             Cut::Reset { by_pod: false } => {
                 Status::aborted("the remote client reset the connection")
@@ -80,7 +113,7 @@ impl Cut {
     fn reason(&self) -> &'static str {
         match self {
             Cut::Lost => "data lost in capture",
-            Cut::TooSlow(_) => "copy too slow",
+            Cut::TooSlow { .. } => "copy too slow",
             Cut::Reset { by_pod: false } => "remote reset",
             Cut::Reset { by_pod: true } => "pod reset",
             Cut::SessionEnded => "session ended",
@@ -103,14 +136,18 @@ pub async fn run(
     let mut mirror = Mirror {
         live: live.clone(),
         flows: HashMap::new(),
+        half_open: HalfOpen::new(live.metrics().mirror_half_open.clone()),
+        unclaimed: VecDeque::new(),
         flow_limit,
         lost_seen: tap.lost.load(Ordering::Relaxed),
+        losses: 0,
+        warned_full: false,
     };
     let mut tick = tokio::time::interval(TICK);
     let reason = loop {
         tokio::select! {
             capture = tap.next() => match capture {
-                Some(capture) => mirror.capture(capture, &events).await,
+                Some(capture) => mirror.capture(capture, &events),
                 None => break "the capture stopped",
             },
             _ = tick.tick() => mirror.maintain(tap.lost.load(Ordering::Relaxed)),
@@ -131,60 +168,50 @@ pub async fn run(
 struct Mirror {
     live: Arc<LiveSession>,
     flows: HashMap<Flow, MirroredFlow>,
+    half_open: HalfOpen,
+    /// Copies announced on the session rather than handed to a standby
+    /// call, oldest first, until their call comes or [`UNCLAIMED`] passes.
+    unclaimed: VecDeque<(u64, Flow, Instant)>,
     flow_limit: usize,
     lost_seen: u64,
+    /// Times captures were lost during this session.
+    losses: u64,
+    /// The developer was told that [`MAX_COPIES`] was reached.
+    warned_full: bool,
 }
 
 impl Mirror {
-    async fn capture(
-        &mut self,
-        capture: Capture,
-        events: &mpsc::Sender<Result<SessionEvent, Status>>,
-    ) {
+    fn capture(&mut self, capture: Capture, events: &mpsc::Sender<Result<SessionEvent, Status>>) {
         let flow = capture.flow();
         match capture {
             Capture::Syn { isn, .. } => {
                 if self.flows.contains_key(&flow) {
                     return; // a retransmitted SYN
                 }
-                let (downstream, receiver) = mpsc::channel(DOWNSTREAM_QUEUE);
-                let (id, announcement) = self.live.hand_over(
-                    Pending::Mirrored(receiver),
-                    flow.source.to_string(),
-                    flow.destination.to_string(),
-                );
-                self.flows.insert(
-                    flow,
-                    MirroredFlow {
-                        id,
-                        reassembler: Reassembler::new(isn, self.flow_limit),
-                        downstream,
-                        outbox: VecDeque::new(),
-                        outbox_bytes: 0,
-                        last_capture: Instant::now(),
-                        suspect: false,
-                    },
-                );
-                if let Some(connection) = announcement {
-                    // Awaited: a client reading events slowly slows the
-                    // capture (its queue then overflows and is reported),
-                    // not memory.
-                    let event = session_event::Kind::Connection(connection);
-                    let _ = events.send(Ok(SessionEvent { kind: Some(event) })).await;
-                }
+                let opening = Opening {
+                    isn,
+                    losses: self.losses,
+                };
+                self.half_open.syn(flow, opening, Instant::now());
             }
             Capture::Data { seq, payload, .. } => {
+                if !self.copying(flow, None, events) {
+                    return;
+                }
                 let Some(state) = self.flows.get_mut(&flow) else {
-                    return; // not mirrored from its start
+                    return;
                 };
                 state.last_capture = Instant::now();
                 if state.reassembler.segment(seq, payload).is_err() {
-                    let held = state.reassembler.held() + state.outbox_bytes;
-                    return self.cut(&flow, Cut::TooSlow(held));
+                    let (bytes, pieces) = state.backlog();
+                    return self.cut(&flow, Cut::TooSlow { bytes, pieces });
                 }
                 self.pump(&flow);
             }
             Capture::Fin { seq, .. } => {
+                if !self.copying(flow, Some(seq), events) {
+                    return;
+                }
                 if let Some(state) = self.flows.get_mut(&flow) {
                     state.last_capture = Instant::now();
                     state.reassembler.fin(seq);
@@ -192,6 +219,7 @@ impl Mirror {
                 }
             }
             Capture::Rst { by_pod, .. } => {
+                self.half_open.take(&flow);
                 if self.flows.contains_key(&flow) {
                     self.cut(&flow, Cut::Reset { by_pod });
                 }
@@ -199,13 +227,94 @@ impl Mirror {
         }
     }
 
-    /// Periodic work: retry held data, act on losses, expire idle flows.
+    /// Whether `flow` is copied, starting its copy if this capture (data,
+    /// or a FIN at `fin`) shows that its connection sent data.
+    fn copying(
+        &mut self,
+        flow: Flow,
+        fin: Option<u32>,
+        events: &mpsc::Sender<Result<SessionEvent, Status>>,
+    ) -> bool {
+        if self.flows.contains_key(&flow) {
+            return true;
+        }
+        let Some(opening) = self.half_open.take(&flow) else {
+            return false; // not seen from its SYN, or forgotten since
+        };
+        if fin == Some(opening.isn.wrapping_add(1)) {
+            return false; // closed without sending anything: nothing to copy
+        }
+        if self.flows.len() >= MAX_COPIES {
+            self.live.metrics().mirror_not_copied_total.inc();
+            if !self.warned_full {
+                self.warned_full = true;
+                let message = format!(
+                    "{MAX_COPIES} connections are being copied, the most one mirror session copies at once: new connections are not copied until some of these end"
+                );
+                // Never awaited: a client that stopped reading its events
+                // must not stop the session from seeing its close.
+                let event = session_event::Kind::Warning(Warning { message });
+                let _ = events.try_send(Ok(SessionEvent { kind: Some(event) }));
+            }
+            return false;
+        }
+        let (downstream, receiver) = mpsc::channel(DOWNSTREAM_QUEUE);
+        let (id, announcement) = self.live.hand_over(
+            Pending::Mirrored(receiver),
+            flow.source.to_string(),
+            flow.destination.to_string(),
+        );
+        let now = Instant::now();
+        self.flows.insert(
+            flow,
+            MirroredFlow {
+                id,
+                reassembler: Reassembler::new(opening.isn, self.flow_limit),
+                downstream,
+                outbox: VecDeque::new(),
+                outbox_bytes: 0,
+                last_capture: now,
+                suspect: opening.losses != self.losses,
+            },
+        );
+        if let Some(connection) = announcement {
+            // Never awaited, so that a client that stopped reading its
+            // events cannot hold the session open (its close, the agent's
+            // shutdown and the sweep are handled by the same loop). A copy
+            // whose announcement finds the queue full could not be picked
+            // up in time anyway: it ends at once.
+            let event = session_event::Kind::Connection(connection);
+            if events
+                .try_send(Ok(SessionEvent { kind: Some(event) }))
+                .is_err()
+            {
+                self.live.take_pending(id);
+                self.close(
+                    &flow,
+                    "announced while the session's events were not read".into(),
+                );
+                return false;
+            }
+            self.unclaimed.push_back((id, flow, now));
+        }
+        true
+    }
+
+    /// Periodic work: retry held data, act on losses, expire idle flows,
+    /// forget old half-open ones and drop copies nobody picked up.
     fn maintain(&mut self, lost: u64) {
         if lost != self.lost_seen {
             self.lost_seen = lost;
+            self.losses += 1;
             for state in self.flows.values_mut() {
                 state.suspect = true;
             }
+        }
+        let now = Instant::now();
+        self.half_open.expire(now);
+        self.drop_unclaimed(now);
+        if self.flows.len() <= MAX_COPIES / 2 {
+            self.warned_full = false;
         }
         let flows: Vec<Flow> = self.flows.keys().copied().collect();
         for flow in flows {
@@ -247,12 +356,12 @@ impl Mirror {
                 .downstream
                 .try_send(Ok(ConnectionDownstream { kind: Some(frame) }));
         }
-        let held = state.reassembler.held() + state.outbox_bytes;
         if state.suspect && state.reassembler.hole().is_some() {
             return self.cut(flow, Cut::Lost);
         }
-        if held > self.flow_limit {
-            return self.cut(flow, Cut::TooSlow(held));
+        if state.footprint() > self.flow_limit {
+            let (bytes, pieces) = state.backlog();
+            return self.cut(flow, Cut::TooSlow { bytes, pieces });
         }
         if state.reassembler.finished() && state.outbox.is_empty() {
             let eof = connection_downstream::Kind::Eof(Eof {});
@@ -269,7 +378,7 @@ impl Mirror {
             if let (Cut::Lost, Some((_, missing))) = (&cut, state.reassembler.hole()) {
                 self.live.metrics().mirror_lost_bytes_total.inc_by(missing);
             }
-            if matches!(cut, Cut::Lost | Cut::TooSlow(_)) {
+            if matches!(cut, Cut::Lost | Cut::TooSlow { .. }) {
                 self.live.warn(format!(
                     "connection {} was cut off: {}",
                     state.id,
@@ -279,6 +388,26 @@ impl Mirror {
             let _ = state.downstream.try_send(Err(status));
         }
         self.close(flow, cut.reason().to_string());
+    }
+
+    /// Drops the copies announced [`UNCLAIMED`] ago whose data call never
+    /// came, also those that ended meanwhile: their queues hold their bytes.
+    fn drop_unclaimed(&mut self, now: Instant) {
+        while let Some(&(id, flow, announced)) = self.unclaimed.front() {
+            if now.duration_since(announced) < UNCLAIMED {
+                break;
+            }
+            self.unclaimed.pop_front();
+            if self.live.take_pending(id).is_none() {
+                continue; // picked up, or refused
+            }
+            self.live.warn(format!(
+                "connection {id} was not copied: the client did not pick it up within {UNCLAIMED:?}"
+            ));
+            if self.flows.get(&flow).is_some_and(|state| state.id == id) {
+                self.close(&flow, "not picked up".into());
+            }
+        }
     }
 
     fn close(&mut self, flow: &Flow, error: String) {

@@ -207,11 +207,21 @@ impl Sessions {
         identity: Identity,
         requests: Streaming<SessionRequest>,
     ) -> Result<Events, OpenError> {
+        // What was asked, for the log of a refusal (the target as named).
+        let asked = (
+            open.target.as_ref().and_then(|target| target.kind.clone()),
+            open.port,
+            open.mode,
+        );
         let started = self.start(open, &identity).await;
         if let Err(err) = &started {
+            let (target, port, mode) = asked;
             warn!(
                 user = %identity,
                 groups = ?identity.groups,
+                target = ?target,
+                port,
+                mode = ?Mode::try_from(mode),
                 %err,
                 "session refused"
             );
