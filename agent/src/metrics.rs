@@ -67,6 +67,9 @@ pub struct Metrics {
     pub mirror_lost_bytes_total: Counter,
     pub mirror_half_open: Gauge,
     pub mirror_not_copied_total: Counter,
+    /// The agent's mirror memory budget in use: shared with the budget
+    /// itself, which every mirror session updates.
+    pub mirror_held_bytes: Gauge,
     pub session_errors_total: Family<ReasonLabels, Counter>,
     pub flow_rtt_seconds: Histogram,
 }
@@ -81,6 +84,7 @@ impl Default for Metrics {
             mirror_lost_bytes_total: Counter::default(),
             mirror_half_open: Gauge::default(),
             mirror_not_copied_total: Counter::default(),
+            mirror_held_bytes: crate::mirror::held_bytes(),
             session_errors_total: Family::default(),
             // 50 µs to ~1.6 s: from a pod next door to a remote region.
             flow_rtt_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
@@ -155,6 +159,11 @@ pub fn registry(metrics: &Metrics, kernel: Box<dyn Collector>) -> Registry {
         "mirror_not_copied",
         "New mirrored connections not copied because their session already had the most copies in progress",
         metrics.mirror_not_copied_total.clone(),
+    );
+    registry.register(
+        "mirror_held_bytes",
+        "Bytes all mirrored copies hold in the agent (reassembly and queues toward clients, counting a per-piece overhead), bounded by the agent's mirror memory budget",
+        metrics.mirror_held_bytes.clone(),
     );
     registry.register(
         "session_errors",

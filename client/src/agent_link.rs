@@ -57,21 +57,27 @@ impl Service<http::Request<Body>> for Authenticated {
     type Error = BoxError;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.channel.poll_ready(cx).map_err(Into::into)
+    /// Always ready: the channel's own readiness (a slot in its request
+    /// buffer) is awaited in the call, after the credential is ready, so a
+    /// call never holds a slot while the credential may need a call of its
+    /// own (a certificate user's new challenge).
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        // The channel that was polled ready sends this call.
-        let clone = self.channel.clone();
-        let mut channel = std::mem::replace(&mut self.channel, clone);
-        let plain = self.channel.clone();
+        let mut channel = self.channel.clone();
         let credentials = self.credentials.clone();
         Box::pin(async move {
-            if let Some(header) = credentials.header(&plain).await? {
+            if let Some(header) = credentials.header(&channel).await? {
                 request.headers_mut().insert(AUTHORIZATION, header);
             }
-            channel.call(request).await.map_err(Into::into)
+            channel
+                .ready()
+                .await?
+                .call(request)
+                .await
+                .map_err(Into::into)
         })
     }
 }
@@ -159,7 +165,10 @@ impl AgentAddress {
     /// is reported here rather than on the first stolen connection).
     pub async fn connect(&self, credentials: &Credentials) -> Result<Agent, Failure> {
         let connected = match self {
-            AgentAddress::Url(url) => endpoint(url)?.connect().await,
+            AgentAddress::Url(url) => {
+                refuse_clear_text(url, credentials)?;
+                endpoint(url)?.connect().await
+            }
             AgentAddress::PortForward(forward) => {
                 let forward = PortForward::clone(forward);
                 let connector = tower::service_fn(move |_: Uri| {
@@ -221,6 +230,29 @@ impl AgentAddress {
             }
         }
     }
+}
+
+/// A token sent over plain HTTP to another machine could be read on the
+/// way and replayed against the API server: only to this machine's
+/// loopback (a port-forward, or an agent on this node), or over HTTPS.
+fn refuse_clear_text(url: &str, credentials: &Credentials) -> Result<(), Failure> {
+    let Ok(uri) = url.parse::<Uri>() else {
+        return Ok(()); // `endpoint` explains a malformed URL
+    };
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let local = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if credentials.is_replayable() && uri.scheme_str() == Some("http") && !local {
+        return Err(Failure::new(
+            Status::Usage,
+            format!(
+                "--agent {url} is plain HTTP to another machine, and remocal would send your token over it: reach the agent through the cluster (leave out --agent) or on this machine's loopback"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn endpoint(url: &str) -> Result<Endpoint, Failure> {

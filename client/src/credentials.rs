@@ -4,7 +4,7 @@
 //! API server about it; a client certificate's key never leaves this machine:
 //! we sign the agent's challenge with it instead.
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -58,7 +58,7 @@ pub struct CertificateSigner {
     user: String,
     chain: Vec<Vec<u8>>,
     key: Arc<dyn SigningKey>,
-    proof: Mutex<Option<(Instant, HeaderValue)>>,
+    proof: tokio::sync::Mutex<Option<(Instant, HeaderValue)>>,
 }
 
 impl Credentials {
@@ -112,6 +112,13 @@ impl Credentials {
         }
     }
 
+    /// Whether what we send could be replayed against the API server: a
+    /// token could, a certificate proof (good for one agent, for minutes)
+    /// could not.
+    pub fn is_replayable(&self) -> bool {
+        matches!(self, Credentials::Token { .. })
+    }
+
     /// What we send, for error messages.
     pub fn describe(&self) -> String {
         match self {
@@ -136,11 +143,23 @@ impl Credentials {
                     .map_err(|err| format!("cannot get {user}: {err}"))?
                     .call(request)
                     .await
-                    .map(|echoed| echoed.headers().get(AUTHORIZATION).cloned())
                     .map_err(|err| format!("cannot get {user}: {err}"))
+                    .and_then(|echoed| bearer_only(echoed.headers().get(AUTHORIZATION), user))
             }
             Credentials::Certificate(signer) => signer.header(channel).await.map(Some),
         }
+    }
+}
+
+/// Only a bearer token goes to an agent: a username and password (basic
+/// authentication) would give whoever runs the agent the user's password.
+fn bearer_only(header: Option<&HeaderValue>, user: &str) -> Result<Option<HeaderValue>, String> {
+    match header {
+        Some(value) if value.as_bytes().starts_with(b"Bearer ") => Ok(Some(value.clone())),
+        Some(_) => Err(format!(
+            "{user} is a username and password, which remocal does not send to agents: use a token or a client certificate"
+        )),
+        None => Ok(None),
     }
 }
 
@@ -172,19 +191,23 @@ impl CertificateSigner {
             user: subject_name(&chain[0]),
             chain,
             key,
-            proof: Mutex::default(),
+            proof: tokio::sync::Mutex::default(),
         })
     }
 
     async fn header(&self, channel: &Channel) -> Result<HeaderValue, String> {
-        if let Some((made, header)) = self.proof.lock().expect("proof lock").as_ref()
+        // One refresh at a time: a burst of new connections when the proof
+        // turns stale waits for one new challenge instead of asking for one
+        // each.
+        let mut proof = self.proof.lock().await;
+        if let Some((made, header)) = proof.as_ref()
             && made.elapsed() < PROOF_REUSE
         {
             return Ok(header.clone());
         }
         let challenge = challenge(channel).await?;
         let header = self.sign(&challenge)?;
-        *self.proof.lock().expect("proof lock") = Some((Instant::now(), header.clone()));
+        *proof = Some((Instant::now(), header.clone()));
         Ok(header)
     }
 
@@ -207,10 +230,15 @@ impl CertificateSigner {
     }
 }
 
-/// Asks the agent for a challenge: any call without a credential is
-/// answered with one.
+/// Asks the agent for a challenge: a call that names the certificate
+/// scheme without a proof is answered with one.
 async fn challenge(channel: &Channel) -> Result<Vec<u8>, String> {
-    match AgentClient::new(channel.clone()).info(InfoRequest {}).await {
+    let mut request = tonic::Request::new(InfoRequest {});
+    request.metadata_mut().insert(
+        AUTHORIZATION.as_str(),
+        tonic::metadata::MetadataValue::from_static(CERTIFICATE_SCHEME),
+    );
+    match AgentClient::new(channel.clone()).info(request).await {
         Err(status) => status
             .metadata()
             .get_bin(CHALLENGE_METADATA)

@@ -48,9 +48,10 @@ impl Failure {
             Code::PermissionDenied | Code::Unauthenticated => {
                 Self::new(Status::PermissionDenied, message)
             }
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-                Self::new(Status::Rejected, message)
-            }
+            Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::ResourceExhausted => Self::new(Status::Rejected, message),
             Code::Unavailable => Self::new(
                 Status::AgentUnreachable,
                 format!("{agent} is unavailable: {message}"),
@@ -100,6 +101,7 @@ mod tests {
             (tonic::Code::PermissionDenied, Status::PermissionDenied),
             (tonic::Code::InvalidArgument, Status::Rejected),
             (tonic::Code::FailedPrecondition, Status::Rejected),
+            (tonic::Code::ResourceExhausted, Status::Rejected),
             (tonic::Code::Unavailable, Status::AgentUnreachable),
             (tonic::Code::Internal, Status::Unexpected),
         ];

@@ -45,7 +45,7 @@ impl Secured {
         user_roles::bind(api, "bob", "remocal-mirror-only", "shop");
         user_roles::bind(api, "dana", "remocal-node-admin", "");
         for user in ["alice", "bob", "dana", "eve", "carol", "erin"] {
-            user_roles::bind(api, user, "remocal-user", "remocal");
+            user_roles::bind_role(api, user, "remocal-user", "remocal");
         }
         Secured { cluster }
     }
@@ -173,6 +173,8 @@ async fn calls_without_a_valid_credential_are_unauthenticated() {
         Code::Unauthenticated,
         &["rejected your token", "expired"],
     );
+    let empty = RawAgent::connect(&url, Some("Bearer ")).await;
+    assert_refused(empty.info().await, Code::Unauthenticated, &["empty"]);
     let malformed = RawAgent::connect(&url, Some("Remocal-Certificate !!!")).await;
     assert_refused(
         malformed.info().await,
@@ -194,6 +196,15 @@ async fn calls_without_a_valid_credential_are_unauthenticated() {
         6,
         &["does not know who you are", "not valid for this cluster"],
     );
+    // A token is never sent in clear text to another machine.
+    let finished = secured
+        .remocal(
+            ALICE,
+            &["steal", "pod/web", "--agent", "http://192.0.2.1:7420"],
+        )
+        .run_to_exit()
+        .await;
+    assert_exit(&finished, 2, &["plain HTTP to another machine"]);
     // No credential at all, through the CLI: exit 6 naming what was missing.
     let finished = Steal::remocal(&["steal", "pod/web", "-n", "shop", "--agent", &url])
         .env("KUBECONFIG", "/nonexistent/kubeconfig")
@@ -265,6 +276,13 @@ async fn users_of_client_certificates_prove_their_key() {
             "{user} authorized with the certificate's CN and O: {reviews:#?}"
         );
     }
+    // Asking for a challenge to sign is not an authentication failure.
+    assert_eq!(
+        secured
+            .metric(r#"remocal_session_errors_total{reason="Unauthenticated"}"#)
+            .await,
+        0.0
+    );
     secured.assert_untouched().await;
 }
 
@@ -294,6 +312,20 @@ async fn rbac_decides_who_may_steal_or_mirror_which_pod() {
                 "remocal.dev",
                 "\"payments\"",
             ],
+        );
+    }
+    // Names that are not Kubernetes names never reach the API.
+    for (namespace, name) in [
+        ("shop", "web/status"),
+        ("../kube-system", "x"),
+        ("shop", "Web"),
+    ] {
+        assert_refused(
+            alice
+                .open(attacker::pod(namespace, name), 80, Mode::Steal)
+                .await,
+            Code::InvalidArgument,
+            &["is not a pod's namespace/name"],
         );
     }
     // Allowed in shop.
@@ -496,23 +528,22 @@ async fn hostile_namespace_paths_reveal_nothing_and_cannot_hang_the_agent() {
 async fn a_caller_cannot_exhaust_the_agent_with_sessions_or_calls() {
     let secured = Secured::start().await;
     let alice = secured.as_user(ALICE).await;
-    // Mirrors share a port, so nothing but the limit stops the 17th.
-    let mut held = Vec::new();
-    for _ in 0..16 {
-        held.push(
-            alice
-                .open(attacker::pod("shop", "web"), 80, Mode::Mirror)
-                .await
-                .expect("a session within the limit"),
+    // Mirrors share a port, so nothing but the limit stops the 17th; and
+    // opened all at once, none slips past the check while others start.
+    let opens = (0..20).map(|_| alice.open(attacker::pod("shop", "web"), 80, Mode::Mirror));
+    let (held, refused): (Vec<_>, Vec<_>) = futures::future::join_all(opens)
+        .await
+        .into_iter()
+        .partition(Result::is_ok);
+    assert_eq!(held.len(), 16, "{refused:?}");
+    for refusal in refused {
+        assert_refused(
+            refusal,
+            Code::ResourceExhausted,
+            &["alice already holds 16 sessions", "at most 16 per user"],
         );
     }
-    assert_refused(
-        alice
-            .open(attacker::pod("shop", "web"), 80, Mode::Mirror)
-            .await,
-        Code::ResourceExhausted,
-        &["alice already holds 16 sessions", "at most 16 per user"],
-    );
+    let held: Vec<_> = held.into_iter().map(Result::unwrap).collect();
     // One session's calls waiting for connections are bounded too.
     let id = held[0].ready.session_id.clone();
     let mut calls = Vec::new();

@@ -46,7 +46,7 @@ impl Cluster {
         for namespace in ["shop", "restricted"] {
             user_roles::bind(&api, DEVELOPER, "remocal-user", namespace);
         }
-        user_roles::bind(&api, DEVELOPER, "remocal-user", "remocal");
+        user_roles::bind_role(&api, DEVELOPER, "remocal-user", "remocal");
         Cluster {
             api,
             scenario,

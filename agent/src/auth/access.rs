@@ -1,17 +1,15 @@
 //! Who may steal or mirror what, decided by the cluster's own RBAC: the
 //! agent asks the API server with a SubjectAccessReview for the verified
 //! user, so a platform team grants remocal like any other permission.
-use std::time::Duration;
-
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use kube::{Api, Client, api::PostParams};
 
 use super::Identity;
+use crate::kube::within_timeout;
 
 pub const API_GROUP: &str = "remocal.dev";
-const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a session asks to do, in RBAC's terms.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,18 +87,11 @@ impl AccessReviewer {
             ..Default::default()
         };
         let api = Api::<SubjectAccessReview>::all(self.client.clone());
-        let status =
-            match tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
-                .await
-            {
-                Ok(Ok(review)) => review.status.unwrap_or_default(),
-                Ok(Err(err)) => return Err(AccessError::Unavailable(super::api_reason(&err))),
-                Err(_) => {
-                    return Err(AccessError::Unavailable(format!(
-                        "no answer within {REVIEW_TIMEOUT:?}"
-                    )));
-                }
-            };
+        let status = within_timeout(api.create(&PostParams::default(), &review))
+            .await
+            .map_err(AccessError::Unavailable)?
+            .status
+            .unwrap_or_default();
         if status.allowed {
             return Ok(());
         }

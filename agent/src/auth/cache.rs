@@ -11,7 +11,8 @@ use ring::digest;
 
 /// Entries kept at most. A caller sending endless distinct credentials only
 /// evicts earlier verdicts (which are then asked again), never grows memory:
-/// about 4096 × (32-byte key + verdict of a few hundred bytes) ≤ 2 MiB.
+/// 4096 × (32-byte key + a verdict: a user's name, uid and groups, a few
+/// hundred bytes, a few KiB for an OIDC user in many groups) ≤ about 16 MiB.
 pub const MAX_ENTRIES: usize = 4096;
 
 pub struct VerdictCache<T> {
@@ -26,14 +27,15 @@ impl<T> Default for VerdictCache<T> {
     }
 }
 
-impl<T: Clone> VerdictCache<T> {
-    pub fn key(credential: &[u8]) -> [u8; 32] {
-        let digest = digest::digest(&digest::SHA256, credential);
-        let mut key = [0; 32];
-        key.copy_from_slice(digest.as_ref());
-        key
-    }
+/// A credential's cache key: its SHA-256.
+pub fn key(credential: &[u8]) -> [u8; 32] {
+    let digest = digest::digest(&digest::SHA256, credential);
+    let mut key = [0; 32];
+    key.copy_from_slice(digest.as_ref());
+    key
+}
 
+impl<T: Clone> VerdictCache<T> {
     /// The verdict, while it has not expired.
     pub fn get(&self, key: &[u8; 32]) -> Option<T> {
         let entries = self.entries.lock().expect("verdict cache lock");
@@ -71,17 +73,13 @@ mod tests {
     #[test]
     fn verdicts_expire_and_the_cache_stays_bounded() {
         let cache = VerdictCache::default();
-        let key = VerdictCache::<u32>::key(b"token");
-        cache.put(key, 7, Duration::from_secs(60));
-        assert_eq!(cache.get(&key), Some(7));
-        cache.put(key, 8, Duration::ZERO);
-        assert_eq!(cache.get(&key), None, "expired");
+        let token = key(b"token");
+        cache.put(token, 7, Duration::from_secs(60));
+        assert_eq!(cache.get(&token), Some(7));
+        cache.put(token, 8, Duration::ZERO);
+        assert_eq!(cache.get(&token), None, "expired");
         for n in 0..(MAX_ENTRIES as u32 + 100) {
-            cache.put(
-                VerdictCache::<u32>::key(&n.to_be_bytes()),
-                n,
-                Duration::from_secs(60),
-            );
+            cache.put(key(&n.to_be_bytes()), n, Duration::from_secs(60));
         }
         assert_eq!(cache.len(), MAX_ENTRIES);
     }

@@ -5,6 +5,7 @@
 mod access;
 mod cache;
 mod certificates;
+mod challenge;
 mod tokens;
 
 use std::{collections::BTreeMap, fmt, sync::Arc, task::Poll};
@@ -124,6 +125,13 @@ impl Auth {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
                 kubernetes.tokens.review(token.trim()).await
             }
+            Some((scheme, proof))
+                if scheme.eq_ignore_ascii_case(CERTIFICATE_SCHEME) && proof.trim().is_empty() =>
+            {
+                Err(Status::unauthenticated(
+                    "here is a challenge: sign it with your client certificate's key",
+                ))
+            }
             Some((scheme, proof)) if scheme.eq_ignore_ascii_case(CERTIFICATE_SCHEME) => {
                 kubernetes.certificates.verify(proof).await
             }
@@ -153,13 +161,13 @@ impl Auth {
     }
 }
 
-/// kube's message for a failed API call, down to what to fix (a
-/// certificate, a refused connection).
-fn api_reason(err: &kube::Error) -> String {
-    match err {
-        kube::Error::Api(status) => status.message.clone(),
-        err => crate::kube::with_root_cause(err),
-    }
+/// `authorization: Remocal-Certificate` without a proof: a certificate
+/// user's first call, answered with a challenge to sign.
+fn asks_for_challenge(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.trim().eq_ignore_ascii_case(CERTIFICATE_SCHEME))
 }
 
 /// Puts every call behind [`Auth::authenticate`].
@@ -209,6 +217,9 @@ where
                     request.extensions_mut().insert(identity);
                     inner.call(request).await
                 }
+                // A certificate user asking for a challenge to sign is not
+                // refused anything: no error to count or log.
+                Err(status) if asks_for_challenge(request.headers()) => Ok(status.into_http()),
                 Err(status) => {
                     warn!(
                         call = request.uri().path(),

@@ -1,7 +1,11 @@
 //! Bearer tokens (static, exec plugins, OIDC, service accounts: whatever the
 //! client's kubeconfig gave it) checked the way the API server checks them,
 //! with a TokenReview.
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
@@ -9,7 +13,11 @@ use tokio::sync::Semaphore;
 use tonic::Status;
 use tracing::warn;
 
-use super::{Identity, cache::VerdictCache};
+use super::{
+    Identity,
+    cache::{self, VerdictCache},
+};
+use crate::kube::within_timeout;
 
 /// How long an accepted token is trusted without asking again: a revoked
 /// token keeps working on this agent for at most this long.
@@ -19,12 +27,20 @@ const ACCEPTED_FOR: Duration = Duration::from_secs(60);
 const REJECTED_FOR: Duration = Duration::from_secs(10);
 /// Reviews in flight at once; more callers wait their turn.
 const CONCURRENT_REVIEWS: usize = 8;
-const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call waits for its turn to have its token reviewed.
+const TURN_WAIT: Duration = Duration::from_secs(2);
+/// Longer than any token an API server issues (service-account JWTs and
+/// OIDC ID tokens are 1-4 KiB), short enough that a hostile caller's cannot
+/// cost much to hash or forward.
+const MAX_TOKEN: usize = 16 * 1024;
 
 pub struct TokenReviewer {
     client: Client,
     verdicts: VerdictCache<Result<Identity, String>>,
     reviews: Semaphore,
+    /// One review per token at a time: the many calls a new session makes at
+    /// once (its connections' calls) wait for the first one's answer.
+    in_flight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl TokenReviewer {
@@ -33,23 +49,55 @@ impl TokenReviewer {
             client,
             verdicts: VerdictCache::default(),
             reviews: Semaphore::new(CONCURRENT_REVIEWS),
+            in_flight: Mutex::default(),
         }
     }
 
     pub async fn review(&self, token: &str) -> Result<Identity, Status> {
-        let key = VerdictCache::<()>::key(token.as_bytes());
+        if token.is_empty() || token.len() > MAX_TOKEN {
+            return Err(Status::unauthenticated(format!(
+                "the bearer token is empty or longer than {MAX_TOKEN} bytes: not a Kubernetes token"
+            )));
+        }
+        let key = cache::key(token.as_bytes());
         if let Some(verdict) = self.verdicts.get(&key) {
             return verdict.map_err(Status::unauthenticated);
         }
-        let _turn = self
-            .reviews
-            .acquire()
+        let this_token = self
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .entry(key)
+            .or_default()
+            .clone();
+        let verdict = {
+            let _only_one = this_token.lock().await;
+            match self.verdicts.get(&key) {
+                // Answered while we waited.
+                Some(verdict) => Ok(verdict),
+                None => self.ask(token, key).await,
+            }
+        };
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+        // The map's and ours: nobody else waits on this token.
+        if Arc::strong_count(&this_token) == 2 {
+            in_flight.remove(&key);
+        }
+        verdict?.map_err(Status::unauthenticated)
+    }
+
+    /// Asks the API server, and keeps the answer.
+    async fn ask(&self, token: &str, key: [u8; 32]) -> Result<Result<Identity, String>, Status> {
+        // A caller flooding the agent with new tokens fills the turns; the
+        // others are told to retry rather than queue behind it for ever.
+        let _turn = tokio::time::timeout(TURN_WAIT, self.reviews.acquire())
             .await
+            .map_err(|_| {
+                Status::unavailable(
+                    "the agent is busy checking other callers' tokens: retry in a moment",
+                )
+            })?
             .map_err(|_| Status::unavailable("the agent is shutting down"))?;
-        // Someone else may have asked while we waited.
-        if let Some(verdict) = self.verdicts.get(&key) {
-            return verdict.map_err(Status::unauthenticated);
-        }
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
@@ -58,23 +106,16 @@ impl TokenReviewer {
             ..Default::default()
         };
         let api = Api::<TokenReview>::all(self.client.clone());
-        let answer =
-            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review)).await;
-        let status = match answer {
-            Ok(Ok(review)) => review.status.unwrap_or_default(),
-            Ok(Err(err)) => {
-                warn!(%err, "a TokenReview failed");
-                return Err(Status::unavailable(format!(
-                    "the agent cannot check your token with the API server ({}); if it says forbidden, re-apply manifests/ (the agent's ClusterRole needs `create` on tokenreviews)",
-                    super::api_reason(&err)
-                )));
-            }
-            Err(_) => {
-                return Err(Status::unavailable(format!(
-                    "the agent cannot check your token: the API server did not answer a TokenReview within {REVIEW_TIMEOUT:?}"
-                )));
-            }
-        };
+        let status = within_timeout(api.create(&PostParams::default(), &review))
+            .await
+            .map_err(|reason| {
+                warn!(reason, "a TokenReview failed");
+                Status::unavailable(format!(
+                    "the agent cannot check your token with the API server ({reason}); if it says forbidden, re-apply manifests/ (the agent's ClusterRole needs `create` on tokenreviews)"
+                ))
+            })?
+            .status
+            .unwrap_or_default();
         let verdict = match status.user {
             Some(user) if status.authenticated == Some(true) => Ok(Identity {
                 user: user.username.unwrap_or_default(),
@@ -97,6 +138,6 @@ impl TokenReviewer {
             REJECTED_FOR
         };
         self.verdicts.put(key, verdict.clone(), lifetime);
-        verdict.map_err(Status::unauthenticated)
+        Ok(verdict)
     }
 }

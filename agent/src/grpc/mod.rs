@@ -165,9 +165,10 @@ pub(crate) fn caller(extensions: &http::Extensions) -> Result<Identity, Status> 
 fn open_status(err: OpenError) -> Status {
     let message = err.to_string();
     match err {
-        OpenError::InvalidPort(_) | OpenError::MissingTarget | OpenError::UnsupportedMode(_) => {
-            Status::invalid_argument(message)
-        }
+        OpenError::InvalidPort(_)
+        | OpenError::MissingTarget
+        | OpenError::UnsupportedMode(_)
+        | OpenError::InvalidPodName(_) => Status::invalid_argument(message),
         OpenError::Target(
             TargetError::NoSuchNamespace(_)
             | TargetError::NoSuchProcess(_)

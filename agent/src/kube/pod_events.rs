@@ -1,8 +1,6 @@
 //! Events on a target pod, so that `kubectl describe pod` and `kubectl get
 //! events` show who intercepts it and since when: on a shared cluster that is
 //! the first place a colleague looks when their pod behaves oddly.
-use std::time::Duration;
-
 use k8s_openapi::{
     api::core::v1::{Event, EventSource, ObjectReference},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
@@ -11,9 +9,8 @@ use k8s_openapi::{
 use kube::{Api, Client, api::PostParams};
 use tracing::warn;
 
-use super::ScheduledPod;
+use super::{ScheduledPod, within_timeout};
 
-const API_TIMEOUT: Duration = Duration::from_secs(10);
 const COMPONENT: &str = "remocal-agent";
 
 pub struct PodEvents {
@@ -39,15 +36,11 @@ impl PodEvents {
         let namespace = pod.namespace.clone();
         tokio::spawn(async move {
             let api = Api::<Event>::namespaced(client, &namespace);
-            match tokio::time::timeout(API_TIMEOUT, api.create(&PostParams::default(), &event))
-                .await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => warn!(
-                    %err,
+            if let Err(reason) = within_timeout(api.create(&PostParams::default(), &event)).await {
+                warn!(
+                    reason,
                     "cannot record an event on the pod (the agent's ClusterRole needs `create` on events: re-apply manifests/)"
-                ),
-                Err(_) => warn!("cannot record an event on the pod: the API server did not answer"),
+                );
             }
         });
     }

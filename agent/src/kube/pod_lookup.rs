@@ -2,13 +2,12 @@
 //! its own service account and checks them itself, so a client that talks to
 //! the wrong node's agent, or names a pod that is not running, gets a refusal
 //! that says why instead of a steal of something else.
-use std::{fmt, path::Path, time::Duration};
+use std::{fmt, path::Path};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, Config, config::Kubeconfig};
 
-/// The API calls of one session start must not hang it for long.
-const API_TIMEOUT: Duration = Duration::from_secs(10);
+use super::API_TIMEOUT;
 
 /// A pod that passed every check: Running, on this node, with its own network.
 #[derive(Clone, Debug, PartialEq, Eq)]

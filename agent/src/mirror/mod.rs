@@ -2,10 +2,12 @@
 //! The kernel copies segments; this module puts each connection's bytes
 //! back in order and feeds them to the client without ever touching the
 //! pod's own traffic.
+mod budget;
 mod capture;
 mod half_open;
 pub mod reassembly;
 mod session;
 
+pub use budget::{DEFAULT_BUDGET, held_bytes};
 pub use capture::{Capture, Flow};
 pub use session::run;

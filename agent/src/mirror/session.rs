@@ -5,7 +5,10 @@
 //! and its copy starts with its first data (see [`super::half_open`]).
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -20,8 +23,9 @@ use tonic::{Status, Streaming};
 
 use super::{
     Capture, Flow,
+    budget::{self, Budget, Holding},
     half_open::{HalfOpen, Opening},
-    reassembly::{PIECE_OVERHEAD, Reassembler},
+    reassembly::{AHEAD, PIECE_OVERHEAD, Reassembler, ReassemblyError},
 };
 use crate::{
     proxy::Outcome,
@@ -45,7 +49,8 @@ const QUIET_AFTER_LOSS: Duration = Duration::from_secs(2);
 /// toward the client, an HTTP/2 stream and a local connection on the
 /// developer's machine: in the agent 5 to 7 KiB before any data (4096
 /// spoofed copies took it from 58 to 76-83 MiB), its data bounded by
-/// --mirror-flow-limit. A spoofed SYN followed by a data segment starts one,
+/// --mirror-flow-limit and, with all other copies, by the agent's
+/// [`budget`]. A spoofed SYN followed by a data segment starts one,
 /// since the mirror cannot tell whether the handshake completed. Beyond it,
 /// new connections are not copied until some copies end.
 const MAX_COPIES: usize = 4096;
@@ -62,31 +67,50 @@ struct MirroredFlow {
     /// In-order bytes waiting for room in the client's queue.
     outbox: VecDeque<Bytes>,
     outbox_bytes: usize,
+    /// What it holds, in the agent's budget: the reassembler and outbox as
+    /// of the last [`MirroredFlow::sync`] (`synced`), and the messages in
+    /// its queue until they are sent or dropped (they count themselves).
+    holding: Arc<Holding>,
+    synced: usize,
+    /// Announced on the session, so possibly still waiting for its call in
+    /// the session's pending connections (and in [`Mirror::unclaimed`]).
+    announced: bool,
     last_capture: Instant,
     /// A capture was lost since this flow started: any hole is now final.
     suspect: bool,
 }
 
 impl MirroredFlow {
-    /// Bytes held for the client, and in how many pieces.
-    fn backlog(&self) -> (usize, usize) {
-        (
-            self.reassembler.held() + self.outbox_bytes,
-            self.reassembler.pieces() + self.outbox.len(),
-        )
+    /// What --mirror-flow-limit bounds: everything held for the client, in
+    /// reassembly, outbox and queue, with [`PIECE_OVERHEAD`] a piece.
+    fn footprint(&self) -> usize {
+        self.holding.bytes()
     }
 
-    /// What --mirror-flow-limit bounds.
-    fn footprint(&self) -> usize {
-        let (bytes, pieces) = self.backlog();
-        bytes + pieces * PIECE_OVERHEAD
+    /// Counts the reassembler and outbox as they are now.
+    fn sync(&mut self) {
+        let now = self.reassembler.footprint()
+            + self.outbox_bytes
+            + self.outbox.len() * PIECE_OVERHEAD;
+        self.holding.resize(self.synced, now);
+        self.synced = now;
+    }
+}
+
+impl Drop for MirroredFlow {
+    fn drop(&mut self) {
+        self.holding.resize(self.synced, 0);
     }
 }
 
 /// Why a mirrored connection stops before its natural end.
 enum Cut {
     Lost,
-    TooSlow { bytes: usize, pieces: usize },
+    TooSlow { held: usize },
+    /// Data further than [`AHEAD`] beyond the first missing byte.
+    TooFarAhead { ahead: u64 },
+    /// The agent's budget was reached and this copy held the most.
+    Budget { held: usize, limit: usize },
     Reset { by_pod: bool },
     SessionEnded,
     Idle,
@@ -98,8 +122,14 @@ impl Cut {
             Cut::Lost => Status::data_loss(
                 "part of this connection was not captured (the capture buffer overran); the copy ends here rather than skip bytes",
             ),
-            Cut::TooSlow { bytes, pieces } => Status::resource_exhausted(format!(
-                "the copy fell {bytes} bytes behind the original, held in {pieces} pieces (the local process, or the link from the agent to remocal, is slower than the mirrored traffic, or the traffic arrives out of order in many small pieces); this mirrored connection was cut off to bound the agent's memory (the agent's --mirror-flow-limit sets how much a copy may hold, counting {PIECE_OVERHEAD} bytes a piece)"
+            Cut::TooSlow { held } => Status::resource_exhausted(format!(
+                "the copy fell behind the original: the agent held {held} bytes for it, counting {PIECE_OVERHEAD} bytes a piece (the local process, or the link from the agent to remocal, is slower than the mirrored traffic, or the traffic arrives out of order in many small pieces); this mirrored connection was cut off to bound the agent's memory (the agent's --mirror-flow-limit sets how much a copy may hold)"
+            )),
+            Cut::TooFarAhead { ahead } => Status::data_loss(format!(
+                "data arrived {ahead} bytes past the first byte still missing, further than the {AHEAD} bytes the agent holds ahead of a gap (a TCP receive window that large is rare; a forged segment looks like this); the copy ends here rather than skip bytes"
+            )),
+            Cut::Budget { held, limit } => Status::resource_exhausted(format!(
+                "the agent's mirror memory budget ({limit} bytes, shared by every mirror session on its node) was reached, and this copy held the most ({held} bytes, counting {PIECE_OVERHEAD} bytes a piece): it was cut off to bound the agent's memory"
             )),
             Cut::Reset { by_pod: false } => {
                 Status::aborted("the remote client reset the connection")
@@ -114,6 +144,8 @@ impl Cut {
         match self {
             Cut::Lost => "data lost in capture",
             Cut::TooSlow { .. } => "copy too slow",
+            Cut::TooFarAhead { .. } => "data too far ahead",
+            Cut::Budget { .. } => "mirror memory budget reached",
             Cut::Reset { by_pod: false } => "remote reset",
             Cut::Reset { by_pod: true } => "pod reset",
             Cut::SessionEnded => "session ended",
@@ -135,6 +167,8 @@ pub async fn run(
     };
     let mut mirror = Mirror {
         live: live.clone(),
+        budget: budget::agent(),
+        chosen: Arc::new(AtomicBool::new(false)),
         flows: HashMap::new(),
         half_open: HalfOpen::new(live.metrics().mirror_half_open.clone()),
         unclaimed: VecDeque::new(),
@@ -162,16 +196,26 @@ pub async fn run(
     for flow in mirror.flows.keys().copied().collect::<Vec<_>>() {
         mirror.cut(&flow, Cut::SessionEnded);
     }
+    // Nobody will act on them being chosen any more.
+    for (.., holding) in &mirror.unclaimed {
+        holding.settle();
+    }
     reason
 }
 
 struct Mirror {
     live: Arc<LiveSession>,
+    budget: Arc<Budget>,
+    /// Set when the budget chose one of this session's holdings.
+    chosen: Arc<AtomicBool>,
     flows: HashMap<Flow, MirroredFlow>,
     half_open: HalfOpen,
     /// Copies announced on the session rather than handed to a standby
     /// call, oldest first, until their call comes or [`UNCLAIMED`] passes.
-    unclaimed: VecDeque<(u64, Flow, Instant)>,
+    /// Their holdings stay here, for the budget to free a copy that ended
+    /// before its call came (its queue waits in the session's pending
+    /// connections).
+    unclaimed: VecDeque<(u64, Flow, Instant, Arc<Holding>)>,
     flow_limit: usize,
     lost_seen: u64,
     /// Times captures were lost during this session.
@@ -202,11 +246,17 @@ impl Mirror {
                     return;
                 };
                 state.last_capture = Instant::now();
-                if state.reassembler.segment(seq, payload).is_err() {
-                    let (bytes, pieces) = state.backlog();
-                    return self.cut(&flow, Cut::TooSlow { bytes, pieces });
+                match state.reassembler.segment(seq, payload) {
+                    Ok(()) => self.pump(&flow),
+                    Err(ReassemblyError::Overflow { footprint, .. }) => {
+                        let held = state.footprint().max(footprint);
+                        self.cut(&flow, Cut::TooSlow { held });
+                    }
+                    Err(ReassemblyError::TooFarAhead { ahead }) => {
+                        self.cut(&flow, Cut::TooFarAhead { ahead });
+                    }
                 }
-                self.pump(&flow);
+                self.keep_within_budget();
             }
             Capture::Fin { seq, .. } => {
                 if !self.copying(flow, Some(seq), events) {
@@ -265,6 +315,7 @@ impl Mirror {
             flow.destination.to_string(),
         );
         let now = Instant::now();
+        let holding = self.budget.holding(self.chosen.clone());
         self.flows.insert(
             flow,
             MirroredFlow {
@@ -273,6 +324,9 @@ impl Mirror {
                 downstream,
                 outbox: VecDeque::new(),
                 outbox_bytes: 0,
+                holding: holding.clone(),
+                synced: 0,
+                announced: false,
                 last_capture: now,
                 suspect: opening.losses != self.losses,
             },
@@ -295,7 +349,10 @@ impl Mirror {
                 );
                 return false;
             }
-            self.unclaimed.push_back((id, flow, now));
+            if let Some(state) = self.flows.get_mut(&flow) {
+                state.announced = true;
+            }
+            self.unclaimed.push_back((id, flow, now, holding));
         }
         true
     }
@@ -310,6 +367,7 @@ impl Mirror {
                 state.suspect = true;
             }
         }
+        self.keep_within_budget();
         let now = Instant::now();
         self.half_open.expire(now);
         self.drop_unclaimed(now);
@@ -351,17 +409,18 @@ impl Mirror {
         }
         while state.downstream.capacity() > 1 && !state.outbox.is_empty() {
             let message = merge(&mut state.outbox, &mut state.outbox_bytes);
-            let frame = connection_downstream::Kind::Data(message);
+            let frame = connection_downstream::Kind::Data(state.holding.queue(message));
             let _ = state
                 .downstream
                 .try_send(Ok(ConnectionDownstream { kind: Some(frame) }));
         }
+        state.sync();
         if state.suspect && state.reassembler.hole().is_some() {
             return self.cut(flow, Cut::Lost);
         }
-        if state.footprint() > self.flow_limit {
-            let (bytes, pieces) = state.backlog();
-            return self.cut(flow, Cut::TooSlow { bytes, pieces });
+        let held = state.footprint();
+        if held > self.flow_limit {
+            return self.cut(flow, Cut::TooSlow { held });
         }
         if state.reassembler.finished() && state.outbox.is_empty() {
             let eof = connection_downstream::Kind::Eof(Eof {});
@@ -378,7 +437,7 @@ impl Mirror {
             if let (Cut::Lost, Some((_, missing))) = (&cut, state.reassembler.hole()) {
                 self.live.metrics().mirror_lost_bytes_total.inc_by(missing);
             }
-            if matches!(cut, Cut::Lost | Cut::TooSlow { .. }) {
+            if !matches!(cut, Cut::Reset { .. } | Cut::SessionEnded | Cut::Idle) {
                 self.live.warn(format!(
                     "connection {} was cut off: {}",
                     state.id,
@@ -386,18 +445,65 @@ impl Mirror {
                 ));
             }
             let _ = state.downstream.try_send(Err(status));
+            // An incomplete copy nobody has picked up yet goes now, queue
+            // and all: kept for its call, it would only hold memory. A reset
+            // copy is whole up to its reset, like a closed one: it waits.
+            if !matches!(cut, Cut::Reset { .. }) {
+                self.live.take_pending(state.id);
+            }
         }
         self.close(flow, cut.reason().to_string());
+    }
+
+    /// Asks the budget to choose what to free if the agent's copies hold too
+    /// much, and frees what it chose of this session: live copies are cut
+    /// off, ended ones still waiting for their call are dropped.
+    fn keep_within_budget(&mut self) {
+        self.budget.enforce();
+        if !self.chosen.swap(false, Ordering::Acquire) {
+            return;
+        }
+        let limit = self.budget.limit();
+        let chosen: Vec<(Flow, usize)> = self
+            .flows
+            .iter()
+            .filter(|(_, state)| state.holding.evicting())
+            .map(|(flow, state)| (*flow, state.footprint()))
+            .collect();
+        for (flow, held) in chosen {
+            self.cut(&flow, Cut::Budget { held, limit });
+        }
+        for (id, flow, _, holding) in &self.unclaimed {
+            if !holding.evicting() || self.flows.get(flow).is_some_and(|s| s.id == *id) {
+                continue; // a live copy is cut above, at the next look if chosen since
+            }
+            if self.live.take_pending(*id).is_some() {
+                self.live.warn(format!(
+                    "connection {id} was not copied: it ended before remocal picked it up, and the agent's mirror memory budget ({limit} bytes) was reached"
+                ));
+            }
+            holding.settle();
+        }
     }
 
     /// Drops the copies announced [`UNCLAIMED`] ago whose data call never
     /// came, also those that ended meanwhile: their queues hold their bytes.
     fn drop_unclaimed(&mut self, now: Instant) {
-        while let Some(&(id, flow, announced)) = self.unclaimed.front() {
-            if now.duration_since(announced) < UNCLAIMED {
+        while let Some((id, flow, announced, _)) = self.unclaimed.front() {
+            if now.duration_since(*announced) < UNCLAIMED {
                 break;
             }
-            self.unclaimed.pop_front();
+            let (id, flow) = (*id, *flow);
+            let Some((.., holding)) = self.unclaimed.pop_front() else {
+                break;
+            };
+            // Whatever happens below, its queue is no longer in reach here:
+            // taken by its call, or dropped.
+            let alive = self.flows.get_mut(&flow).filter(|state| state.id == id);
+            match alive {
+                Some(state) => state.announced = false, // its close settles it
+                None => holding.settle(),
+            }
             if self.live.take_pending(id).is_none() {
                 continue; // picked up, or refused
             }
@@ -412,6 +518,10 @@ impl Mirror {
 
     fn close(&mut self, flow: &Flow, error: String) {
         if let Some(state) = self.flows.remove(flow) {
+            if !state.announced {
+                // Its queue, if any, belongs to its call now.
+                state.holding.settle();
+            }
             let outcome = Outcome {
                 bytes_from_remote: state.reassembler.delivered(),
                 bytes_to_remote: 0,

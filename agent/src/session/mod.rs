@@ -87,6 +87,10 @@ pub enum OpenError {
     #[error(transparent)]
     Access(#[from] AccessError),
     #[error(
+        "{0:?} is not a pod's namespace/name: Kubernetes names are lowercase letters, digits, '-' and '.'"
+    )]
+    InvalidPodName(String),
+    #[error(
         "{user} already holds {held} sessions on this agent (at most {limit}{scope}): end some first"
     )]
     TooManySessions {
@@ -119,6 +123,7 @@ pub struct Sessions {
     pod_events: PodEvents,
     claims: Mutex<HashMap<(NsId, u16), Holder>>,
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
+    slots: Mutex<Slots>,
     settings: Settings,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -182,6 +187,7 @@ impl Sessions {
             metrics,
             claims: Mutex::default(),
             live: Mutex::default(),
+            slots: Mutex::default(),
             settings,
             shutdown: CancellationToken::new(),
         })
@@ -226,13 +232,16 @@ impl Sessions {
                 "session refused"
             );
         }
-        let (open, mode, port, netns, pod) = started?;
+        let Started {
+            open,
+            mode,
+            port,
+            netns,
+            pod,
+            slot,
+        } = started?;
         let id = session_id();
-        let client = if open.client.is_empty() {
-            "an unnamed client".to_string()
-        } else {
-            open.client
-        };
+        let client = self_reported(&open.client);
         // Several developers may mirror one port; only a steal is exclusive.
         let claim = (mode == Mode::Steal)
             .then(|| self.claim(&netns, port, format!("{identity} (from {client})")))
@@ -318,6 +327,7 @@ impl Sessions {
                 }
             };
             sessions.end(live, reason, claim);
+            drop(slot);
             // What the session used in bursts (a mirror's reassembly, the
             // programs of a namespace it detached) is free now.
             tokio::task::spawn_blocking(crate::memory::release_free);
@@ -386,10 +396,10 @@ impl Sessions {
     /// anything. Authorization comes first: a caller without the grant
     /// learns nothing about the target (whether it exists, who holds it).
     async fn start(
-        &self,
+        self: &Arc<Self>,
         open: OpenSession,
         identity: &Identity,
-    ) -> Result<(OpenSession, Mode, u16, Netns, Option<ScheduledPod>), OpenError> {
+    ) -> Result<Started, OpenError> {
         let mode = Mode::try_from(open.mode)
             .ok()
             .filter(|mode| *mode != Mode::Unspecified)
@@ -403,11 +413,20 @@ impl Sessions {
             .as_ref()
             .and_then(|target| target.kind.clone())
             .ok_or(OpenError::MissingTarget)?;
+        if let target::Kind::Pod(named) = &kind
+            && !(is_object_name(&named.name)
+                && (named.namespace.is_empty() || is_object_name(&named.namespace)))
+        {
+            return Err(OpenError::InvalidPodName(format!(
+                "{}/{}",
+                named.namespace, named.name
+            )));
+        }
         if self.auth.mode() == AuthMode::Kubernetes {
             let access = self.access(&kind, mode)?;
             self.auth.authorize(identity, &access).await?;
         }
-        self.check_limits(identity)?;
+        let slot = self.take_slot(identity)?;
         let mut pod = None;
         let spec = match kind {
             target::Kind::NetnsPath(path) if !path.is_empty() => TargetSpec::Path(path),
@@ -427,7 +446,14 @@ impl Sessions {
         let netns = tokio::time::timeout(OPEN_TIMEOUT, blocking(move || Netns::open(&spec)))
             .await
             .map_err(|_| TargetError::Timeout(shown))??;
-        Ok((open, mode, port, netns, pod))
+        Ok(Started {
+            open,
+            mode,
+            port,
+            netns,
+            pod,
+            slot,
+        })
     }
 
     /// What RBAC must allow for a session on this target.
@@ -436,10 +462,10 @@ impl Sessions {
             target::Kind::Pod(named) => Access::Pod {
                 namespace: pod_namespace(&named.namespace).to_string(),
                 name: named.name.clone(),
-                subresource: if mode == Mode::Mirror {
-                    "mirror"
-                } else {
-                    "steal"
+                subresource: match mode {
+                    Mode::Mirror => "mirror",
+                    Mode::Steal => "steal",
+                    Mode::Unspecified => return Err(OpenError::UnsupportedMode(mode as i32)),
                 },
             },
             target::Kind::NetnsPath(_) | target::Kind::Pid(_) | target::Kind::PodUid(_) => {
@@ -454,18 +480,24 @@ impl Sessions {
         })
     }
 
-    fn check_limits(&self, identity: &Identity) -> Result<(), OpenError> {
-        let live = self.live.lock().expect("live lock");
-        let held = live
-            .values()
-            .filter(|session| session.owner.same_as(identity))
-            .count();
-        let (held, limit, scope) = if live.len() >= MAX_SESSIONS {
-            (live.len(), MAX_SESSIONS, " for all users together")
+    /// A place among the sessions `identity`, and all users together, may
+    /// hold. Taken before anything slow (the pod lookup, the redirection),
+    /// so that concurrent opens cannot all pass the check.
+    fn take_slot(self: &Arc<Self>, identity: &Identity) -> Result<Slot, OpenError> {
+        let user = (identity.user.clone(), identity.uid.clone());
+        let mut slots = self.slots.lock().expect("slots lock");
+        let held = slots.per_user.get(&user).copied().unwrap_or(0);
+        let (held, limit, scope) = if slots.total >= MAX_SESSIONS {
+            (slots.total, MAX_SESSIONS, " for all users together")
         } else if held >= MAX_SESSIONS_PER_USER {
             (held, MAX_SESSIONS_PER_USER, " per user")
         } else {
-            return Ok(());
+            slots.total += 1;
+            *slots.per_user.entry(user.clone()).or_default() += 1;
+            return Ok(Slot {
+                sessions: self.clone(),
+                user,
+            });
         };
         Err(OpenError::TooManySessions {
             user: identity.to_string(),
@@ -841,6 +873,43 @@ impl LiveSession {
     }
 }
 
+/// What a session start resolved, before it claims anything.
+struct Started {
+    open: OpenSession,
+    mode: Mode,
+    port: u16,
+    netns: Netns,
+    pod: Option<ScheduledPod>,
+    slot: Slot,
+}
+
+/// Sessions held or starting, all together and per user (name, uid).
+#[derive(Default)]
+struct Slots {
+    total: usize,
+    per_user: HashMap<(String, String), usize>,
+}
+
+/// One place in [`Slots`], given back when the session is gone (or never
+/// started).
+struct Slot {
+    sessions: Arc<Sessions>,
+    user: (String, String),
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut slots = self.sessions.slots.lock().expect("slots lock");
+        slots.total -= 1;
+        if let Some(held) = slots.per_user.get_mut(&self.user) {
+            *held -= 1;
+            if *held == 0 {
+                slots.per_user.remove(&self.user);
+            }
+        }
+    }
+}
+
 /// Releases a (target, port) claim when the session is gone.
 struct Claim {
     sessions: Arc<Sessions>,
@@ -887,6 +956,32 @@ fn session_id() -> String {
         .fill(&mut bytes)
         .expect("the OS random generator");
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Where the caller says it runs (user@host), as shown to others, in the
+/// log and in the pod's events: printable and short, whatever was sent.
+fn self_reported(client: &str) -> String {
+    const SHOWN: usize = 128;
+    let shown: String = client
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(SHOWN)
+        .collect();
+    if shown.is_empty() {
+        "an unnamed client".to_string()
+    } else {
+        shown
+    }
+}
+
+/// A Kubernetes object name (DNS-1123 subdomain): anything else could only
+/// be an attempt to reach another path of the API.
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
 /// A pod named without a namespace is in `default`, as kubectl has it.
