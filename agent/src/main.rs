@@ -56,6 +56,11 @@ struct Cli {
     /// process reads slowly; beyond that the copy is cut off and reported.
     #[arg(long, default_value_t = 32 << 20)]
     mirror_flow_limit: usize,
+    /// Bytes all mirrored connections together may hold in the agent; beyond
+    /// that the copy holding the most is cut off and reported. Size the
+    /// DaemonSet's memory limit with it (see the README's "Memory under abuse").
+    #[arg(long, env = "REMOCAL_MIRROR_BUDGET", default_value_t = mirror::DEFAULT_BUDGET)]
+    mirror_budget: usize,
     /// This node's name as Kubernetes knows it; pods named by clients must run
     /// here (the DaemonSet sets NODE_NAME from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
@@ -107,6 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let redirector = EbpfRedirector::new(tokio::runtime::Handle::current(), cli.capture_buffer)
         .context("the agent cannot use eBPF on this node")?;
+    mirror::set_budget(cli.mirror_budget);
     let settings = Settings {
         mirror_flow_limit: cli.mirror_flow_limit,
     };

@@ -198,6 +198,16 @@ impl Drop for Process {
     }
 }
 
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process runs");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
 /// A running `remocal-agent`, listening for gRPC on a private loopback port.
 pub struct Agent {
     process: Process,
@@ -309,6 +319,11 @@ impl Agent {
     pub async fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
         self.process.signal(Signal::SIGTERM);
         self.process.wait(limit).await
+    }
+
+    /// Resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
     }
 
     /// The value of one sample of `/metrics`, e.g.

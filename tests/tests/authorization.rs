@@ -14,7 +14,7 @@ use remocal_proto::v1::{Mode, connection_downstream};
 use remocal_tests::attacker::{self, RawAgent};
 use remocal_tests::kube_api::KeyKind;
 use remocal_tests::kube_cluster::{KubeCluster, NODE};
-use remocal_tests::processes::{Finished, Steal};
+use remocal_tests::processes::{Client, Finished, Steal};
 use remocal_tests::servers::{self, TcpServer};
 use remocal_tests::user_roles;
 use tonic::Code;
@@ -92,6 +92,36 @@ impl Secured {
     }
 }
 
+/// alice stealing shop/web:80 with the CLI, beside whatever a test does.
+struct Legitimate {
+    local: TcpServer,
+    session: Client,
+}
+
+impl Secured {
+    async fn legitimate_steal(&self) -> Legitimate {
+        let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
+        let session = self
+            .remocal(ALICE, &["steal", "pod/web"])
+            .local_port(local.port())
+            .start()
+            .await;
+        Legitimate { local, session }
+    }
+}
+
+impl Legitimate {
+    /// Her local process still answers the pod's port; then she stops.
+    async fn still_served_then_stop(mut self, secured: &Secured) {
+        let addr = secured.cluster.scenario.pod(0).v4(80);
+        let served = self.local.accepted();
+        assert_eq!(secured.cluster.scenario.curl(addr).await, LOCAL_BODY);
+        assert_eq!(self.local.accepted(), served + 1);
+        let ended = self.session.stop().await;
+        assert_eq!(ended.code, Some(0), "{ended:?}");
+    }
+}
+
 fn assert_refused<T: std::fmt::Debug>(
     result: Result<T, tonic::Status>,
     code: Code,
@@ -119,13 +149,7 @@ async fn calls_without_a_valid_credential_are_unauthenticated() {
     let api = &secured.cluster.api;
     let url = secured.url();
     // alice steals the port all along; nothing below may disturb her.
-    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
-    let mut legitimate = secured
-        .remocal(ALICE, &["steal", "pod/web"])
-        .local_port(local.port())
-        .start()
-        .await;
-    let addr = secured.cluster.scenario.pod(0).v4(80);
+    let legitimate = secured.legitimate_steal().await;
 
     // Every call, the hand-framed data call included, needs a credential.
     let anonymous = RawAgent::connect(&url, None).await;
@@ -223,9 +247,7 @@ async fn calls_without_a_valid_credential_are_unauthenticated() {
             .await
             >= 8.0
     );
-    assert_eq!(secured.cluster.scenario.curl(addr).await, LOCAL_BODY);
-    let ended = legitimate.stop().await;
-    assert_eq!(ended.code, Some(0), "{ended:?}");
+    legitimate.still_served_then_stop(&secured).await;
     secured.assert_untouched().await;
     // A rejected token is not asked about again and again.
     let reviews = api.token_reviews();
@@ -665,4 +687,61 @@ fn the_agent_refuses_to_run_open_to_everyone() {
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
+}
+
+/// Thousands of calls without a credential, several connections at once:
+/// each refused, the agent's memory and log bounded, and the session beside
+/// them unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unauthenticated_calls_is_refused_within_bounds() {
+    /// Calls in all, and the connections they come over.
+    const CALLS: usize = 8_000;
+    const CONNECTIONS: usize = 8;
+    /// Three times what the refusals cost (measured: +11 MiB, debug build,
+    /// which malloc keeps afterwards), far below what holding calls would.
+    const RSS_BUDGET_KIB: u64 = 32 * 1024;
+    let secured = Secured::start().await;
+    let legitimate = secured.legitimate_steal().await;
+    let agent = &secured.cluster.scenario.agent;
+    let before = agent.rss_kib();
+    let mut attackers = Vec::new();
+    for _ in 0..CONNECTIONS {
+        attackers.push(RawAgent::connect(&secured.url(), None).await);
+    }
+    let calls = (0..CALLS).map(|n| {
+        let attacker = &attackers[n % CONNECTIONS];
+        async move {
+            if n % 2 == 0 {
+                attacker.info().await.map(drop)
+            } else {
+                attacker
+                    .standby("00000000000000000000000000000000")
+                    .await
+                    .map(drop)
+            }
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let peak = agent.rss_kib();
+    eprintln!("agent resident memory {before} KiB before {CALLS} refused calls, {peak} KiB after");
+    for answer in &answers {
+        let status = answer.as_ref().expect_err("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+    assert!(
+        peak.saturating_sub(before) < RSS_BUDGET_KIB,
+        "the agent grew from {before} to {peak} KiB"
+    );
+    assert!(
+        secured
+            .metric(r#"remocal_session_errors_total{reason="Unauthenticated"}"#)
+            .await
+            >= CALLS as f64
+    );
+    let logged = secured.agent_logs().matches("refused a call").count();
+    assert!(
+        logged < CALLS / 10,
+        "{logged} log lines for {CALLS} refusals: the log is rate-limited"
+    );
+    legitimate.still_served_then_stop(&secured).await;
 }

@@ -8,7 +8,16 @@ mod certificates;
 mod challenge;
 mod tokens;
 
-use std::{collections::BTreeMap, fmt, sync::Arc, task::Poll};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::Poll,
+    time::{Duration, Instant},
+};
 
 use http::header::AUTHORIZATION;
 use kube::Client;
@@ -74,6 +83,30 @@ pub enum AuthMode {
 pub struct Auth {
     kubernetes: Option<KubernetesAuth>,
     metrics: Arc<Metrics>,
+    refusals: LogBudget,
+}
+
+/// At most one log line per [`LogBudget::EVERY`] for refused calls: a
+/// caller flooding the agent fills the metric, not the node's disk. Each
+/// line says how many refusals went unlogged before it.
+#[derive(Default)]
+struct LogBudget {
+    last: Mutex<Option<Instant>>,
+    unlogged: AtomicU64,
+}
+
+impl LogBudget {
+    const EVERY: Duration = Duration::from_millis(100);
+
+    fn log_now(&self) -> Option<u64> {
+        let mut last = self.last.lock().expect("log budget lock");
+        if last.is_some_and(|last| last.elapsed() < Self::EVERY) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
 }
 
 struct KubernetesAuth {
@@ -87,6 +120,7 @@ impl Auth {
         Self {
             kubernetes: None,
             metrics,
+            refusals: LogBudget::default(),
         }
     }
 
@@ -98,6 +132,7 @@ impl Auth {
                 access: AccessReviewer::new(client),
             }),
             metrics,
+            refusals: LogBudget::default(),
         }
     }
 
@@ -221,11 +256,14 @@ where
                 // refused anything: no error to count or log.
                 Err(status) if asks_for_challenge(request.headers()) => Ok(status.into_http()),
                 Err(status) => {
-                    warn!(
-                        call = request.uri().path(),
-                        reason = status.message(),
-                        "refused a call"
-                    );
+                    if let Some(unlogged) = auth.refusals.log_now() {
+                        warn!(
+                            call = request.uri().path(),
+                            reason = status.message(),
+                            unlogged,
+                            "refused a call"
+                        );
+                    }
                     auth.metrics.session_error(status.code());
                     Ok(status.into_http())
                 }

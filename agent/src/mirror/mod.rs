@@ -8,6 +8,6 @@ mod half_open;
 pub mod reassembly;
 mod session;
 
-pub use budget::{DEFAULT_BUDGET, held_bytes};
+pub use budget::{DEFAULT_BUDGET, held_bytes, set_limit as set_budget};
 pub use capture::{Capture, Flow};
 pub use session::run;

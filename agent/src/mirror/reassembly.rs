@@ -9,6 +9,11 @@
 //!   mapped to the offset nearest the next expected byte (within ±2^31). That is unambiguous
 //!   because TCP never has more than a window (< 2^30) in flight, and past that point no
 //!   code needs wrap-around arithmetic: streams longer than 4 GiB just work.
+//! - Nothing is held further than [`AHEAD`] beyond the next expected byte: a segment with
+//!   bytes beyond it is an error, and the caller cuts the flow. Dropping it instead would
+//!   leave a hole that the sender never fills (the pod acknowledged those bytes), so a
+//!   real connection with a larger window would hang silently; a forged segment can
+//!   already spoil a copy, so cutting gives it nothing new.
 //! - Overlaps are trimmed on arrival ("first copy wins": TCP retransmits identical bytes),
 //!   so held pieces never overlap, each byte is counted once, and later steps need no
 //!   overlap logic.
@@ -21,16 +26,19 @@
 //!   the flow: neither a slow local process, nor a hole that never fills, nor a flood of
 //!   tiny out-of-order segments may grow the agent's memory.
 //! - Whatever cannot be part of the stream the receiver reads is silently dropped: bytes
-//!   before the first one or already in order, bytes beyond the FIN or more than a TCP
-//!   window ahead, and FINs that contradict bytes already in order. These come from
-//!   retransmissions, stray or forged packets that the pod's stack drops as well.
+//!   before the first one or already in order, bytes beyond the FIN, FINs that contradict
+//!   bytes already in order or lie beyond [`AHEAD`] (the bytes before such a FIN would
+//!   have cut the flow). These come from retransmissions, stray or forged packets that
+//!   the pod's stack drops as well.
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-/// TCP's largest receive window is 65535 << 14, just under 2^30: no sender has data
-/// further ahead than that in flight, so nothing beyond it belongs to this stream.
-const WINDOW: u64 = 1 << 30;
+/// How far beyond the next expected byte data is held, 16 MiB. TCP allows windows up
+/// to 2^30, but a real one rarely exceeds a few MiB (Linux's default `tcp_rmem` maximum
+/// is 6 MiB); without this, anyone who can reach a mirrored port could have a
+/// copy hold data up to 1 GiB past a 1-byte gap (up to --mirror-flow-limit).
+pub const AHEAD: u64 = 16 << 20;
 
 /// What a held piece costs beyond its bytes, counted against the limit: its `Bytes`
 /// handle, its slot in the map or list, and the allocations behind a small piece (the
@@ -64,6 +72,9 @@ pub enum ReassemblyError {
     /// data delivered but not yet taken, counted by [`Reassembler::footprint`]); the flow
     /// must be cut off.
     Overflow { footprint: usize, limit: usize },
+    /// Bytes up to `ahead` past the next expected byte, further than [`AHEAD`]: no window
+    /// the agent follows is that large; the flow must be cut off.
+    TooFarAhead { ahead: u64 },
 }
 
 impl Reassembler {
@@ -85,10 +96,10 @@ impl Reassembler {
 
     /// A segment's payload starting at sequence `seq` (as seen in the TCP header; may be a
     /// retransmission, overlap already-delivered data partly or wholly, arrive out of
-    /// order, straddle the 2^32 wrap-around, or be far outside the window, which is ignored).
+    /// order, or straddle the 2^32 wrap-around; bytes further than [`AHEAD`] are an error).
     pub fn segment(&mut self, seq: u32, payload: Bytes) -> Result<(), ReassemblyError> {
         let start = position(self.first_seq, self.next, seq);
-        let Some((from, to)) = self.acceptable(start, payload.len()) else {
+        let Some((from, to)) = self.acceptable(start, payload.len())? else {
             return Ok(());
         };
         let gaps = self.uncovered(from, to);
@@ -128,8 +139,8 @@ impl Reassembler {
         }
         let at = position(self.first_seq, self.next, seq);
         let next = i128::from(self.next);
-        if at < next || at > next + i128::from(WINDOW) {
-            return; // contradicts bytes already in order, or cannot be in flight
+        if at < next || at > next + i128::from(AHEAD) {
+            return; // contradicts bytes already in order, or beyond what is held
         }
         let end = at as u64; // in range: checked just above
         self.end = Some(end);
@@ -191,17 +202,24 @@ impl Reassembler {
     }
 
     /// The part of `len` bytes from position `start` that may still join the stream: not
-    /// yet in order, before the FIN, within a window of the next byte. None if no byte is.
-    fn acceptable(&self, start: i128, len: usize) -> Option<(u64, u64)> {
+    /// yet in order, before the FIN. None if no byte is; an error if some are further
+    /// than [`AHEAD`] from the next byte.
+    fn acceptable(&self, start: i128, len: usize) -> Result<Option<(u64, u64)>, ReassemblyError> {
         let next = i128::from(self.next);
-        let mut last = next + i128::from(WINDOW);
+        let mut to = start + len as i128;
         if let Some(end) = self.end {
-            last = last.min(i128::from(end));
+            to = to.min(i128::from(end));
         }
         let from = start.max(next);
-        let to = (start + len as i128).min(last);
-        // In range: next <= from < to <= next + WINDOW.
-        (from < to).then_some((from as u64, to as u64))
+        if from >= to {
+            return Ok(None);
+        }
+        if to > next + i128::from(AHEAD) {
+            let ahead = (to - next) as u64; // in range: to > next, and < next + 2^32
+            return Err(ReassemblyError::TooFarAhead { ahead });
+        }
+        // In range: next <= from < to <= next + AHEAD.
+        Ok(Some((from as u64, to as u64)))
     }
 
     /// The parts of [from, to) that no pending piece covers yet, in order.
@@ -313,6 +331,7 @@ mod tests {
         if let Some(end) = r.end {
             assert!(cursor <= end && r.next <= end, "bytes beyond the FIN");
         }
+        assert!(cursor <= r.next + AHEAD, "bytes too far ahead");
         assert_eq!(
             r.pending_len,
             r.pending.values().map(Bytes::len).sum::<usize>()
@@ -546,7 +565,7 @@ mod tests {
         let mut r = Reassembler::new(ISN, MIB);
         feed(&mut r, ISN, 0, 10).unwrap();
         r.fin(seq_at(ISN, 5)); // before bytes already in order
-        r.fin(seq_at(ISN, 10) + (1 << 30) + 1); // further ahead than any window
+        r.fin(seq_at(ISN, 10 + AHEAD + 1)); // further ahead than anything held
         assert_eq!(r.hole(), None);
         r.fin(seq_at(ISN, 20));
         r.fin(seq_at(ISN, 15)); // the first FIN stands
@@ -586,16 +605,38 @@ mod tests {
         assert!(r.finished());
     }
 
+    /// Bytes beyond [`AHEAD`] from the next expected byte are refused, whole segment and
+    /// all, leaving the flow as it was; up to it they are held. The limit moves with the
+    /// next expected byte.
     #[test]
-    fn data_further_ahead_than_a_window_is_ignored() {
-        let mut r = Reassembler::new(ISN, MIB);
-        feed(&mut r, ISN, WINDOW + 1, WINDOW + 100).unwrap();
-        feed(&mut r, ISN, WINDOW - 10, WINDOW + 10).unwrap(); // cut at the window
-        assert_eq!(r.held(), 10);
-        assert_eq!(r.hole(), Some((0, WINDOW - 10)));
-        // half the sequence space ahead is the same as half behind: old
+    fn data_further_ahead_than_the_limit_is_refused() {
+        let mut r = Reassembler::new(ISN, 64 * MIB);
+        feed(&mut r, ISN, AHEAD - 10, AHEAD).unwrap(); // ends exactly at the limit
+        assert_eq!(r.hole(), Some((0, AHEAD - 10)));
+        for (from, to, ahead) in [
+            (AHEAD, AHEAD + 1, AHEAD + 1),               // the first byte beyond
+            (AHEAD - 5, AHEAD + 5, AHEAD + 5),           // straddles it
+            (AHEAD + 1000, AHEAD + 1100, AHEAD + 1100),  // a 1-byte gap at 16 MiB
+            (1 << 30, (1 << 30) + 100, (1 << 30) + 100), // a window TCP allows
+        ] {
+            assert_eq!(
+                feed(&mut r, ISN, from, to),
+                Err(ReassemblyError::TooFarAhead { ahead }),
+                "{from}..{to}"
+            );
+            check(&r);
+        }
+        assert_eq!(r.held(), 10, "nothing refused was kept");
+        // Half the sequence space ahead is the same as half behind: old, dropped.
         feed(&mut r, ISN, 1 << 31, (1 << 31) + 100).unwrap();
-        assert_eq!(r.held(), 10);
+        // Once the stream moves on, so does the limit.
+        feed(&mut r, ISN, 0, 1000).unwrap();
+        feed(&mut r, ISN, 1000 + AHEAD - 1, 1000 + AHEAD).unwrap();
+        assert_eq!(
+            feed(&mut r, ISN, 1000 + AHEAD, 1001 + AHEAD),
+            Err(ReassemblyError::TooFarAhead { ahead: AHEAD + 1 })
+        );
+        assert_eq!(r.held(), 1011);
         check(&r);
     }
 

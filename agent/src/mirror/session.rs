@@ -89,9 +89,8 @@ impl MirroredFlow {
 
     /// Counts the reassembler and outbox as they are now.
     fn sync(&mut self) {
-        let now = self.reassembler.footprint()
-            + self.outbox_bytes
-            + self.outbox.len() * PIECE_OVERHEAD;
+        let now =
+            self.reassembler.footprint() + self.outbox_bytes + self.outbox.len() * PIECE_OVERHEAD;
         self.holding.resize(self.synced, now);
         self.synced = now;
     }
@@ -104,12 +103,12 @@ impl Drop for MirroredFlow {
 }
 
 /// Why a mirrored connection stops before its natural end.
+/// (`TooFarAhead`: data further than [`AHEAD`] beyond the first missing
+/// byte; `Budget`: the agent's budget was reached and this copy held the most.)
 enum Cut {
     Lost,
     TooSlow { held: usize },
-    /// Data further than [`AHEAD`] beyond the first missing byte.
     TooFarAhead { ahead: u64 },
-    /// The agent's budget was reached and this copy held the most.
     Budget { held: usize, limit: usize },
     Reset { by_pod: bool },
     SessionEnded,
@@ -489,14 +488,10 @@ impl Mirror {
     /// Drops the copies announced [`UNCLAIMED`] ago whose data call never
     /// came, also those that ended meanwhile: their queues hold their bytes.
     fn drop_unclaimed(&mut self, now: Instant) {
-        while let Some((id, flow, announced, _)) = self.unclaimed.front() {
-            if now.duration_since(*announced) < UNCLAIMED {
-                break;
-            }
-            let (id, flow) = (*id, *flow);
-            let Some((.., holding)) = self.unclaimed.pop_front() else {
-                break;
-            };
+        while let Some(&(.., announced, _)) = self.unclaimed.front()
+            && now.duration_since(announced) >= UNCLAIMED
+        {
+            let (id, flow, _, holding) = self.unclaimed.pop_front().expect("checked above");
             // Whatever happens below, its queue is no longer in reach here:
             // taken by its call, or dropped.
             let alive = self.flows.get_mut(&flow).filter(|state| state.id == id);
