@@ -114,6 +114,34 @@ impl RawAgent {
         .await
     }
 
+    /// A standby call whose later messages the caller sends itself (data
+    /// for the connection it will carry).
+    pub async fn standby_with_data(
+        &self,
+        session_id: &str,
+    ) -> Result<
+        (
+            mpsc::Sender<ConnectionUpstream>,
+            Streaming<ConnectionDownstream>,
+        ),
+        Status,
+    > {
+        let (upstream, outgoing) = mpsc::channel(4);
+        upstream
+            .send(ConnectionUpstream {
+                kind: Some(connection_upstream::Kind::Standby(Standby {
+                    session_id: session_id.to_string(),
+                })),
+            })
+            .await
+            .expect("queue the standby message");
+        let mut client = self.client.clone();
+        let downstream = limited(client.connection(ReceiverStream::new(outgoing)))
+            .await?
+            .into_inner();
+        Ok((upstream, downstream))
+    }
+
     /// A `Connection` call whose first message is `attach`.
     pub async fn attach(
         &self,

@@ -745,3 +745,123 @@ async fn a_flood_of_unauthenticated_calls_is_refused_within_bounds() {
     );
     legitimate.still_served_then_stop(&secured).await;
 }
+
+/// A caller with a stolen connection whose remote side stops reading can
+/// push at most the flow-control windows into the agent: the agent stops
+/// taking its bytes, and its memory stays bounded however much is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_pushing_into_a_stalled_connection_is_held_by_the_windows() {
+    /// Sent in all, as fast as the agent takes it.
+    const PUSHED: usize = 256 << 20;
+    /// The stream's window (1 MiB) and the messages in flight, with room
+    /// for the allocator; far below what was pushed.
+    const RSS_BUDGET_KIB: u64 = 32 * 1024;
+    let secured = Secured::start().await;
+    let scenario = &secured.cluster.scenario;
+    let alice = secured.as_user(ALICE).await;
+    let session = alice
+        .open(attacker::pod("shop", "web"), 80, Mode::Steal)
+        .await
+        .expect("alice steals shop/web:80");
+    let (upstream, mut downstream) = alice
+        .standby_with_data(&session.ready.session_id)
+        .await
+        .expect("a standby call");
+    // A remote client that connects and never reads.
+    let _stalled = scenario
+        .node()
+        .connect(scenario.pod(0).v4(80))
+        .await
+        .expect("connect to the pod");
+    let first = tokio::time::timeout(Duration::from_secs(10), downstream.message())
+        .await
+        .expect("the connection within 10 s")
+        .expect("the call goes on");
+    assert!(
+        matches!(
+            first.and_then(|message| message.kind),
+            Some(connection_downstream::Kind::Connection(_))
+        ),
+        "the standby call carries the stolen connection"
+    );
+    let agent = &scenario.agent;
+    let before = agent.rss_kib();
+    let chunk = bytes::Bytes::from(vec![0x5a; 64 << 10]);
+    let mut sent = 0;
+    // Sends until the agent stops taking bytes (the call's window is full)
+    // or everything went.
+    while sent < PUSHED {
+        let message = remocal_proto::v1::ConnectionUpstream {
+            kind: Some(remocal_proto::v1::connection_upstream::Kind::Data(
+                chunk.clone(),
+            )),
+        };
+        match tokio::time::timeout(Duration::from_secs(2), upstream.send(message)).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            _ => break,
+        }
+    }
+    let peak = agent.rss_kib();
+    eprintln!(
+        "pushed {sent} bytes before the agent stopped taking them; agent {before} -> {peak} KiB"
+    );
+    assert!(
+        sent < PUSHED,
+        "the agent took all {PUSHED} bytes for a remote side that reads nothing"
+    );
+    assert!(
+        peak.saturating_sub(before) < RSS_BUDGET_KIB,
+        "the agent grew from {before} to {peak} KiB"
+    );
+}
+
+/// However many users call, the agent holds at most 256 sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_holds_at_most_256_sessions_whoever_asks() {
+    let secured = Secured::start().await;
+    let mut held = Vec::new();
+    // 16 users at their own limit of 16 each.
+    for user in 0..16 {
+        let token = format!("user-{user}-token");
+        let name = format!("user-{user}");
+        secured.cluster.api.add_user(&token, &name);
+        user_roles::bind(&secured.cluster.api, &name, "remocal-user", "shop");
+        let caller = secured.as_user(&token).await;
+        for _ in 0..16 {
+            held.push(
+                caller
+                    .open(attacker::pod("shop", "web"), 80, Mode::Mirror)
+                    .await
+                    .expect("a session within the limits"),
+            );
+        }
+    }
+    assert_eq!(held.len(), 256);
+    let alice = secured.as_user(ALICE).await;
+    assert_refused(
+        alice
+            .open(attacker::pod("shop", "web"), 80, Mode::Mirror)
+            .await,
+        Code::ResourceExhausted,
+        &["at most 256 for all users together"],
+    );
+    // One ends; a place is free again.
+    held.pop();
+    let reopened = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match alice
+                .open(attacker::pod("shop", "web"), 80, Mode::Mirror)
+                .await
+            {
+                Ok(session) => return session,
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the ended session's place is given back");
+    assert_eq!(reopened.ready.user, "alice");
+}
