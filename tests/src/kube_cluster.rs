@@ -9,6 +9,7 @@ use crate::kube_api::{self, FakeKubeApi};
 use crate::kubelet_cgroup::KubeletCgroup;
 use crate::processes::PodProcess;
 use crate::scenario::Scenario;
+use crate::user_roles;
 
 pub const NODE: &str = "node-a";
 pub const AGENT_USER: &str = "system:serviceaccount:remocal:remocal-agent";
@@ -26,6 +27,9 @@ impl KubeCluster {
     pub async fn start() -> KubeCluster {
         let api = FakeKubeApi::start().await;
         api.add_user("agent-token", AGENT_USER);
+        // The agent may do what manifests/rbac.yaml grants it, nothing more.
+        api.strict(AGENT_USER);
+        user_roles::bind_agent(&api, AGENT_USER);
         let agent_kubeconfig = api.kubeconfig("in-cluster", "agent-token", None);
         let scenario = Scenario::start_with(
             1,

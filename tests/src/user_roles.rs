@@ -1,6 +1,7 @@
-//! The roles of `manifests/user-roles.yaml`, bound in the fake API server the
-//! way a platform team binds them: tests grant exactly what the shipped roles
-//! say, so a role missing a permission fails the tests that need it.
+//! The roles of `manifests/user-roles.yaml` (and the agent's of
+//! `manifests/rbac.yaml`), bound in the fake API server the way a platform
+//! team binds them: tests grant exactly what the shipped roles say, so a role
+//! missing a permission fails the tests that need it.
 
 use std::path::Path;
 
@@ -12,19 +13,59 @@ use crate::kube_api::FakeKubeApi;
 /// Binds the ClusterRole `role` of user-roles.yaml to `subject` (a user, or
 /// `group:NAME`) in `namespace`, or cluster-wide with "".
 pub fn bind(api: &FakeKubeApi, subject: &str, role: &str, namespace: &str) {
-    grant(api, subject, "ClusterRole", role, "", namespace);
+    grant(
+        api,
+        "user-roles.yaml",
+        subject,
+        "ClusterRole",
+        role,
+        "",
+        namespace,
+    );
+}
+
+/// Binds the agent's ClusterRole of rbac.yaml to `subject`, cluster-wide, as
+/// its ClusterRoleBinding does.
+pub fn bind_agent(api: &FakeKubeApi, subject: &str) {
+    grant(
+        api,
+        "rbac.yaml",
+        subject,
+        "ClusterRole",
+        "remocal-agent",
+        "",
+        "",
+    );
 }
 
 /// Binds the Role `role` of user-roles.yaml, in its own namespace.
 pub fn bind_role(api: &FakeKubeApi, subject: &str, role: &str, namespace: &str) {
-    grant(api, subject, "Role", role, namespace, namespace);
+    grant(
+        api,
+        "user-roles.yaml",
+        subject,
+        "Role",
+        role,
+        namespace,
+        namespace,
+    );
 }
 
-fn grant(api: &FakeKubeApi, subject: &str, kind: &str, role: &str, own: &str, namespace: &str) {
+fn grant(
+    api: &FakeKubeApi,
+    file: &str,
+    subject: &str,
+    kind: &str,
+    role: &str,
+    own: &str,
+    namespace: &str,
+) {
     let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/user-roles.yaml"),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests")
+            .join(file),
     )
-    .expect("read manifests/user-roles.yaml");
+    .unwrap_or_else(|err| panic!("read manifests/{file}: {err}"));
     let document = serde_yaml::Deserializer::from_str(&text)
         .map(|document| Value::deserialize(document).expect("YAML"))
         .find(|document| {
@@ -32,7 +73,7 @@ fn grant(api: &FakeKubeApi, subject: &str, kind: &str, role: &str, own: &str, na
                 && document["metadata"]["name"] == role
                 && (own.is_empty() || document["metadata"]["namespace"] == own)
         })
-        .unwrap_or_else(|| panic!("no {kind} {role} in manifests/user-roles.yaml"));
+        .unwrap_or_else(|| panic!("no {kind} {role} in manifests/{file}"));
     let strings = |value: &Value| -> Vec<String> {
         value
             .as_sequence()
@@ -48,7 +89,13 @@ fn grant(api: &FakeKubeApi, subject: &str, kind: &str, role: &str, own: &str, na
         for group in strings(&rule["apiGroups"]) {
             for resource in strings(&rule["resources"]) {
                 for verb in strings(&rule["verbs"]) {
-                    api.grant(subject, &verb, &group, &resource, namespace);
+                    let names = strings(&rule["resourceNames"]);
+                    if names.is_empty() {
+                        api.grant(subject, &verb, &group, &resource, namespace);
+                    }
+                    for name in names {
+                        api.grant_named(subject, &verb, &group, &resource, namespace, &name);
+                    }
                 }
             }
         }

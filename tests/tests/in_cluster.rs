@@ -107,6 +107,7 @@ fn fresh_token() -> String {
 /// request is the agent's.
 fn steal_web(api: &FakeKubeApi, agent: &Agent) -> Steal {
     api.add_user("dev-token", "developer");
+    api.strict("developer");
     user_roles::bind(api, "developer", "remocal-user", "shop");
     let kubeconfig = api.kubeconfig("dev", "dev-token", Some("shop"));
     Steal::remocal(&["steal", "pod/web", "-n", "shop", "--agent", &agent.url()])
@@ -120,6 +121,8 @@ async fn agent_reads_pods_with_its_service_account_and_steals_by_pod_name() {
     let api = FakeKubeApi::start().await;
     let token = fresh_token();
     api.add_user(&token, AGENT_ACCOUNT);
+    api.strict(AGENT_ACCOUNT);
+    user_roles::bind_agent(&api, AGENT_ACCOUNT);
     // Dropped in reverse: the agent detaches first, the pod's process stops
     // before its cgroup goes, the namespaces go last.
     let topology = Topology::new(1);
@@ -187,6 +190,8 @@ async fn agent_refuses_an_api_server_its_service_account_ca_does_not_sign() {
     let other_cluster = FakeKubeApi::start().await;
     let token = fresh_token();
     api.add_user(&token, AGENT_ACCOUNT);
+    api.strict(AGENT_ACCOUNT);
+    user_roles::bind_agent(&api, AGENT_ACCOUNT);
     api.upsert_pod(
         kube_api::pod("shop", "web")
             .node(NODE)

@@ -41,6 +41,8 @@ impl Cluster {
             cgroup,
         } = KubeCluster::start().await;
         api.add_user("dev-token", DEVELOPER);
+        // The developer may do what the shipped roles grant, nothing more.
+        api.strict(DEVELOPER);
         let kubeconfig = api.kubeconfig("dev", "dev-token", Some("shop"));
         // What a platform team grants a developer, from the shipped roles.
         for namespace in ["shop", "restricted"] {
@@ -406,6 +408,8 @@ async fn agents_lists_each_node_with_health_and_version() {
     assert_eq!(agents[0]["kubernetes_api"], true);
     assert_eq!(agents[0]["active_sessions"], 0);
 
+    // A namespace the developer may list pods in, with no agent.
+    user_roles::bind(&cluster.api, DEVELOPER, "remocal-user", "nowhere");
     let none = cluster
         .remocal(&["agents", "--agent-namespace", "nowhere"])
         .run_to_exit()

@@ -298,6 +298,12 @@ impl FakeKubeApi {
         self.grant_named(subject, verb, group, resource, namespace, "")
     }
 
+    /// From now on `user` may do only what grants allow, in every API group,
+    /// as in a real cluster.
+    pub fn strict(&self, user: &str) {
+        lock(&self.state).policy.rbac.strict(user);
+    }
+
     /// As [`FakeKubeApi::grant`], for the object `name` only (RBAC's
     /// `resourceNames`), e.g. `nodes/targets` of one node; `""` is every name.
     pub fn grant_named(

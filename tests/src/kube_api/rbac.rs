@@ -6,7 +6,9 @@
 //! 2. A `grant` rule allows, with RBAC's reason naming the binding.
 //! 3. Without either, API group `remocal.dev` is refused: remocal's own
 //!    permissions are opt-in, as a platform team grants them. Everything else
-//!    is allowed (tests of other things need no RBAC setup).
+//!    is allowed (tests of other things need no RBAC setup), except for
+//!    *strict* subjects, which get only what was granted, as in a real
+//!    cluster (tests that check the shipped roles are all a subject needs).
 //!
 //! A rule's subject is a user name, or `group:NAME` for everyone in a group.
 
@@ -68,9 +70,15 @@ pub(super) struct Decision {
 pub(super) struct Rbac {
     forbidden: Vec<Rule>,
     granted: Vec<Rule>,
+    /// Users denied whatever no grant allows.
+    strict: Vec<String>,
 }
 
 impl Rbac {
+    pub fn strict(&mut self, user: &str) {
+        self.strict.push(user.to_string());
+    }
+
     /// `namespace` `""` is the cluster scope alone.
     pub fn forbid(&mut self, subject: &str, verb: &str, resource: &str, namespace: &str) {
         self.forbidden.push(Rule {
@@ -164,7 +172,7 @@ impl Rbac {
                 reason: format!("RBAC: allowed by {binding} of {role} to {to}"),
             };
         }
-        if info.group == REMOCAL_GROUP {
+        if info.group == REMOCAL_GROUP || self.strict.iter().any(|strict| strict == user) {
             Decision {
                 allowed: false,
                 denied: false,
