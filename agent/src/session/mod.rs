@@ -2,7 +2,10 @@
 //! hands each stolen connection to the client, and the teardown order
 //! that never loses traffic (redirection off first, then our connections
 //! closed cleanly, then the claim released).
+mod audit;
+mod limits;
 mod standby;
+mod start;
 
 use std::{
     collections::HashMap,
@@ -18,7 +21,7 @@ use ring::rand::SecureRandom as _;
 
 use remocal_proto::v1::{
     ConnectionClosed, ConnectionDownstream, Mode, NewConnection, OpenSession, Ready, SessionEnded,
-    SessionEvent, SessionRequest, Warning, session_event, session_request, target,
+    SessionEvent, SessionRequest, Warning, session_event, session_request,
 };
 use tokio::{
     net::TcpStream,
@@ -29,16 +32,19 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::{
-    auth::{Access, AccessError, Auth, AuthMode, Identity},
-    kube::{PodEvents, PodLookup, PodLookupError, ScheduledPod},
+    auth::{AccessError, Auth, Identity},
+    kube::{PodEvents, PodLookup, PodLookupError},
     metrics::{self, Metrics},
     mirror,
-    netns::{Netns, NsId, TargetError, TargetSpec},
+    netns::{Netns, NsId, TargetError},
     proxy::{self, Outcome},
     redirect::{RedirectError, Redirection, Redirector, Tap},
 };
+use audit::{Audit, self_reported};
+use limits::Slots;
 use standby::StandbyCalls;
 pub use standby::{Handoff, StandbyRefused};
+use start::Started;
 
 /// What the kernel side set up for a session.
 enum Redirected {
@@ -52,13 +58,6 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events queued for a client that reads them slowly; beyond this the accept
 /// loop waits, and the kernel's backlog absorbs the burst.
 const EVENT_QUEUE: usize = 1024;
-/// Sessions one user may hold on this agent at once, and all users together:
-/// each holds an event queue, a listener or a tap, and kernel state, so a
-/// caller looping on `open` hits this instead of the node's memory.
-pub const MAX_SESSIONS_PER_USER: usize = 16;
-pub const MAX_SESSIONS: usize = 256;
-/// Opening a target's namespace file must never hold a session start for long.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub type Events = mpsc::Receiver<Result<SessionEvent, Status>>;
 
@@ -389,133 +388,6 @@ impl Sessions {
                 Err(AttachError::NoSession(session_id.to_string()))
             }
             None => Err(AttachError::NoSession(session_id.to_string())),
-        }
-    }
-
-    /// Everything a session start checks and resolves before it claims
-    /// anything. Authorization comes first: a caller without the grant
-    /// learns nothing about the target (whether it exists, who holds it).
-    async fn start(
-        self: &Arc<Self>,
-        open: OpenSession,
-        identity: &Identity,
-    ) -> Result<Started, OpenError> {
-        let mode = Mode::try_from(open.mode)
-            .ok()
-            .filter(|mode| *mode != Mode::Unspecified)
-            .ok_or(OpenError::UnsupportedMode(open.mode))?;
-        let port = u16::try_from(open.port)
-            .ok()
-            .filter(|port| *port != 0)
-            .ok_or(OpenError::InvalidPort(open.port))?;
-        let kind = open
-            .target
-            .as_ref()
-            .and_then(|target| target.kind.clone())
-            .ok_or(OpenError::MissingTarget)?;
-        if let target::Kind::Pod(named) = &kind
-            && !(is_object_name(&named.name)
-                && (named.namespace.is_empty() || is_object_name(&named.namespace)))
-        {
-            return Err(OpenError::InvalidPodName(format!(
-                "{}/{}",
-                named.namespace, named.name
-            )));
-        }
-        if self.auth.mode() == AuthMode::Kubernetes {
-            let access = self.access(&kind, mode)?;
-            self.auth.authorize(identity, &access).await?;
-        }
-        let slot = self.take_slot(identity)?;
-        let mut pod = None;
-        let spec = match kind {
-            target::Kind::NetnsPath(path) if !path.is_empty() => TargetSpec::Path(path),
-            target::Kind::Pid(pid) if pid != 0 => TargetSpec::Pid(pid),
-            target::Kind::PodUid(uid) if !uid.is_empty() => TargetSpec::PodUid(uid),
-            target::Kind::Pod(named) if !named.name.is_empty() => {
-                let found = self
-                    .pods
-                    .find(pod_namespace(&named.namespace), &named.name)
-                    .await?;
-                pod = Some(found.clone());
-                TargetSpec::Pod(found)
-            }
-            _ => return Err(OpenError::MissingTarget),
-        };
-        let shown = spec.to_string();
-        let netns = tokio::time::timeout(OPEN_TIMEOUT, blocking(move || Netns::open(&spec)))
-            .await
-            .map_err(|_| TargetError::Timeout(shown))??;
-        Ok(Started {
-            open,
-            mode,
-            port,
-            netns,
-            pod,
-            slot,
-        })
-    }
-
-    /// What RBAC must allow for a session on this target.
-    fn access(&self, kind: &target::Kind, mode: Mode) -> Result<Access, OpenError> {
-        Ok(match kind {
-            target::Kind::Pod(named) => Access::Pod {
-                namespace: pod_namespace(&named.namespace).to_string(),
-                name: named.name.clone(),
-                subresource: match mode {
-                    Mode::Mirror => "mirror",
-                    Mode::Steal => "steal",
-                    Mode::Unspecified => return Err(OpenError::UnsupportedMode(mode as i32)),
-                },
-            },
-            target::Kind::NetnsPath(_) | target::Kind::Pid(_) | target::Kind::PodUid(_) => {
-                Access::Node {
-                    node: self
-                        .pods
-                        .node()
-                        .ok_or(PodLookupError::NoNodeName)?
-                        .to_string(),
-                }
-            }
-        })
-    }
-
-    /// A place among the sessions `identity`, and all users together, may
-    /// hold. Taken before anything slow (the pod lookup, the redirection),
-    /// so that concurrent opens cannot all pass the check.
-    fn take_slot(self: &Arc<Self>, identity: &Identity) -> Result<Slot, OpenError> {
-        let user = (identity.user.clone(), identity.uid.clone());
-        let mut slots = self.slots.lock().expect("slots lock");
-        let held = slots.per_user.get(&user).copied().unwrap_or(0);
-        let (held, limit, scope) = if slots.total >= MAX_SESSIONS {
-            (slots.total, MAX_SESSIONS, " for all users together")
-        } else if held >= MAX_SESSIONS_PER_USER {
-            (held, MAX_SESSIONS_PER_USER, " per user")
-        } else {
-            slots.total += 1;
-            *slots.per_user.entry(user.clone()).or_default() += 1;
-            return Ok(Slot {
-                sessions: self.clone(),
-                user,
-            });
-        };
-        Err(OpenError::TooManySessions {
-            user: identity.to_string(),
-            held,
-            limit,
-            scope,
-        })
-    }
-
-    /// Tells whoever looks at the pod (`kubectl describe pod`) who
-    /// intercepts it.
-    fn record(&self, live: &LiveSession, reason: &str, message: String) {
-        if let Some(pod) = &live.audit.pod {
-            self.pod_events.record(
-                pod,
-                &format!("Remocal{reason}"),
-                format!("{} {message}", live.owner),
-            );
         }
     }
 
@@ -873,43 +745,6 @@ impl LiveSession {
     }
 }
 
-/// What a session start resolved, before it claims anything.
-struct Started {
-    open: OpenSession,
-    mode: Mode,
-    port: u16,
-    netns: Netns,
-    pod: Option<ScheduledPod>,
-    slot: Slot,
-}
-
-/// Sessions held or starting, all together and per user (name, uid).
-#[derive(Default)]
-struct Slots {
-    total: usize,
-    per_user: HashMap<(String, String), usize>,
-}
-
-/// One place in [`Slots`], given back when the session is gone (or never
-/// started).
-struct Slot {
-    sessions: Arc<Sessions>,
-    user: (String, String),
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut slots = self.sessions.slots.lock().expect("slots lock");
-        slots.total -= 1;
-        if let Some(held) = slots.per_user.get_mut(&self.user) {
-            *held -= 1;
-            if *held == 0 {
-                slots.per_user.remove(&self.user);
-            }
-        }
-    }
-}
-
 /// Releases a (target, port) claim when the session is gone.
 struct Claim {
     sessions: Arc<Sessions>,
@@ -956,65 +791,6 @@ fn session_id() -> String {
         .fill(&mut bytes)
         .expect("the OS random generator");
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-/// Where the caller says it runs (user@host), as shown to others, in the
-/// log and in the pod's events: printable and short, whatever was sent.
-fn self_reported(client: &str) -> String {
-    const SHOWN: usize = 128;
-    let shown: String = client
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(SHOWN)
-        .collect();
-    if shown.is_empty() {
-        "an unnamed client".to_string()
-    } else {
-        shown
-    }
-}
-
-/// A Kubernetes object name (DNS-1123 subdomain): anything else could only
-/// be an attempt to reach another path of the API.
-fn is_object_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-}
-
-/// A pod named without a namespace is in `default`, as kubectl has it.
-fn pod_namespace(namespace: &str) -> &str {
-    if namespace.is_empty() {
-        "default"
-    } else {
-        namespace
-    }
-}
-
-/// What a session does, for the agent's log and the pod's events.
-struct Audit {
-    target: String,
-    port: u16,
-    mode: Mode,
-    /// Where the owner runs, as they said (user@host).
-    client: String,
-    pod: Option<ScheduledPod>,
-}
-
-impl Audit {
-    fn doing(&self) -> String {
-        let verb = if self.mode == Mode::Mirror {
-            "mirroring"
-        } else {
-            "stealing"
-        };
-        format!(
-            "{verb} port {} with remocal (from {})",
-            self.port, self.client
-        )
-    }
 }
 
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
