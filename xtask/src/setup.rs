@@ -26,6 +26,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // Load generators of `cargo xtask bench` (and its smoke run in the tests).
     "wrk",
     "iperf3",
+    // RSA client keys as kind and minikube write them, for the tests'
+    // certificate users (rcgen cannot make RSA keys with ring).
+    "openssl",
 ];
 
 /// Where kubernetes-validate lives: its own virtualenv, because Debian 12's
