@@ -60,11 +60,10 @@ impl Secured {
 
     /// `remocal ARGS --port 80` with a kubeconfig holding `token`.
     fn remocal(&self, token: &str, args: &[&str]) -> Steal {
-        let kubeconfig = self.cluster.api.kubeconfig("dev", token, Some("shop"));
-        Steal::remocal(args)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .port(80)
+        with_kubeconfig(
+            &self.cluster.api.kubeconfig("dev", token, Some("shop")),
+            args,
+        )
     }
 
     fn pod_netns(&self) -> String {
@@ -120,6 +119,14 @@ impl Legitimate {
         let ended = self.session.stop().await;
         assert_eq!(ended.code, Some(0), "{ended:?}");
     }
+}
+
+/// `remocal ARGS --port 80 --kubeconfig PATH`.
+fn with_kubeconfig(kubeconfig: &std::path::Path, args: &[&str]) -> Steal {
+    Steal::remocal(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .port(80)
 }
 
 fn assert_refused<T: std::fmt::Debug>(
@@ -209,10 +216,7 @@ async fn calls_without_a_valid_credential_are_unauthenticated() {
     // A certificate of another CA, through the CLI: exit 6, saying why.
     let foreign = api.foreign_client_certificate("mallory", &["developers"], KeyKind::EcdsaP256);
     let kubeconfig = api.kubeconfig_with_certificate("mallory", &foreign, Some("shop"));
-    let finished = Steal::remocal(&["steal", "pod/web", "--agent", &url])
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .port(80)
+    let finished = with_kubeconfig(&kubeconfig, &["steal", "pod/web", "--agent", &url])
         .run_to_exit()
         .await;
     assert_exit(
@@ -271,10 +275,7 @@ async fn users_of_client_certificates_prove_their_key() {
         user_roles::bind(api, user, "remocal-user", "shop");
         let certificate = api.client_certificate(user, &["developers"], kind);
         let kubeconfig = api.kubeconfig_with_certificate(user, &certificate, Some("shop"));
-        let mut session = Steal::remocal(&["steal", "pod/web"])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .port(80)
+        let mut session = with_kubeconfig(&kubeconfig, &["steal", "pod/web"])
             .local_port(local.port())
             .start()
             .await;
@@ -642,10 +643,7 @@ async fn a_token_from_an_exec_plugin_is_sent_and_checked() {
     .unwrap();
     std::fs::write(&path, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
     let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
-    let mut session = Steal::remocal(&["steal", "pod/web"])
-        .arg("--kubeconfig")
-        .arg(&path)
-        .port(80)
+    let mut session = with_kubeconfig(&path, &["steal", "pod/web"])
         .local_port(local.port())
         .start()
         .await;
