@@ -65,15 +65,7 @@ impl Credentials {
     /// The credential of a kubeconfig context (or of the pod's service
     /// account, in a cluster).
     pub fn from_config(config: &Config, context: &str) -> Result<Self, String> {
-        let user = format!(
-            "the user of kubeconfig context {context}{}",
-            config
-                .auth_info
-                .username
-                .as_deref()
-                .map(|name| format!(" ({name})"))
-                .unwrap_or_default()
-        );
+        let user = format!("the user of kubeconfig context {context}");
         let layer = config
             .auth_layer()
             .map_err(|err| format!("cannot use the credential of {user}: {err}"))?;
