@@ -38,9 +38,15 @@ pub fn key(credential: &[u8]) -> [u8; 32] {
 impl<T: Clone> VerdictCache<T> {
     /// The verdict, while it has not expired.
     pub fn get(&self, key: &[u8; 32]) -> Option<T> {
+        self.get_with_time_left(key).map(|(verdict, _)| verdict)
+    }
+
+    /// The verdict and how much longer it holds.
+    pub fn get_with_time_left(&self, key: &[u8; 32]) -> Option<(T, Duration)> {
         let entries = self.entries.lock().expect("verdict cache lock");
         let (until, verdict) = entries.get(key)?;
-        (Instant::now() < *until).then(|| verdict.clone())
+        let left = until.checked_duration_since(Instant::now())?;
+        (!left.is_zero()).then(|| (verdict.clone(), left))
     }
 
     pub fn put(&self, key: [u8; 32], verdict: T, lifetime: Duration) {
@@ -76,6 +82,8 @@ mod tests {
         let token = key(b"token");
         cache.put(token, 7, Duration::from_secs(60));
         assert_eq!(cache.get(&token), Some(7));
+        let (_, left) = cache.get_with_time_left(&token).unwrap();
+        assert!(left > Duration::from_secs(59) && left <= Duration::from_secs(60));
         cache.put(token, 8, Duration::ZERO);
         assert_eq!(cache.get(&token), None, "expired");
         for n in 0..(MAX_ENTRIES as u32 + 100) {

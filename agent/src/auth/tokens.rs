@@ -22,6 +22,9 @@ use crate::kube::within_timeout;
 /// How long an accepted token is trusted without asking again: a revoked
 /// token keeps working on this agent for at most this long.
 const ACCEPTED_FOR: Duration = Duration::from_secs(60);
+/// An accepted token is asked about again this long before its answer
+/// expires, so its calls never wait for a review (nor fail for want of one).
+const REFRESH_BEFORE: Duration = Duration::from_secs(15);
 /// A rejected token is not asked about again for this long, so a caller
 /// retrying a bad token cannot turn each call into an API request.
 const REJECTED_FOR: Duration = Duration::from_secs(10);
@@ -60,7 +63,13 @@ impl TokenReviewer {
             )));
         }
         let key = cache::key(token.as_bytes());
-        if let Some(verdict) = self.verdicts.get(&key) {
+        let cached = self.verdicts.get_with_time_left(&key);
+        let due = match &cached {
+            Some((Ok(_), left)) => *left < REFRESH_BEFORE,
+            Some((Err(_), _)) => false,
+            None => true,
+        };
+        if !due && let Some((verdict, _)) = cached {
             return verdict.map_err(Status::unauthenticated);
         }
         let this_token = self
@@ -70,12 +79,21 @@ impl TokenReviewer {
             .entry(key)
             .or_default()
             .clone();
-        let verdict = {
-            let _only_one = this_token.lock().await;
-            match self.verdicts.get(&key) {
-                // Answered while we waited.
-                Some(verdict) => Ok(verdict),
-                None => self.ask(token, key).await,
+        let verdict = match cached {
+            // An accepted token about to expire: one call asks again while
+            // the others go on with the answer they have, and if asking fails
+            // (the API server busy or away), so does this one.
+            Some((accepted, _)) => match this_token.try_lock() {
+                Ok(_only_one) => Ok(self.ask(token, key).await.unwrap_or(accepted)),
+                Err(_) => Ok(accepted),
+            },
+            None => {
+                let _only_one = this_token.lock().await;
+                match self.verdicts.get(&key) {
+                    // Answered while we waited.
+                    Some(verdict) => Ok(verdict),
+                    None => self.ask(token, key).await,
+                }
             }
         };
         let mut in_flight = self.in_flight.lock().expect("in-flight lock");
