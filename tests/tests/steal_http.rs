@@ -269,3 +269,32 @@ async fn a_connection_nothing_answers_locally_is_reset_and_the_session_goes_on()
     let ended = session.stop().await;
     assert_eq!(ended.code, Some(0), "{ended:?}");
 }
+
+/// The pod's own connections to its own address are its own business: only
+/// other clients' connections are stolen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pods_connections_to_its_own_address_are_not_stolen() {
+    let scenario = Scenario::start(1, &[80]).await;
+    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
+    let pod = scenario.pod(0);
+    let mut session = scenario.steal(0, 80, &local).start().await;
+    for addr in pod.addrs(80) {
+        assert_eq!(
+            remocal_tests::remote::curl_body(&pod.netns, addr).await,
+            POD_BODY,
+            "the pod calling itself at {addr}"
+        );
+    }
+    assert_eq!(
+        local.accepted(),
+        0,
+        "nothing of the pod's own reached the local process"
+    );
+    assert_eq!(
+        scenario.curl(pod.v4(80)).await,
+        LOCAL_BODY,
+        "a remote client is stolen"
+    );
+    let ended = session.stop().await;
+    assert_eq!(ended.code, Some(0), "{ended:?}");
+}
