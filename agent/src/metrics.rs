@@ -188,10 +188,10 @@ pub fn registry(metrics: &Metrics, kernel: Box<dyn Collector>) -> Registry {
 }
 
 /// Serves the registry; an address already taken is an error at start-up.
-/// Returns the address bound (port 0 picks a free one).
-/// Serves on a thread and runtime of its own: a scrape or a probe never
-/// waits behind the data path, and `/healthz` can tell that the main runtime
-/// is stuck (see [`Heartbeat`]).
+/// Returns the address bound (port 0 picks a free one). Serves on a thread
+/// and runtime of its own: a scrape or a probe never waits behind the data
+/// path, and `/healthz` can tell that the main runtime is stuck (see
+/// [`Heartbeat`]).
 pub async fn serve(
     addr: SocketAddr,
     registry: Registry,

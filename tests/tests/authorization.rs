@@ -66,6 +66,25 @@ impl Secured {
         )
     }
 
+    /// `remocal steal pod/web` with `kubeconfig`: the agent takes the caller
+    /// for `user`, and the pod's port reaches a local process until it stops.
+    async fn steals_as(&self, kubeconfig: &std::path::Path, user: &str) {
+        let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
+        let mut session = with_kubeconfig(kubeconfig, &["steal", "pod/web"])
+            .local_port(local.port())
+            .start()
+            .await;
+        assert!(
+            session.ready_line().ends_with(&format!("as {user}")),
+            "{}",
+            session.ready_line()
+        );
+        let addr = self.cluster.scenario.pod(0).v4(80);
+        assert_eq!(self.cluster.scenario.curl(addr).await, LOCAL_BODY);
+        let ended = session.stop().await;
+        assert_eq!(ended.code, Some(0), "{ended:?}");
+    }
+
     fn pod_netns(&self) -> String {
         self.cluster
             .scenario
@@ -269,25 +288,12 @@ async fn calls_without_a_valid_credential_are_unauthenticated() {
 async fn users_of_client_certificates_prove_their_key() {
     let secured = Secured::start().await;
     let api = &secured.cluster.api;
-    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
     // k3s writes ECDSA keys, kind and minikube RSA ones.
     for (user, kind) in [("carol", KeyKind::EcdsaP256), ("erin", KeyKind::Rsa2048)] {
         user_roles::bind(api, user, "remocal-user", "shop");
         let certificate = api.client_certificate(user, &["developers"], kind);
         let kubeconfig = api.kubeconfig_with_certificate(user, &certificate, Some("shop"));
-        let mut session = with_kubeconfig(&kubeconfig, &["steal", "pod/web"])
-            .local_port(local.port())
-            .start()
-            .await;
-        assert!(
-            session.ready_line().ends_with(&format!("as {user}")),
-            "{}",
-            session.ready_line()
-        );
-        let addr = secured.cluster.scenario.pod(0).v4(80);
-        assert_eq!(secured.cluster.scenario.curl(addr).await, LOCAL_BODY);
-        let ended = session.stop().await;
-        assert_eq!(ended.code, Some(0), "{ended:?}");
+        secured.steals_as(&kubeconfig, user).await;
     }
     let reviews = api.access_reviews();
     for user in ["carol", "erin"] {
@@ -642,20 +648,7 @@ async fn a_token_from_an_exec_plugin_is_sent_and_checked() {
     }))
     .unwrap();
     std::fs::write(&path, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
-    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
-    let mut session = with_kubeconfig(&path, &["steal", "pod/web"])
-        .local_port(local.port())
-        .start()
-        .await;
-    assert!(
-        session.ready_line().ends_with("as alice"),
-        "{}",
-        session.ready_line()
-    );
-    let addr = secured.cluster.scenario.pod(0).v4(80);
-    assert_eq!(secured.cluster.scenario.curl(addr).await, LOCAL_BODY);
-    let ended = session.stop().await;
-    assert_eq!(ended.code, Some(0), "{ended:?}");
+    secured.steals_as(&path, "alice").await;
 }
 
 /// `--auth none` only where nobody but the node's own users can call, and

@@ -38,7 +38,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// mirrored connection (and the waiting standby calls), so this caps what one
 /// client can make the agent hold at about 16k × 2.4 KiB ≈ 40 MiB, above the
 /// 10,000 connections the benchmark holds.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 16 * 1024;
+const MAX_STREAMS_PER_CONNECTION: u32 = 16 * 1024;
 
 /// The server settings the data path relies on: per-stream windows small
 /// enough that one stalled connection pins little, a connection window large

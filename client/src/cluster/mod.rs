@@ -86,9 +86,7 @@ impl Cluster {
             default_namespace,
         })
     }
-}
 
-impl Cluster {
     /// Our credential to an agent: the kubeconfig user's.
     pub fn credentials(&self) -> Result<Credentials, Failure> {
         Credentials::from_config(&self.config, &self.context)

@@ -282,8 +282,9 @@ impl FakeKubeApi {
     /// `group:NAME`. `namespace` `""` (or [`ANY`]) binds cluster-wide, as a
     /// ClusterRoleBinding: cluster-scoped resources and every namespace; a
     /// namespace binds there only, as a RoleBinding. [`ANY`] matches every
-    /// verb, group or resource. Only API group [`REMOCAL_GROUP`] needs grants:
-    /// anything else is allowed unless forbidden. Returns the binding's name,
+    /// verb, group or resource. Only API group [`REMOCAL_GROUP`] needs grants
+    /// (and everything, for a [`FakeKubeApi::strict`] user): anything else is
+    /// allowed unless forbidden. Returns the binding's name,
     /// which a SubjectAccessReview's reason names:
     /// `RBAC: allowed by ClusterRoleBinding "NAME" of ClusterRole "NAME" to User "developer"`,
     /// `RBAC: allowed by RoleBinding "NAME/NAMESPACE" of Role "NAME" to Group "devs"`.
