@@ -2,17 +2,22 @@
 //! hostPID), steals selected TCP connections of pods with eBPF and serves them
 //! to remocal clients over gRPC.
 mod auth;
+mod bpf_counters;
 mod grpc;
 mod health;
+mod http_route;
 mod kube;
+mod live_session;
 mod logging;
 mod memory;
 mod metrics;
 mod mirror;
 mod netns;
+mod passthrough;
 mod proxy;
 mod redirect;
 mod session;
+mod steal;
 #[cfg(test)]
 mod tests;
 
@@ -113,6 +118,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let redirector = EbpfRedirector::new(tokio::runtime::Handle::current(), cli.capture_buffer)
         .context("the agent cannot use eBPF on this node")?;
     mirror::set_budget(cli.mirror_budget);
+    // A killed agent leaves its (inert) pass-through rules in pods'
+    // namespaces; they go before anything new is set up.
+    let cleaned = tokio::task::spawn_blocking(passthrough::clean_leftovers)
+        .await
+        .unwrap_or_default();
+    if cleaned > 0 {
+        info!(
+            namespaces = cleaned,
+            "removed pass-through rules an earlier agent left behind"
+        );
+    }
     let settings = Settings {
         mirror_flow_limit: cli.mirror_flow_limit,
     };
@@ -126,7 +142,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } else if pods.node().is_none() {
         warn!("NODE_NAME is not set: pods cannot be targeted by name");
     }
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics {
+        mirror_held_bytes: mirror::held_bytes(),
+        ..Metrics::default()
+    });
     let auth = Arc::new(authentication(
         cli.auth,
         &pods,

@@ -42,6 +42,35 @@ pub enum Direction {
     to_remote,
 }
 
+/// Who served a request on a port shared by filtered steals.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Route {
+    /// A filtered session's filter matched: the developer's process.
+    session,
+    /// No filter matched: passed through to the pod's own server.
+    pod,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Protocol {
+    http1,
+    http2,
+    /// Not HTTP: the connection went to the pod whole.
+    other,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: Route,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: Protocol,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabels {
     pub mode: Mode,
@@ -67,11 +96,13 @@ pub struct Metrics {
     pub mirror_lost_bytes_total: Counter,
     pub mirror_half_open: Gauge,
     pub mirror_not_copied_total: Counter,
-    /// The agent's mirror memory budget in use: shared with the budget
-    /// itself, which every mirror session updates.
+    /// The agent's mirror memory budget in use: the agent hands in the
+    /// budget's own gauge, which every mirror session updates.
     pub mirror_held_bytes: Gauge,
     pub session_errors_total: Family<ReasonLabels, Counter>,
     pub flow_rtt_seconds: Histogram,
+    pub routed_requests_total: Family<RouteLabels, Counter>,
+    pub routed_connections_total: Family<ProtocolLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -84,10 +115,12 @@ impl Default for Metrics {
             mirror_lost_bytes_total: Counter::default(),
             mirror_half_open: Gauge::default(),
             mirror_not_copied_total: Counter::default(),
-            mirror_held_bytes: crate::mirror::held_bytes(),
+            mirror_held_bytes: Gauge::default(),
             session_errors_total: Family::default(),
             // 50 µs to ~1.6 s: from a pod next door to a remote region.
             flow_rtt_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
+            routed_requests_total: Family::default(),
+            routed_connections_total: Family::default(),
         }
     }
 }
@@ -111,6 +144,25 @@ impl Metrics {
                 .get_or_create(&TrafficLabels { mode, direction })
                 .inc_by(bytes);
         }
+    }
+
+    pub fn request_routed(&self, route: Route) {
+        self.routed_requests_total
+            .get_or_create(&RouteLabels { route })
+            .inc();
+    }
+
+    /// Counts a connection of a shared port once it ended, by the protocol
+    /// it turned out to speak.
+    pub fn routed_connection(&self, protocol: crate::http_route::Protocol) {
+        let protocol = match protocol {
+            crate::http_route::Protocol::Http1 => Protocol::http1,
+            crate::http_route::Protocol::Http2 => Protocol::http2,
+            crate::http_route::Protocol::Other => Protocol::other,
+        };
+        self.routed_connections_total
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc();
     }
 
     pub fn session_error(&self, code: tonic::Code) {
@@ -174,6 +226,16 @@ pub fn registry(metrics: &Metrics, kernel: Box<dyn Collector>) -> Registry {
         "flow_rtt_seconds",
         "Smoothed TCP round-trip time of stolen and mirrored connections when they close (from sock_ops)",
         metrics.flow_rtt_seconds.clone(),
+    );
+    registry.register(
+        "routed_requests",
+        "HTTP requests on ports shared by filtered steals, by who served them: a developer's session (matched) or the pod (passed through)",
+        metrics.routed_requests_total.clone(),
+    );
+    registry.register(
+        "routed_connections",
+        "Connections to ports shared by filtered steals, counted when they end, by protocol (other: passed to the pod whole)",
+        metrics.routed_connections_total.clone(),
     );
     registry.register(
         "build",

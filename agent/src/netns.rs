@@ -150,6 +150,16 @@ impl Netns {
         self.id
     }
 
+    /// A second handle on the same namespace, for what outlives the first
+    /// (a port shared by several sessions).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            id: self.id,
+            spec: self.spec.clone(),
+        })
+    }
+
     /// Runs `work` on a thread that has entered this namespace.
     pub fn run_in<T: Send>(&self, work: impl FnOnce() -> T + Send) -> io::Result<T> {
         std::thread::scope(|scope| {

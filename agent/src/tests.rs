@@ -132,6 +132,7 @@ impl Harness {
             port,
             mode: mode as i32,
             client: "tester@laptop".into(),
+            filter: None,
         };
         requests
             .send(SessionRequest {

@@ -23,7 +23,15 @@ pub struct Cli {
 pub enum Command {
     /// Take over new connections to a port of the target: they reach your
     /// local process instead of the pod's until you stop (Ctrl-C).
-    Steal(SessionArgs),
+    ///
+    /// With --header, --path or --method the steal is filtered: only the HTTP
+    /// requests (HTTP/1.x, h2c, gRPC) matching all of them reach your
+    /// process, the pod serves every other request, and colleagues may steal
+    /// the same port with other filters. A request matching several sessions
+    /// goes to the one started first. Patterns are regular expressions (Rust
+    /// `regex` syntax) matching anywhere in the text unless anchored with ^
+    /// or $.
+    Steal(StealArgs),
     /// Get a read-only copy of every new connection to a port of the target:
     /// the pod keeps serving them; your local process receives what the
     /// remote clients send, and its answers are discarded.
@@ -40,6 +48,38 @@ pub struct AgentsArgs {
     /// Output format of stdout lines.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+}
+
+#[derive(Args)]
+pub struct StealArgs {
+    #[command(flatten)]
+    pub session: SessionArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+/// Which HTTP requests a filtered steal takes. Not on `mirror`: a mirror is
+/// a copy of whole connections, never of some requests.
+#[derive(Args, Default)]
+#[command(next_help_heading = "Filtered steal (HTTP requests only)")]
+pub struct FilterArgs {
+    /// Only requests with header NAME (any case) whose value matches REGEX;
+    /// repeatable, all must match. E.g. --header 'x-dev: alice'.
+    ///
+    /// Split at the first ':'. REGEX matches anywhere in the value unless
+    /// anchored ('x-dev: ^alice$'); for a header sent several times, one
+    /// matching value is enough.
+    #[arg(long = "header", value_name = "NAME: REGEX")]
+    pub headers: Vec<String>,
+    /// Only requests whose path and query (/a/b?c=d) match REGEX, e.g. '^/api/'.
+    ///
+    /// REGEX matches anywhere unless anchored: 'api' matches /v1/api and
+    /// /?q=api, '^/api/' only paths under /api/.
+    #[arg(long, value_name = "REGEX")]
+    pub path: Option<String>,
+    /// Only requests with this method (GET, POST...; any case).
+    #[arg(long, value_name = "METHOD")]
+    pub method: Option<String>,
 }
 
 #[derive(Args)]
@@ -128,7 +168,25 @@ pub enum OutputFormat {
 }
 
 pub fn parse() -> Result<Cli, Failure> {
-    Cli::try_parse().map_err(|err| match err.kind() {
+    parse_from(std::env::args_os())
+}
+
+fn parse_from(
+    args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+) -> Result<Cli, Failure> {
+    Cli::try_parse_from(args).map_err(usage_failure)
+}
+
+fn usage_failure(err: clap::Error) -> Failure {
+    if let Some(flag) = filter_flag(&err) {
+        return Failure::new(
+            Status::Usage,
+            format!(
+                "{flag} is for `remocal steal` only: it picks the HTTP requests a steal takes (a mirror copies whole connections); drop {flag}"
+            ),
+        );
+    }
+    match err.kind() {
         ErrorKind::DisplayHelp
         | ErrorKind::DisplayVersion
         | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
@@ -156,67 +214,23 @@ pub fn parse() -> Result<Cli, Failure> {
             let summary = summary.strip_prefix("error: ").unwrap_or(&summary);
             Failure::new(Status::Usage, format!("{summary} (see `remocal --help`)"))
         }
-    })
+    }
+}
+
+/// The filter flag clap did not expect: only `steal` has them.
+fn filter_flag(err: &clap::Error) -> Option<&'static str> {
+    use clap::error::{ContextKind, ContextValue};
+    if err.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let name = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
+    ["--header", "--path", "--method"]
+        .into_iter()
+        .find(|flag| *flag == name)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse_args(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("remocal").chain(args.iter().copied()))
-    }
-
-    #[test]
-    fn ports_outside_1_to_65535_are_refused() {
-        for port in ["0", "65536", "-1", "http"] {
-            let err = parse_args(&["steal", "--netns", "/var/run/netns/x", "--port", port]).err();
-            assert!(err.is_some(), "--port {port} must be refused");
-        }
-        assert!(parse_args(&["steal", "--pid", "1", "--port", "65535"]).is_ok());
-    }
-
-    #[test]
-    fn exactly_one_target_is_required() {
-        assert!(parse_args(&["steal", "--port", "80"]).is_err());
-        assert!(parse_args(&["steal", "--pid", "1", "--netns", "/x", "--port", "80"]).is_err());
-        assert!(parse_args(&["steal", "--pid", "0", "--port", "80"]).is_err());
-    }
-
-    #[test]
-    fn local_port_defaults_to_the_stolen_port() {
-        for mode in ["steal", "mirror"] {
-            let (Command::Steal(args) | Command::Mirror(args)) =
-                parse_args(&[mode, "--pid", "7", "--port", "8080"])
-                    .unwrap()
-                    .command
-            else {
-                panic!("{mode} is a session command");
-            };
-            assert_eq!(args.local.local_port, None);
-            assert_eq!(args.local.local_host, "127.0.0.1");
-            assert_eq!(args.link.agent, None);
-        }
-    }
-
-    #[test]
-    fn pods_and_deployments_are_named_like_kubectl() {
-        let Command::Steal(args) =
-            parse_args(&["steal", "deploy/web", "-n", "shop", "--port", "80"])
-                .unwrap()
-                .command
-        else {
-            panic!("steal");
-        };
-        assert_eq!(args.target.resource.as_deref(), Some("deploy/web"));
-        assert_eq!(args.cluster.namespace.as_deref(), Some("shop"));
-        assert_eq!(args.cluster.agent_namespace, "remocal");
-        assert!(
-            parse_args(&["mirror", "--pod", "web", "--context", "dev", "--port", "80"]).is_ok()
-        );
-        assert!(
-            parse_args(&["steal", "pod/web", "--pod", "web", "--port", "80"]).is_err(),
-            "one target only"
-        );
-    }
-}
+mod tests;

@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod credentials;
 mod exit;
+mod filter;
 mod forward;
 mod output;
 mod session;
@@ -41,8 +42,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Steal(args) => session::run(args, Mode::Steal).await,
-            Command::Mirror(args) => session::run(args, Mode::Mirror).await,
+            Command::Steal(args) => session::steal(args).await,
+            Command::Mirror(args) => session::run(args, Mode::Mirror, None).await,
             Command::Agents(args) => agents::run(args).await,
         }
     });

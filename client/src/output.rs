@@ -3,7 +3,7 @@
 use remocal_proto::v1::{ConnectionClosed, NewConnection, Ready};
 use serde_json::json;
 
-use crate::cli::OutputFormat;
+use crate::{cli::OutputFormat, filter};
 
 #[derive(Clone, Copy)]
 pub struct Printer {
@@ -13,22 +13,32 @@ pub struct Printer {
 
 impl Printer {
     pub fn ready(&self, mode: &str, ready: &Ready, local: &str) {
+        println!("{}", self.ready_line(mode, ready, local));
+    }
+
+    /// A filtered steal names its filter as the agent applies it (the flags
+    /// that give it), before the local side:
+    /// `ready steal pod shop/web port=80 requests matching --header 'x-dev: alice' -> 127.0.0.1:8080 as alice`.
+    fn ready_line(&self, mode: &str, ready: &Ready, local: &str) -> String {
         match self.format {
-            OutputFormat::Text => println!(
-                "ready {mode} {} port={} -> {local} as {}",
-                ready.target,
-                ready.port,
-                if ready.user.is_empty() {
+            OutputFormat::Text => {
+                let filter = ready.filter.as_ref().map_or(String::new(), |filter| {
+                    format!(" requests matching {}", filter::describe(filter))
+                });
+                let user = if ready.user.is_empty() {
                     "anonymous"
                 } else {
                     &ready.user
-                }
-            ),
-            OutputFormat::Json => println!(
-                "{}",
-                json!({"event": "ready", "mode": mode, "target": ready.target, "port": ready.port,
-                       "local": local, "user": ready.user})
-            ),
+                };
+                format!(
+                    "ready {mode} {} port={}{filter} -> {local} as {user}",
+                    ready.target, ready.port
+                )
+            }
+            OutputFormat::Json => json!({"event": "ready", "mode": mode, "target": ready.target,
+                   "port": ready.port, "local": local, "user": ready.user,
+                   "filter": ready.filter.as_ref().map(filter::to_json)})
+            .to_string(),
         }
     }
 
@@ -87,3 +97,6 @@ impl Printer {
         eprintln!("warning: {message}");
     }
 }
+
+#[cfg(test)]
+mod tests;

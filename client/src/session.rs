@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use remocal_proto::v1::{
-    CloseSession, Mode, OpenSession, SessionEvent, SessionRequest, session_event, session_request,
+    CloseSession, HttpFilter, Mode, OpenSession, SessionEvent, SessionRequest, session_event,
+    session_request,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,9 +14,10 @@ use tonic::Streaming;
 
 use crate::{
     agent_link::AgentAddress,
-    cli::SessionArgs,
+    cli::{SessionArgs, StealArgs},
     credentials::Credentials,
-    exit::Failure,
+    exit::{Failure, Status},
+    filter,
     forward::{self, Forwarding, Local},
     output::Printer,
     target::{self, Named},
@@ -29,7 +31,15 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// that round trip, and nothing else.
 const STANDBY_CALLS: usize = 16;
 
-pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
+/// `remocal steal`: the filter flags are checked before anything is
+/// contacted, so a typo costs no cluster call.
+pub async fn steal(args: StealArgs) -> Result<(), Failure> {
+    let filter = filter::from_args(&args.filter)?;
+    run(args.session, Mode::Steal, filter).await
+}
+
+/// A session of `mode`; `filter` only for a filtered steal.
+pub async fn run(args: SessionArgs, mode: Mode, filter: Option<HttpFilter>) -> Result<(), Failure> {
     let printer = Printer {
         format: args.link.output,
         verbose: args.link.verbose,
@@ -45,16 +55,20 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
     let mut agent = address.connect(&credentials).await?;
 
     let (requests, outgoing) = mpsc::channel(64);
+    let filtered = filter.is_some();
     let open = OpenSession {
         target: Some(located.target),
         port: args.port.into(),
         mode: mode as i32,
         client: whoami(),
+        filter,
     };
     let _ = requests.try_send(request(session_request::Kind::Open(open)));
     let mut events = match agent.api.session(ReceiverStream::new(outgoing)).await {
         Ok(events) => events.into_inner(),
-        Err(status) => return Err(session_refused(&status, &address, &credentials).await),
+        Err(status) => {
+            return Err(session_refused(&status, &address, &credentials, filtered).await);
+        }
     };
 
     let ready = match events.message().await {
@@ -62,8 +76,20 @@ pub async fn run(args: SessionArgs, mode: Mode) -> Result<(), Failure> {
             kind: Some(session_event::Kind::Ready(ready)),
         })) => ready,
         Ok(_) => return Err(Failure::unexpected("the agent did not confirm the session")),
-        Err(status) => return Err(Failure::from_status(&status, &address)),
+        Err(status) => return Err(refused(&status, &address, filtered)),
     };
+    if filtered && ready.filter.is_none() {
+        // An agent that predates filters ignores the field and steals the
+        // whole port: give the port back at once rather than take every
+        // request the developer did not ask for.
+        close(&requests, &mut events, printer).await;
+        return Err(Failure::new(
+            Status::Rejected,
+            format!(
+                "{address} does not support filtered steals (it is older than this remocal) and stole the whole port, now given back: upgrade the remocal agent, or steal without --header, --path and --method"
+            ),
+        ));
+    }
     let mode_name = if mode == Mode::Mirror {
         "mirror"
     } else {
@@ -128,6 +154,7 @@ async fn session_refused(
     status: &tonic::Status,
     address: &AgentAddress,
     credentials: &Credentials,
+    filtered: bool,
 ) -> Failure {
     if status.code() == tonic::Code::Unauthenticated {
         return Failure::new(
@@ -145,6 +172,15 @@ async fn session_refused(
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     ) && let Some(failure) = address.explain().await
     {
+        return failure;
+    }
+    refused(status, address, filtered)
+}
+
+/// The agent's answer to opening the session; its refusal of our filter is
+/// a usage error, like the same refusal here.
+fn refused(status: &tonic::Status, address: &AgentAddress, filtered: bool) -> Failure {
+    if filtered && let Some(failure) = filter::refused(status) {
         return failure;
     }
     Failure::from_status(status, address)
@@ -208,3 +244,6 @@ fn whoami() -> String {
         .unwrap_or_else(|| "unknown-host".into());
     format!("{user}@{host} (pid {})", std::process::id())
 }
+
+#[cfg(test)]
+mod tests;

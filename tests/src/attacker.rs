@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use remocal_proto::v1::{
-    AgentInfo, Attach, ConnectionDownstream, ConnectionUpstream, InfoRequest, Mode, OpenSession,
+    AgentInfo, Attach, ConnectionDownstream, ConnectionUpstream, HttpFilter, InfoRequest, Mode,
+    OpenSession,
     PodRef, Ready, SessionEvent, SessionRequest, Standby, Target, agent_client::AgentClient,
     connection_upstream, session_event, session_request, target,
 };
@@ -76,6 +77,26 @@ impl RawAgent {
     }
 
     pub async fn open(&self, target: Target, port: u16, mode: Mode) -> Result<RawSession, Status> {
+        self.open_with(target, port, mode, None).await
+    }
+
+    /// A filtered steal of the requests `filter` matches.
+    pub async fn open_filtered(
+        &self,
+        target: Target,
+        port: u16,
+        filter: HttpFilter,
+    ) -> Result<RawSession, Status> {
+        self.open_with(target, port, Mode::Steal, Some(filter)).await
+    }
+
+    async fn open_with(
+        &self,
+        target: Target,
+        port: u16,
+        mode: Mode,
+        filter: Option<HttpFilter>,
+    ) -> Result<RawSession, Status> {
         let (requests, outgoing) = mpsc::channel(16);
         requests
             .send(SessionRequest {
@@ -84,6 +105,7 @@ impl RawAgent {
                     port: port.into(),
                     mode: mode as i32,
                     client: "attacker@nowhere".into(),
+                    filter,
                 })),
             })
             .await

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use remocal_proto::v1::{Mode, connection_downstream};
+use remocal_proto::v1::{HeaderMatch, HttpFilter, Mode, connection_downstream};
 use remocal_tests::attacker::{self, RawAgent};
 use remocal_tests::kube_api::KeyKind;
 use remocal_tests::kube_cluster::{KubeCluster, NODE};
@@ -422,6 +422,63 @@ async fn rbac_decides_who_may_steal_or_mirror_which_pod() {
         "denials are logged with the user: {logs}"
     );
     secured.assert_untouched().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_steal_needs_its_own_grant() {
+    let secured = Secured::start().await;
+    let api = &secured.cluster.api;
+    // frank may steal whole ports of shop, not requests of them.
+    api.add_user("frank-token", "frank");
+    api.strict("frank");
+    api.grant("frank", "create", "remocal.dev", "pods/steal", "shop");
+    let filter = HttpFilter {
+        headers: vec![HeaderMatch {
+            name: "x-dev".into(),
+            value: "^frank$".into(),
+        }],
+        ..HttpFilter::default()
+    };
+    let frank = secured.as_user("frank-token").await;
+    assert_refused(
+        frank
+            .open_filtered(attacker::pod("shop", "web"), 80, filter.clone())
+            .await,
+        Code::PermissionDenied,
+        &["\"frank\"", "create pods/steal-filtered", "remocal-user"],
+    );
+    drop(
+        frank
+            .open(attacker::pod("shop", "web"), 80, Mode::Steal)
+            .await
+            .expect("frank may steal the whole port"),
+    );
+
+    // bob may only mirror: the CLI exits 6 naming the grant.
+    let finished = secured
+        .remocal(BOB, &["steal", "pod/web", "--header", "x-dev: bob"])
+        .run_to_exit()
+        .await;
+    assert_exit(&finished, 6, &["may not create pods/steal-filtered"]);
+
+    // alice's remocal-user grants it; the agent echoes the filter it applies.
+    let alice = secured.as_user(ALICE).await;
+    let mut retries = 0;
+    let session = loop {
+        // frank's session above ends as its call drops, asynchronously.
+        match alice
+            .open_filtered(attacker::pod("shop", "web"), 80, filter.clone())
+            .await
+        {
+            Err(status) if status.code() == Code::AlreadyExists && retries < 50 => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            opened => break opened.expect("alice may steal requests in shop"),
+        }
+    };
+    assert_eq!(session.ready.user, "alice");
+    assert_eq!(session.ready.filter, Some(filter));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

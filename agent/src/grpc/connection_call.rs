@@ -26,7 +26,8 @@ use super::{AgentService, caller, first_message};
 use crate::{
     auth::Identity,
     proxy,
-    session::{AttachError, Handoff, LiveSession, Pending, Sessions, StandbyRefused},
+    live_session::{Handoff, LiveSession, Pending, StandbyRefused},
+    session::{AttachError, Sessions},
 };
 
 /// A connection's outgoing messages, encoded: a stolen connection's socket

@@ -168,7 +168,9 @@ fn open_status(err: OpenError) -> Status {
         OpenError::InvalidPort(_)
         | OpenError::MissingTarget
         | OpenError::UnsupportedMode(_)
-        | OpenError::InvalidPodName(_) => Status::invalid_argument(message),
+        | OpenError::InvalidPodName(_)
+        | OpenError::Filter(_)
+        | OpenError::FilterOnMirror => Status::invalid_argument(message),
         OpenError::Target(
             TargetError::NoSuchNamespace(_)
             | TargetError::NoSuchProcess(_)
@@ -184,7 +186,9 @@ fn open_status(err: OpenError) -> Status {
         OpenError::Target(TargetError::PermissionDenied { .. }) => {
             Status::permission_denied(message)
         }
-        OpenError::Conflict { .. } => Status::already_exists(message),
+        OpenError::Conflict { .. } | OpenError::SameFilter { .. } => {
+            Status::already_exists(message)
+        }
         OpenError::Access(AccessError::Denied { .. }) => Status::permission_denied(message),
         OpenError::Access(AccessError::Unavailable(_)) => Status::unavailable(message),
         OpenError::TooManySessions { .. } => Status::resource_exhausted(message),

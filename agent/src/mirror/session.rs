@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use super::{
+    Tap,
     Capture, Flow,
     budget::{self, Budget, Holding},
     half_open::{HalfOpen, Opening},
@@ -29,8 +30,7 @@ use super::{
 };
 use crate::{
     proxy::Outcome,
-    redirect::Tap,
-    session::{LiveSession, Pending},
+    live_session::{LiveSession, Pending},
 };
 
 /// Messages queued toward one client stream; one slot is always kept free

@@ -34,13 +34,20 @@ use tokio::{io::unix::AsyncFd, runtime::Handle, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{
-    ActiveRedirection, RedirectError, Redirection, Redirector, Tap,
-    capture_ring::{self, Taps},
+    ActiveRedirection, RedirectError, Redirection, Redirector,
     flow_ports::FlowPorts,
     listener::steal_listener,
     session_links::{SessionKind, SessionLinks},
 };
-use crate::netns::{Netns, NsId};
+use crate::{
+    bpf_counters::total,
+    live_session::FlowStatsSource,
+    mirror::{
+        Tap,
+        capture_ring::{self, Taps},
+    },
+    netns::{Netns, NsId},
+};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/remocal"));
 
@@ -117,6 +124,22 @@ impl EbpfRedirector {
     }
 }
 
+impl FlowStatsSource for EbpfRedirector {
+    fn flow_stats(&self, target: NsId, local: SocketAddr, remote: SocketAddr) -> Option<FlowStats> {
+        let attachment = self
+            .shared
+            .attachments
+            .lock()
+            .expect("attachments lock")
+            .get(&target)
+            .and_then(Weak::upgrade)?;
+        // A dual-stack socket sees an IPv4 peer as ::ffff:a.b.c.d.
+        [(local, remote), (mapped(local), mapped(remote))]
+            .into_iter()
+            .find_map(|(local, remote)| attachment.flows.get(&flow_key(local, remote), 0).ok())
+    }
+}
+
 impl Redirector for EbpfRedirector {
     fn steal(&self, target: &Netns, port: u16) -> Result<Redirection, RedirectError> {
         let attachment = self.attachment_for(target)?;
@@ -147,20 +170,6 @@ impl Redirector for EbpfRedirector {
                 _links: links,
             }),
         })
-    }
-
-    fn flow_stats(&self, target: NsId, local: SocketAddr, remote: SocketAddr) -> Option<FlowStats> {
-        let attachment = self
-            .shared
-            .attachments
-            .lock()
-            .expect("attachments lock")
-            .get(&target)
-            .and_then(Weak::upgrade)?;
-        // A dual-stack socket sees an IPv4 peer as ::ffff:a.b.c.d.
-        [(local, remote), (mapped(local), mapped(remote))]
-            .into_iter()
-            .find_map(|(local, remote)| attachment.flows.get(&flow_key(local, remote), 0).ok())
     }
 
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError> {
@@ -353,11 +362,6 @@ fn flow_key(local: SocketAddr, remote: SocketAddr) -> FlowKey {
 }
 
 /// A counter summed over CPUs (0 if the map cannot be read).
-pub(super) fn total(counters: &PerCpuArray<MapData, u64>, counter: Counter) -> u64 {
-    counters
-        .get(&(counter as u32), 0)
-        .map_or(0, |per_cpu| per_cpu.iter().sum())
-}
 
 impl Drop for Attachment {
     fn drop(&mut self) {

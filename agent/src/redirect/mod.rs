@@ -1,60 +1,24 @@
 //! The kernel-facing half of a steal, behind a small trait so the session and
 //! proxy logic can be tested in-process against a plain loopback listener.
-mod capture_ring;
 mod ebpf;
 mod flow_ports;
 mod listener;
 mod session_links;
 
-use std::{
-    net::{SocketAddr, TcpListener},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
-};
+use std::net::TcpListener;
 
 pub use ebpf::EbpfRedirector;
 
-use tokio::sync::mpsc;
 
-use remocal_agent_common::FlowStats;
-
-use crate::{
-    mirror::Capture,
-    netns::{Netns, NsId},
-};
+use crate::{live_session::FlowStatsSource, mirror::Tap, netns::Netns};
 
 /// Something that can send new connections for a port of a target to a
 /// listener of ours.
-pub trait Redirector: Send + Sync + 'static {
+pub trait Redirector: FlowStatsSource + 'static {
     fn steal(&self, target: &Netns, port: u16) -> Result<Redirection, RedirectError>;
     /// Starts copying the connections to `port` of `target`; copies arrive on
     /// the tap until it is dropped.
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError>;
-    /// The kernel's TCP statistics of a connection in `target`, seen from
-    /// its socket's side (`local`, `remote`), while the target is attached.
-    fn flow_stats(
-        &self,
-        _target: NsId,
-        _local: SocketAddr,
-        _remote: SocketAddr,
-    ) -> Option<FlowStats> {
-        None
-    }
-}
-
-/// Copies of a mirrored port's incoming segments, in capture order.
-pub struct Tap {
-    captures: mpsc::Receiver<Capture>,
-    /// Payload bytes queued in `captures`: the producer adds, `next` takes
-    /// away, so the queue is bounded in memory and not just in count.
-    queued: Arc<AtomicUsize>,
-    /// Grows whenever a capture meant for this tap was lost (the kernel's
-    /// ring or this tap's queue was full): connections with a gap are then
-    /// incomplete for good.
-    pub lost: Arc<AtomicU64>,
-    pub active: ActiveRedirection,
 }
 
 /// An active redirection. New connections arrive on `listener` until `active`
@@ -63,34 +27,6 @@ pub struct Tap {
 pub struct Redirection {
     pub listener: TcpListener,
     pub active: ActiveRedirection,
-}
-
-impl Tap {
-    pub fn new(
-        captures: mpsc::Receiver<Capture>,
-        queued: Arc<AtomicUsize>,
-        lost: Arc<AtomicU64>,
-        active: ActiveRedirection,
-    ) -> Self {
-        Self {
-            captures,
-            queued,
-            lost,
-            active,
-        }
-    }
-
-    /// The next capture; None once the capture stopped.
-    pub async fn next(&mut self) -> Option<Capture> {
-        let capture = self.captures.recv().await?;
-        let bytes = capture.bytes();
-        let _ = self
-            .queued
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
-                Some(queued.saturating_sub(bytes))
-            });
-        Some(capture)
-    }
 }
 
 /// Undoes the redirection when dropped (crash or not: the kernel objects
@@ -135,7 +71,10 @@ pub mod loopback {
     //! connect to directly, standing in for the kernel's redirection.
     use std::sync::{Arc, Mutex};
 
+    use tokio::sync::mpsc;
+
     use super::*;
+    use crate::mirror::Capture;
 
     #[derive(Default)]
     pub struct LoopbackRedirector {
@@ -152,6 +91,8 @@ pub mod loopback {
             self.0.lock().unwrap().retain(|addr| *addr != self.1);
         }
     }
+
+    impl FlowStatsSource for LoopbackRedirector {}
 
     impl Redirector for LoopbackRedirector {
         fn mirror(&self, _target: &Netns, _port: u16) -> Result<Tap, RedirectError> {

@@ -1,32 +1,6 @@
 //! Who intercepts what, for the agent's log and the pod's events.
-use remocal_proto::v1::Mode;
-
-use super::{LiveSession, Sessions};
-use crate::kube::ScheduledPod;
-
-/// What a session does, for the agent's log and the pod's events.
-pub(super) struct Audit {
-    pub(super) target: String,
-    pub(super) port: u16,
-    pub(super) mode: Mode,
-    /// Where the owner runs, as they said (user@host).
-    pub(super) client: String,
-    pub(super) pod: Option<ScheduledPod>,
-}
-
-impl Audit {
-    pub(super) fn doing(&self) -> String {
-        let verb = if self.mode == Mode::Mirror {
-            "mirroring"
-        } else {
-            "stealing"
-        };
-        format!(
-            "{verb} port {} with remocal (from {})",
-            self.port, self.client
-        )
-    }
-}
+use super::Sessions;
+use crate::live_session::LiveSession;
 
 /// Where the caller says it runs (user@host), as shown to others, in the
 /// log and in the pod's events: printable and short, whatever was sent.

@@ -4,15 +4,13 @@
 //! closed cleanly, then the claim released).
 mod audit;
 mod limits;
-mod standby;
 mod start;
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::AtomicU64,
     },
     time::{Duration, Instant},
 };
@@ -20,41 +18,38 @@ use std::{
 use ring::rand::SecureRandom as _;
 
 use remocal_proto::v1::{
-    ConnectionClosed, ConnectionDownstream, Mode, NewConnection, OpenSession, Ready, SessionEnded,
-    SessionEvent, SessionRequest, Warning, session_event, session_request,
+    Mode, OpenSession, Ready, SessionEnded, SessionEvent, SessionRequest, session_event,
 };
-use tokio::{
-    net::TcpStream,
-    sync::{mpsc, oneshot},
-};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     auth::{AccessError, Auth, Identity},
+    http_route::{Filter, FilterError},
     kube::{PodEvents, PodLookup, PodLookupError},
+    live_session::{ATTACH_TIMEOUT, Audit, Handoff, LiveSession, Pending, StandbyCalls, StandbyRefused},
     metrics::{self, Metrics},
     mirror,
-    netns::{Netns, NsId, TargetError},
-    proxy::{self, Outcome},
-    redirect::{RedirectError, Redirection, Redirector, Tap},
+    netns::{Netns, TargetError},
+    proxy,
+    mirror::Tap,
+    redirect::{RedirectError, Redirection, Redirector},
+    steal::{self, ClaimError, Membership, Ports, WholeClaim},
 };
-use audit::{Audit, self_reported};
+use audit::self_reported;
 use limits::Slots;
-use standby::StandbyCalls;
-pub use standby::{Handoff, StandbyRefused};
 use start::Started;
 
 /// What the kernel side set up for a session.
 enum Redirected {
     Steal(Redirection),
     Mirror(Tap),
+    /// A place on a port shared by filtered steals.
+    Filtered(Membership),
 }
 
-/// A client that never picks up an announced connection must not leave the
-/// remote side hanging forever.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events queued for a client that reads them slowly; beyond this the accept
 /// loop waits, and the kernel's backlog absorbs the burst.
 const EVENT_QUEUE: usize = 1024;
@@ -81,6 +76,19 @@ pub enum OpenError {
         port: u16,
         holder: String,
     },
+    #[error(
+        "{holder} already steals the requests of port {port} of {target} matching {filter}; ask them to stop, or use another filter"
+    )]
+    SameFilter {
+        target: String,
+        port: u16,
+        holder: String,
+        filter: String,
+    },
+    #[error("invalid filter: {0}")]
+    Filter(#[from] FilterError),
+    #[error("a mirror copies whole connections and takes no filter: filters apply to steal")]
+    FilterOnMirror,
     #[error(transparent)]
     Redirect(#[from] RedirectError),
     #[error(transparent)]
@@ -98,6 +106,24 @@ pub enum OpenError {
         limit: usize,
         scope: &'static str,
     },
+}
+
+impl OpenError {
+    fn claim(err: ClaimError, netns: &Netns, port: u16) -> Self {
+        match err {
+            ClaimError::Held { holder } => OpenError::Conflict {
+                target: netns.to_string(),
+                port,
+                holder,
+            },
+            ClaimError::SameFilter { holder, filter } => OpenError::SameFilter {
+                target: netns.to_string(),
+                port,
+                holder,
+                filter,
+            },
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +146,7 @@ pub struct Sessions {
     pods: PodLookup,
     auth: Arc<Auth>,
     pod_events: PodEvents,
-    claims: Mutex<HashMap<(NsId, u16), Holder>>,
+    ports: Arc<Ports>,
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
     slots: Mutex<Slots>,
     settings: Settings,
@@ -128,46 +154,11 @@ pub struct Sessions {
     shutdown: CancellationToken,
 }
 
-struct Holder {
-    description: String,
-    since: Instant,
-}
-
 /// Limits that operators tune.
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
     /// Bytes a mirrored connection may hold while its local side is slow.
     pub mirror_flow_limit: usize,
-}
-
-/// A connection on its way to its data call.
-pub enum Pending {
-    Stolen(TcpStream),
-    /// The copy of a mirrored connection, already flowing into this queue.
-    Mirrored(mpsc::Receiver<Result<ConnectionDownstream, Status>>),
-}
-
-/// The part of a session that connection calls reach by session id.
-pub struct LiveSession {
-    id: String,
-    /// Only its owner's calls may carry its connections.
-    owner: Identity,
-    /// What it is about, for the log and the pod's events.
-    audit: Audit,
-    mode: metrics::Mode,
-    metrics: Arc<Metrics>,
-    /// For the kernel's TCP statistics of this session's connections.
-    redirector: Arc<dyn Redirector>,
-    target: NsId,
-    /// Connections announced, with when, for [`LiveSession::reset_unclaimed`].
-    pending: Mutex<HashMap<u64, (Pending, Instant)>>,
-    /// Calls waiting for connections not yet announced.
-    standby: StandbyCalls,
-    next_connection: AtomicU64,
-    /// Taken when the session ends, so the client's event stream ends with
-    /// it even while connection tasks still hold the session.
-    events: Mutex<Option<mpsc::Sender<Result<SessionEvent, Status>>>>,
-    ended: CancellationToken,
 }
 
 impl Sessions {
@@ -184,7 +175,7 @@ impl Sessions {
             pods,
             auth,
             metrics,
-            claims: Mutex::default(),
+            ports: Arc::default(),
             live: Mutex::default(),
             slots: Mutex::default(),
             settings,
@@ -238,23 +229,35 @@ impl Sessions {
             netns,
             pod,
             slot,
+            filter,
         } = started?;
         let id = session_id();
         let client = self_reported(&open.client);
-        // Several developers may mirror one port; only a steal is exclusive.
-        let claim = (mode == Mode::Steal)
-            .then(|| self.claim(&netns, port, format!("{identity} (from {client})")))
+        let holder = format!("{identity} (from {client})");
+        // Several developers may mirror one port, or steal requests of it
+        // with different filters; a whole-port steal is exclusive.
+        let claim = (mode == Mode::Steal && filter.is_none())
+            .then(|| {
+                self.ports
+                    .claim_whole(&netns, port, holder.clone())
+                    .map_err(|err| OpenError::claim(err, &netns, port))
+            })
             .transpose()?;
-        let redirector = self.redirector.clone();
-        let (netns, redirection) = blocking(move || {
-            let redirection = match mode {
-                Mode::Mirror => redirector.mirror(&netns, port).map(Redirected::Mirror),
-                _ => redirector.steal(&netns, port).map(Redirected::Steal),
-            };
-            (netns, redirection)
-        })
-        .await;
-        let redirection = redirection?;
+        let (netns, redirection) = if filter.is_some() {
+            // The shared port does the kernel's part, once the session exists.
+            (netns, None)
+        } else {
+            let redirector = self.redirector.clone();
+            let (netns, redirection) = blocking(move || {
+                let redirection = match mode {
+                    Mode::Mirror => redirector.mirror(&netns, port).map(Redirected::Mirror),
+                    _ => redirector.steal(&netns, port).map(Redirected::Steal),
+                };
+                (netns, redirection)
+            })
+            .await;
+            (netns, Some(redirection?))
+        };
 
         let (events, receiver) = mpsc::channel(EVENT_QUEUE);
         let audit = Audit {
@@ -263,6 +266,7 @@ impl Sessions {
             mode,
             client,
             pod,
+            filter: filter.as_ref().map(|filter| filter.to_string()),
         };
         let live = Arc::new(LiveSession {
             id: id.clone(),
@@ -282,12 +286,20 @@ impl Sessions {
             events: Mutex::new(Some(events)),
             ended: CancellationToken::new(),
         });
+        let redirection = match (redirection, &filter) {
+            (Some(redirection), _) => redirection,
+            (None, Some(filter)) => {
+                Redirected::Filtered(self.join_filtered(&netns, port, holder, filter, &live).await?)
+            }
+            (None, None) => unreachable!("only filtered steals skip the redirection above"),
+        };
         live.emit(session_event::Kind::Ready(Ready {
             session_id: id.clone(),
             target: netns.to_string(),
             port: port.into(),
             standby_calls: true,
             user: identity.user.clone(),
+            filter: filter.map(|filter| filter.spec().clone()),
         }));
         self.live
             .lock()
@@ -311,7 +323,13 @@ impl Sessions {
         tokio::spawn(async move {
             let reason = match redirection {
                 Redirected::Steal(redirection) => {
-                    sessions.steal(&live, redirection, requests).await
+                    steal::whole_port::run(&live, redirection, requests, sessions.shutdown.clone()).await
+                }
+                Redirected::Filtered(membership) => {
+                    let reason = sessions.serve_filtered(&live, requests).await;
+                    // Off the port first: no request is routed to it any more.
+                    drop(membership);
+                    reason
                 }
                 Redirected::Mirror(tap) => {
                     let shutdown = sessions.shutdown.clone();
@@ -399,110 +417,70 @@ impl Sessions {
         while !self.live.lock().expect("live lock").is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Shared ports drain their connections (answers in flight finish),
+        // then take their pass-through rules out of the pods' namespaces.
+        // What is still open at the deadline ends with the process; its
+        // inert rules go at the next start.
+        while self.ports.draining() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
-    fn claim(
-        self: &Arc<Self>,
+    /// Joins the port shared by filtered steals, setting it up when this
+    /// is its first session; nothing of it is left when this fails.
+    async fn join_filtered(
+        &self,
         netns: &Netns,
         port: u16,
-        description: String,
-    ) -> Result<Claim, OpenError> {
-        let key = (netns.id(), port);
-        let mut claims = self.claims.lock().expect("claims lock");
-        if let Some(holder) = claims.get(&key) {
-            return Err(OpenError::Conflict {
-                target: netns.to_string(),
-                port,
-                holder: format!(
-                    "{} for {}s",
-                    holder.description,
-                    holder.since.elapsed().as_secs()
-                ),
-            });
-        }
-        claims.insert(
-            key,
-            Holder {
-                description,
-                since: Instant::now(),
-            },
-        );
-        Ok(Claim {
-            sessions: self.clone(),
-            key,
-        })
+        holder: String,
+        filter: &Arc<Filter>,
+        live: &Arc<LiveSession>,
+    ) -> Result<Membership, OpenError> {
+        let membership = self
+            .ports
+            .join_filtered(netns, port, holder, filter.clone(), live.clone(), &self.metrics)
+            .map_err(|err| RedirectError::kernel("cannot hold the target's namespace", err))?
+            .map_err(|err| OpenError::claim(err, netns, port))?;
+        let ports = self.ports.clone();
+        let for_passthrough = netns.try_clone().map_err(|err| {
+            RedirectError::kernel("cannot hold the target's namespace", err)
+        })?;
+        membership
+            .shared
+            .start(self.redirector.clone(), move || {
+                ports
+                    .passthrough(&for_passthrough, port)
+                    .map_err(|err| RedirectError::kernel("pass-through to the pod", err))
+            })
+            .await?;
+        Ok(membership)
     }
 
-    /// The steal loop: accepts what the kernel hands the listener and
-    /// hands it to the client, until the session ends for the returned reason.
-    async fn steal(
+    /// A filtered session's own loop: its connections are opened by the
+    /// shared port as requests match; here the client's requests are
+    /// handled and connections it never picked up are reset.
+    async fn serve_filtered(
         &self,
         live: &Arc<LiveSession>,
-        redirection: Redirection,
         mut requests: Streaming<SessionRequest>,
     ) -> &'static str {
-        let Redirection { listener, active } = redirection;
         let Some(events) = live.sender() else {
             return "the client stopped listening";
         };
-        let listener = match tokio::net::TcpListener::from_std(listener) {
-            Ok(listener) => listener,
-            Err(err) => {
-                let _ = events.try_send(Err(Status::internal(format!(
-                    "cannot watch the steal listener: {err}"
-                ))));
-                return "internal error";
-            }
-        };
-        // One timer for the whole session rather than one per connection: a
-        // task sleeping 10 s beside each new connection cost more memory than
-        // the connection itself under a burst.
         let mut sweep = tokio::time::interval(ATTACH_TIMEOUT / 10);
-        // An announcement waiting for room in a full event queue. Accepting
-        // pauses meanwhile (the kernel's backlog absorbs the burst), so a
-        // client reading events slowly slows accepting, not memory; and the
-        // loop never waits on the queue itself, so closing, shutdown and
-        // the sweep go on even for a client that stopped reading.
-        let mut unsent: Option<SessionEvent> = None;
-        let reason = loop {
+        loop {
             tokio::select! {
                 _ = sweep.tick() => live.reset_unclaimed(),
-                room = events.reserve(), if unsent.is_some() => match room {
-                    Ok(room) => room.send(Ok(unsent.take().expect("checked by the guard"))),
-                    Err(_) => break "the client stopped listening",
-                },
-                accepted = listener.accept(), if unsent.is_none() => match accepted {
-                    Ok((stream, source)) => {
-                        unsent = self.announce(live, stream, source).and_then(|event| {
-                            match events.try_send(Ok(event)) {
-                                Err(mpsc::error::TrySendError::Full(Ok(event))) => Some(event),
-                                // Closed: the loop notices below.
-                                _ => None,
-                            }
-                        });
-                    }
-                    Err(err) => {
-                        // Typically out of file descriptors: back off instead of spinning.
-                        warn!(session = %live.id, %err, "accepting a stolen connection failed");
-                        live.warn(format!("the agent could not accept a connection: {err}"));
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
                 request = requests.message() => if let Some(reason) = live.handle(request) {
                     break reason;
                 },
                 () = events.closed() => break "the client stopped listening",
                 () = self.shutdown.cancelled() => break "the agent is shutting down",
             }
-        };
-        // Order matters: stop redirecting first, so every new connection from
-        // here on reaches the pod; only then close what we already took.
-        drop(active);
-        close_backlog(listener);
-        reason
+        }
     }
 
-    fn end(&self, live: Arc<LiveSession>, reason: &str, claim: Option<Claim>) {
+    fn end(&self, live: Arc<LiveSession>, reason: &str, claim: Option<WholeClaim>) {
         live.ended.cancel();
         live.standby.close();
         let pending: Vec<(u64, (Pending, Instant))> =
@@ -539,248 +517,6 @@ impl Sessions {
         );
     }
 
-    /// Hands a stolen connection to a standby call, or returns the event
-    /// that announces it to the client.
-    fn announce(
-        &self,
-        live: &Arc<LiveSession>,
-        stream: TcpStream,
-        source: SocketAddr,
-    ) -> Option<SessionEvent> {
-        let _ = stream.set_nodelay(true);
-        let destination = match stream.local_addr() {
-            Ok(addr) => canonical(addr),
-            Err(err) => {
-                debug!(%err, "a stolen connection closed before it was announced");
-                return None;
-            }
-        };
-        let source = canonical(source);
-        let (id, announcement) = live.hand_over(
-            Pending::Stolen(stream),
-            source.to_string(),
-            destination.to_string(),
-        );
-        debug!(session = %live.id, connection = id, %source, %destination, "stolen connection");
-        announcement.map(|connection| SessionEvent {
-            kind: Some(session_event::Kind::Connection(connection)),
-        })
-    }
-}
-
-impl LiveSession {
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    pub fn ended(&self) -> CancellationToken {
-        self.ended.clone()
-    }
-
-    pub fn connection_closed(&self, connection_id: u64, outcome: Outcome) {
-        self.metrics.connection_closed(
-            self.mode,
-            outcome.bytes_from_remote,
-            outcome.bytes_to_remote,
-        );
-        let mut stats = outcome.stats.or_else(|| {
-            let (local, remote) = outcome.sockets?;
-            self.redirector.flow_stats(self.target, local, remote)
-        });
-        // The kernel counts each FIN as a byte of sequence space; a
-        // connection that closed normally (stolen or mirrored) exchanged one
-        // each way. (Acked stays a lower bound: the last ACK may be in flight.)
-        if let Some(stats) = stats.as_mut().filter(|_| outcome.error.is_empty()) {
-            stats.bytes_received = stats.bytes_received.saturating_sub(1);
-            stats.bytes_acked = stats.bytes_acked.saturating_sub(1);
-        }
-        if let Some(stats) = stats.filter(|stats| stats.srtt_us > 0) {
-            self.metrics
-                .flow_rtt_seconds
-                .observe(f64::from(stats.srtt_us) / 1e6);
-        }
-        self.emit(session_event::Kind::Closed(ConnectionClosed {
-            connection_id,
-            bytes_from_remote: outcome.bytes_from_remote,
-            bytes_to_remote: outcome.bytes_to_remote,
-            error: outcome.error,
-            stats: stats.map(|stats| remocal_proto::v1::FlowStats {
-                srtt_us: stats.srtt_us,
-                retransmits: stats.total_retrans,
-                bytes_acked: stats.bytes_acked,
-                bytes_received: stats.bytes_received,
-            }),
-        }));
-    }
-
-    pub fn sender(&self) -> Option<mpsc::Sender<Result<SessionEvent, Status>>> {
-        self.events.lock().expect("events lock").clone()
-    }
-
-    /// Queues an event unless the queue is full: informational events must
-    /// never block the data path.
-    pub fn emit(&self, kind: session_event::Kind) {
-        if let Some(events) = self.events.lock().expect("events lock").as_ref() {
-            let _ = events.try_send(Ok(SessionEvent { kind: Some(kind) }));
-        }
-    }
-
-    /// Gives a new connection a connection id and a standby call of the
-    /// client, or else keeps it for the call the client opens once it is
-    /// announced: then the announcement to send is returned too.
-    pub fn hand_over(
-        &self,
-        pending: Pending,
-        source: String,
-        destination: String,
-    ) -> (u64, Option<NewConnection>) {
-        self.metrics.connection_opened(self.mode);
-        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        let connection = NewConnection {
-            connection_id: id,
-            source,
-            destination,
-        };
-        let Err(Handoff {
-            pending,
-            connection,
-            ..
-        }) = self.standby.hand(Handoff {
-            id,
-            pending,
-            connection,
-        })
-        else {
-            return (id, None);
-        };
-        self.pending
-            .lock()
-            .expect("pending lock")
-            .insert(id, (pending, Instant::now()));
-        (id, Some(connection))
-    }
-
-    pub fn take_pending(&self, id: u64) -> Option<Pending> {
-        self.pending
-            .lock()
-            .expect("pending lock")
-            .remove(&id)
-            .map(|(pending, _)| pending)
-    }
-
-    /// Resets stolen connections the client has not picked up in time (it
-    /// saw the event but its data call never came).
-    fn reset_unclaimed(&self) {
-        let expired: Vec<(u64, Pending)> = {
-            let mut pending = self.pending.lock().expect("pending lock");
-            let ids: Vec<u64> = pending
-                .iter()
-                .filter(|(_, (_, parked))| parked.elapsed() >= ATTACH_TIMEOUT)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| pending.remove(&id).map(|(p, _)| (id, p)))
-                .collect()
-        };
-        for (id, pending) in expired {
-            if let Pending::Stolen(stream) = pending {
-                proxy::reset(&stream);
-                self.never_served(id, "not picked up");
-                self.warn(format!(
-                    "connection {id} was reset: the client did not pick it up within {ATTACH_TIMEOUT:?}"
-                ));
-            }
-        }
-    }
-
-    /// Applies a client request; `Some(reason)` when it ends the session.
-    pub fn handle(&self, request: Result<Option<SessionRequest>, Status>) -> Option<&'static str> {
-        match request {
-            Ok(Some(SessionRequest {
-                kind: Some(session_request::Kind::Close(_)),
-            })) => Some("closed by the client"),
-            Ok(Some(SessionRequest {
-                kind: Some(session_request::Kind::Reject(reject)),
-            })) => {
-                self.reject(reject.connection_id, &reject.reason);
-                None
-            }
-            Ok(Some(_)) => None,
-            Ok(None) => Some("the client ended the call"),
-            Err(_) => Some("the link to the client broke"),
-        }
-    }
-
-    fn reject(&self, id: u64, reason: &str) {
-        debug!(session = %self.id, connection = id, reason, "client rejected a connection");
-        if let Some(Pending::Stolen(stream)) = self.take_pending(id) {
-            proxy::reset(&stream);
-            // The client's reason (nothing answers locally, and where) is
-            // what the developer needs to read in the connection's history.
-            self.never_served(
-                id,
-                if reason.is_empty() {
-                    "rejected by the client"
-                } else {
-                    reason
-                },
-            );
-        }
-    }
-
-    /// Accounts for an announced connection that ends before a data call
-    /// carried it.
-    fn never_served(&self, id: u64, why: &str) {
-        self.connection_closed(
-            id,
-            Outcome {
-                error: why.to_string(),
-                ..Outcome::default()
-            },
-        );
-    }
-
-    pub fn warn(&self, message: String) {
-        self.emit(session_event::Kind::Warning(Warning { message }));
-    }
-}
-
-/// Releases a (target, port) claim when the session is gone.
-struct Claim {
-    sessions: Arc<Sessions>,
-    key: (NsId, u16),
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.sessions
-            .claims
-            .lock()
-            .expect("claims lock")
-            .remove(&self.key);
-    }
-}
-
-/// Connections the kernel completed after the last accept but before the
-/// redirection was removed were meant for the developer: close them with a
-/// FIN instead of letting the listener's close reset them.
-fn close_backlog(listener: tokio::net::TcpListener) {
-    let Ok(listener) = listener.into_std() else {
-        return;
-    };
-    while let Ok((stream, _)) = listener.accept() {
-        if let Ok(stream) = stream
-            .set_nonblocking(true)
-            .and_then(|()| TcpStream::from_std(stream))
-        {
-            tokio::spawn(async move { proxy::close_gracefully(&stream).await });
-        }
-    }
-}
-
-/// Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d; users expect a.b.c.d.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// 128 bits from the OS: a session id names a session to its owner's calls

@@ -8,6 +8,7 @@ use remocal_proto::v1::{Mode, OpenSession, target};
 use super::{OpenError, Sessions, blocking, limits::Slot};
 use crate::{
     auth::{Access, AuthMode, Identity},
+    http_route::Filter,
     kube::{PodLookupError, ScheduledPod},
     netns::{Netns, TargetError, TargetSpec},
 };
@@ -23,6 +24,8 @@ pub(super) struct Started {
     pub(super) netns: Netns,
     pub(super) pod: Option<ScheduledPod>,
     pub(super) slot: Slot,
+    /// A filtered steal's filter, compiled.
+    pub(super) filter: Option<Arc<Filter>>,
 }
 
 impl Sessions {
@@ -42,6 +45,11 @@ impl Sessions {
             .ok()
             .filter(|port| *port != 0)
             .ok_or(OpenError::InvalidPort(open.port))?;
+        let filter = match (&open.filter, mode) {
+            (None, _) => None,
+            (Some(_), Mode::Mirror) => return Err(OpenError::FilterOnMirror),
+            (Some(spec), _) => Some(Arc::new(Filter::compile(spec)?)),
+        };
         let kind = open
             .target
             .as_ref()
@@ -57,7 +65,7 @@ impl Sessions {
             )));
         }
         if self.auth.mode() == AuthMode::Kubernetes {
-            let access = self.access(&kind, mode)?;
+            let access = self.access(&kind, mode, filter.is_some())?;
             self.auth.authorize(identity, &access).await?;
         }
         let slot = self.take_slot(identity)?;
@@ -87,17 +95,19 @@ impl Sessions {
             netns,
             pod,
             slot,
+            filter,
         })
     }
 
     /// What RBAC must allow for a session on this target.
-    fn access(&self, kind: &target::Kind, mode: Mode) -> Result<Access, OpenError> {
+    fn access(&self, kind: &target::Kind, mode: Mode, filtered: bool) -> Result<Access, OpenError> {
         Ok(match kind {
             target::Kind::Pod(named) => Access::Pod {
                 namespace: pod_namespace(&named.namespace).to_string(),
                 name: named.name.clone(),
                 subresource: match mode {
                     Mode::Mirror => "mirror",
+                    Mode::Steal if filtered => "steal-filtered",
                     Mode::Steal => "steal",
                     Mode::Unspecified => return Err(OpenError::UnsupportedMode(mode as i32)),
                 },

@@ -17,8 +17,8 @@ use remocal_agent_common::Counter;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::ebpf::total;
-use crate::mirror::Capture;
+use super::Capture;
+use crate::bpf_counters::total;
 
 /// Captures, and payload bytes, queued per mirror session before it counts
 /// as falling behind (a 50 MiB burst of MTU-sized segments is ~36k captures).

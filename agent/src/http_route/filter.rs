@@ -1,0 +1,250 @@
+//! A filtered session's conditions on requests, compiled once when the
+//! session starts. Regular expressions are Rust's `regex`: matching takes
+//! linear time in the input, and compiling is capped, so a caller's
+//! pattern can cost neither unbounded CPU per request nor unbounded memory.
+use regex::{Regex, RegexBuilder};
+use remocal_proto::v1::{HeaderMatch, HttpFilter};
+
+use super::Request;
+
+/// At most this many header conditions per filter.
+pub const MAX_HEADERS: usize = 16;
+/// Longest pattern accepted, in bytes.
+pub const MAX_PATTERN: usize = 1024;
+/// Memory one compiled pattern may take (the regex crate's own cap).
+const COMPILED_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("the filter has no condition: give --header, --path or --method")]
+    Empty,
+    #[error("a header condition has an empty name: write it as 'NAME: REGEX'")]
+    EmptyHeaderName,
+    #[error("{0:?} is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)")]
+    InvalidHeaderName(String),
+    #[error("{what} has an invalid regular expression: {detail}")]
+    InvalidRegex { what: String, detail: String },
+    #[error("{0} is longer than {MAX_PATTERN} bytes")]
+    TooLong(String),
+    #[error("at most {MAX_HEADERS} header conditions are allowed")]
+    TooManyHeaders,
+    #[error("{0:?} is not an HTTP method (a token such as GET or POST)")]
+    InvalidMethod(String),
+}
+
+/// Conditions that must all hold for a request to be the session's.
+#[derive(Debug)]
+pub struct Filter {
+    headers: Vec<(String, Regex)>,
+    path: Option<Regex>,
+    method: Option<String>,
+    /// As the client sent it, for conflicts and for the ready event.
+    spec: HttpFilter,
+}
+
+impl Filter {
+    pub fn compile(spec: &HttpFilter) -> Result<Self, FilterError> {
+        if spec.headers.is_empty() && spec.path.is_empty() && spec.method.is_empty() {
+            return Err(FilterError::Empty);
+        }
+        if spec.headers.len() > MAX_HEADERS {
+            return Err(FilterError::TooManyHeaders);
+        }
+        let headers = spec
+            .headers
+            .iter()
+            .map(|HeaderMatch { name, value }| {
+                if name.is_empty() {
+                    return Err(FilterError::EmptyHeaderName);
+                }
+                if name.len() > MAX_PATTERN || !name.bytes().all(is_token) {
+                    return Err(FilterError::InvalidHeaderName(truncated(name)));
+                }
+                let regex = compile(&format!("header {name}"), value)?;
+                Ok((name.to_ascii_lowercase(), regex))
+            })
+            .collect::<Result<_, _>>()?;
+        let path = (!spec.path.is_empty())
+            .then(|| compile("--path", &spec.path))
+            .transpose()?;
+        let method = (!spec.method.is_empty())
+            .then(|| {
+                if spec.method.len() <= 32 && spec.method.bytes().all(is_token) {
+                    Ok(spec.method.clone())
+                } else {
+                    Err(FilterError::InvalidMethod(truncated(&spec.method)))
+                }
+            })
+            .transpose()?;
+        Ok(Self {
+            headers,
+            path,
+            method,
+            spec: spec.clone(),
+        })
+    }
+
+    pub fn matches(&self, request: &Request<'_>) -> bool {
+        self.method
+            .as_ref()
+            .is_none_or(|method| method == request.method)
+            && self
+                .path
+                .as_ref()
+                .is_none_or(|path| path.is_match(request.path))
+            && self.headers.iter().all(|(name, value)| {
+                request.headers.iter().any(|(header, sent)| {
+                    header.eq_ignore_ascii_case(name)
+                        && std::str::from_utf8(sent).is_ok_and(|sent| value.is_match(sent))
+                })
+            })
+    }
+
+    pub fn spec(&self) -> &HttpFilter {
+        &self.spec
+    }
+
+    /// The same conditions as `other`, however they were written (header
+    /// names in another case or order).
+    pub fn same_as(&self, other: &Filter) -> bool {
+        let key = |filter: &Filter| {
+            let mut headers: Vec<(String, String)> = filter
+                .headers
+                .iter()
+                .map(|(name, regex)| (name.clone(), regex.as_str().to_string()))
+                .collect();
+            headers.sort();
+            (
+                headers,
+                filter.path.as_ref().map(|path| path.as_str().to_string()),
+                filter.method.clone(),
+            )
+        };
+        key(self) == key(other)
+    }
+}
+
+impl std::fmt::Display for Filter {
+    /// The way the CLI takes it: `--header 'x-dev: alice' --path '^/api'`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        describe(&self.spec).fmt(f)
+    }
+}
+
+/// A filter as CLI flags, for messages and logs.
+pub fn describe(spec: &HttpFilter) -> String {
+    let mut parts: Vec<String> = spec
+        .headers
+        .iter()
+        .map(|header| format!("--header '{}: {}'", header.name, header.value))
+        .collect();
+    if !spec.method.is_empty() {
+        parts.push(format!("--method {}", spec.method));
+    }
+    if !spec.path.is_empty() {
+        parts.push(format!("--path '{}'", spec.path));
+    }
+    parts.join(" ")
+}
+
+fn compile(what: &str, pattern: &str) -> Result<Regex, FilterError> {
+    if pattern.len() > MAX_PATTERN {
+        return Err(FilterError::TooLong(what.to_string()));
+    }
+    RegexBuilder::new(pattern)
+        .size_limit(COMPILED_LIMIT)
+        .dfa_size_limit(COMPILED_LIMIT)
+        .build()
+        .map_err(|err| FilterError::InvalidRegex {
+            what: what.to_string(),
+            detail: err.to_string(),
+        })
+}
+
+fn truncated(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+/// RFC 9110's `tchar`.
+pub fn is_token(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(headers: &[(&str, &str)], path: &str, method: &str) -> Result<Filter, FilterError> {
+        Filter::compile(&HttpFilter {
+            headers: headers
+                .iter()
+                .map(|(name, value)| HeaderMatch {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                })
+                .collect(),
+            path: path.to_string(),
+            method: method.to_string(),
+        })
+    }
+
+    fn request<'a>(method: &'a str, path: &'a str, headers: &'a [(&'a str, &'a [u8])]) -> Request<'a> {
+        Request {
+            method,
+            path,
+            headers,
+        }
+    }
+
+    #[test]
+    fn all_conditions_must_match() {
+        let alice = filter(&[("X-Dev", "^alice$")], "^/api/", "POST").unwrap();
+        let headers: &[(&str, &[u8])] = &[("host", b"web"), ("x-dev", b"alice")];
+        assert!(alice.matches(&request("POST", "/api/orders?x=1", headers)));
+        assert!(!alice.matches(&request("GET", "/api/orders", headers)));
+        assert!(!alice.matches(&request("POST", "/web", headers)));
+        assert!(!alice.matches(&request("POST", "/api/", &[("x-dev", b"alicex")])));
+        assert!(!alice.matches(&request("POST", "/api/", &[])));
+    }
+
+    #[test]
+    fn header_names_ignore_case_and_one_of_several_values_is_enough() {
+        let bob = filter(&[("x-dev", "bob")], "", "").unwrap();
+        let headers: &[(&str, &[u8])] = &[("X-DEV", b"carol"), ("X-Dev", b"bob")];
+        assert!(bob.matches(&request("GET", "/", headers)));
+        assert!(!bob.matches(&request("GET", "/", &[("x-dev", b"\xffbob")])));
+    }
+
+    #[test]
+    fn bad_filters_are_named() {
+        assert_eq!(filter(&[], "", "").unwrap_err(), FilterError::Empty);
+        assert_eq!(filter(&[("", "x")], "", "").unwrap_err(), FilterError::EmptyHeaderName);
+        assert!(matches!(
+            filter(&[("x dev", "x")], "", "").unwrap_err(),
+            FilterError::InvalidHeaderName(_)
+        ));
+        assert!(matches!(
+            filter(&[], "(", "").unwrap_err(),
+            FilterError::InvalidRegex { what, .. } if what == "--path"
+        ));
+        assert!(matches!(filter(&[], "", "GET /").unwrap_err(), FilterError::InvalidMethod(_)));
+        assert!(matches!(
+            filter(&[], &"a".repeat(MAX_PATTERN + 1), "").unwrap_err(),
+            FilterError::TooLong(_)
+        ));
+        // A pattern whose automaton would be huge is refused, not built.
+        assert!(matches!(
+            filter(&[], r"\w{1000}\w{1000}\w{1000}", "").unwrap_err(),
+            FilterError::InvalidRegex { .. }
+        ));
+    }
+
+    #[test]
+    fn the_same_conditions_written_differently_are_the_same_filter() {
+        let one = filter(&[("X-Dev", "a"), ("x-team", "b")], "^/", "GET").unwrap();
+        let two = filter(&[("x-team", "b"), ("x-dev", "a")], "^/", "GET").unwrap();
+        let three = filter(&[("x-dev", "a")], "^/", "GET").unwrap();
+        assert!(one.same_as(&two));
+        assert!(!one.same_as(&three));
+    }
+}
