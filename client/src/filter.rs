@@ -12,14 +12,14 @@ use crate::{
 };
 
 /// The agent refuses more header conditions than this.
-pub const MAX_HEADERS: usize = 16;
+pub const MAX_HEADERS: usize = 8;
 /// The agent refuses longer patterns (and header names) than this, in bytes.
 pub const MAX_PATTERN: usize = 1024;
 /// The agent refuses longer methods than this, in bytes.
 const MAX_METHOD: usize = 32;
 /// The compiled-size cap the agent compiles with: a pattern it would find
 /// too big must be refused here too.
-const COMPILED_LIMIT: usize = 1 << 20;
+const COMPILED_LIMIT: usize = 128 * 1024;
 /// Where to read the syntax the patterns use.
 const REGEX_SYNTAX: &str = "https://docs.rs/regex/latest/regex/#syntax";
 

@@ -25,8 +25,8 @@ use tonic::{
 use super::{AgentService, caller, first_message};
 use crate::{
     auth::Identity,
-    proxy,
     live_session::{Handoff, LiveSession, Pending, StandbyRefused},
+    proxy,
     session::{AttachError, Sessions},
 };
 

@@ -264,8 +264,7 @@ async fn link_for<'a>(
     match links.entry(side) {
         std::collections::hash_map::Entry::Occupied(entry) => Ok(entry.into_mut()),
         std::collections::hash_map::Entry::Vacant(entry) => {
-            let upstream = upstreams.open(side).await?;
-            Ok(entry.insert(Link::new(upstream)))
+            Ok(entry.insert(Link::new(upstreams.open(side).await?)))
         }
     }
 }

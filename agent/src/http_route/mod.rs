@@ -29,6 +29,23 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
 pub type Upstream = Pin<Box<dyn Stream>>;
 
+/// A new stream to one side, and what the requests sent on it must carry.
+pub struct Opened {
+    pub stream: Upstream,
+    /// A `Forwarded` header value (`for="203.0.113.7:41000"`) for the side
+    /// when it could not be reached from the client's own address.
+    pub forwarded: Option<String>,
+}
+
+impl<T: Stream> From<T> for Opened {
+    fn from(stream: T) -> Self {
+        Self {
+            stream: Box::pin(stream),
+            forwarded: None,
+        }
+    }
+}
+
 /// Which side serves a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Side {
@@ -55,7 +72,7 @@ pub trait Upstreams: Send + Sync + 'static {
     fn pick(&self, request: &Request<'_>) -> Side;
     /// A new byte stream to `side` for this connection. The router keeps one
     /// per side and reuses it for that side's next requests.
-    fn open(&self, side: Side) -> BoxFuture<'static, io::Result<Upstream>>;
+    fn open(&self, side: Side) -> BoxFuture<'static, io::Result<Opened>>;
     /// Counts a request routed to `side` (after `pick`, once per request).
     fn routed(&self, _side: Side) {}
 }

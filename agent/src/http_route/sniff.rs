@@ -11,7 +11,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{Side, Upstream, Upstreams, filter::is_token};
+use super::{Opened, Side, Upstreams, filter::is_token};
 
 /// What HTTP/2 with prior knowledge starts with (RFC 9113, 3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -33,7 +33,7 @@ pub struct Sniffed {
     pub prefix: BytesMut,
     /// The pod's connection, when it was opened while the client was silent:
     /// the first upstream to the pod for this connection.
-    pub pod: Option<Upstream>,
+    pub pod: Option<Opened>,
     /// What the pod said first, when it spoke before the client.
     pub from_pod: BytesMut,
 }
@@ -44,7 +44,7 @@ pub async fn sniff(
     quiet: Duration,
 ) -> Sniffed {
     let mut prefix = BytesMut::with_capacity(1024);
-    let mut pod: Option<Upstream> = None;
+    let mut pod: Option<Opened> = None;
     let mut from_pod = BytesMut::new();
     let protocol = loop {
         if let Some(protocol) = classify(&prefix) {
@@ -66,7 +66,7 @@ pub async fn sniff(
             tokio::select! {
                 read = downstream.read_buf(&mut prefix) => read,
                 // The server spoke first (or hung up): not HTTP.
-                _ = upstream.read_buf(&mut from_pod) => break Protocol::Other,
+                _ = upstream.stream.read_buf(&mut from_pod) => break Protocol::Other,
             }
         } else {
             downstream.read_buf(&mut prefix).await
@@ -101,16 +101,15 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     }
     let looks_like_http1 = (1..=LONGEST_METHOD).contains(&method_len)
         && bytes[method_len] == b' '
-        && bytes
-            .get(method_len + 1)
-            .is_none_or(|target| *target == b'/' || *target == b'*' || target.is_ascii_alphabetic());
+        && bytes.get(method_len + 1).is_none_or(|target| {
+            *target == b'/' || *target == b'*' || target.is_ascii_alphabetic()
+        });
     Some(if looks_like_http1 {
         Protocol::Http1
     } else {
         Protocol::Other
     })
 }
-
 
 /// Hands the whole connection to the pod, byte for byte, half-closes included.
 pub async fn pass_whole(sniffed: Sniffed, upstreams: &impl Upstreams) -> io::Result<()> {
@@ -124,7 +123,8 @@ pub async fn pass_whole(sniffed: Sniffed, upstreams: &impl Upstreams) -> io::Res
     let mut upstream = match pod {
         Some(pod) => pod,
         None => upstreams.open(Side::Pod).await?,
-    };
+    }
+    .stream;
     downstream.write_all(&from_pod).await?;
     upstream.write_all(&prefix).await?;
     tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;

@@ -14,11 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use remocal_agent_common::FlowStats;
 use remocal_proto::v1::{
     ConnectionClosed, ConnectionDownstream, Mode, NewConnection, SessionEvent, SessionRequest,
     Warning, session_event, session_request,
 };
-use remocal_agent_common::FlowStats;
 use tokio::{net::TcpStream, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -38,7 +38,12 @@ pub use standby::{Handoff, StandbyCalls, StandbyRefused};
 pub trait FlowStatsSource: Send + Sync {
     /// The statistics of a connection in `target`, seen from its socket's
     /// side (`local`, `remote`), while the target is attached.
-    fn flow_stats(&self, _target: NsId, _local: SocketAddr, _remote: SocketAddr) -> Option<FlowStats> {
+    fn flow_stats(
+        &self,
+        _target: NsId,
+        _local: SocketAddr,
+        _remote: SocketAddr,
+    ) -> Option<FlowStats> {
         None
     }
 }
@@ -318,4 +323,3 @@ impl LiveSession {
         self.emit(session_event::Kind::Warning(Warning { message }));
     }
 }
-

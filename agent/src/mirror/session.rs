@@ -22,15 +22,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use super::{
-    Tap,
-    Capture, Flow,
+    Capture, Flow, Tap,
     budget::{self, Budget, Holding},
     half_open::{HalfOpen, Opening},
     reassembly::{AHEAD, PIECE_OVERHEAD, Reassembler, ReassemblyError},
 };
 use crate::{
-    proxy::Outcome,
     live_session::{LiveSession, Pending},
+    proxy::Outcome,
 };
 
 /// Messages queued toward one client stream; one slot is always kept free

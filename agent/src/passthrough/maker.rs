@@ -27,9 +27,14 @@ use super::{
     time_wait::{self, ForgetError},
 };
 
+/// Socket makers are named this plus their port; another agent starting on
+/// the node recognises them (see `leftovers`).
+pub const THREAD_PREFIX: &str = "remocal-pt";
+
 pub struct Request {
-    /// Whose address the socket takes (already IPv4 for v4-mapped clients).
-    pub client: SocketAddr,
+    /// Whose address the socket takes (already IPv4 for v4-mapped clients);
+    /// `None` for a plain socket with the pod's own address.
+    pub client: Option<SocketAddr>,
     /// The pod's server on loopback, in the client's family.
     pub server: SocketAddr,
     pub reply: oneshot::Sender<Result<TcpStream, Failure>>,
@@ -57,7 +62,7 @@ impl Maker {
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let (requests, inbox) = mpsc::channel();
         let thread = std::thread::Builder::new()
-            .name(format!("remocal-pt{port}"))
+            .name(format!("{THREAD_PREFIX}{port}"))
             // It makes sockets and nothing else: a small stack per open port.
             .stack_size(256 << 10)
             .spawn(move || {
@@ -108,7 +113,10 @@ fn serve(inbox: mpsc::Receiver<Request>) {
     // asks for it.
     let mut diag = None;
     while let Ok(request) = inbox.recv() {
-        let made = make(request.client, request.server, &mut diag);
+        let made = match request.client {
+            Some(client) => make(client, request.server, &mut diag),
+            None => plain(request.server),
+        };
         let _ = request.reply.send(made);
     }
 }
@@ -138,6 +146,22 @@ fn make(
     }
     let socket = transparent(client).map_err(Failure::Socket)?;
     socket.bind(&client.into()).map_err(Failure::Bind)?;
+    start_connect(&socket, server).map_err(Failure::Connect)?;
+    Ok(socket.into())
+}
+
+/// A socket of the namespace's own, connecting to the server: the kernel
+/// picks the source (the pod's address when the server is the pod's).
+fn plain(server: SocketAddr) -> Result<TcpStream, Failure> {
+    let domain = if server.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))
+        .map_err(Failure::Socket)?;
+    socket.set_tcp_nodelay(true).map_err(Failure::Socket)?;
+    socket.set_nonblocking(true).map_err(Failure::Socket)?;
     start_connect(&socket, server).map_err(Failure::Connect)?;
     Ok(socket.into())
 }

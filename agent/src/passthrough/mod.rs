@@ -150,7 +150,7 @@ impl Passthrough {
             _ => self
                 .maker
                 .send(Request {
-                    client,
+                    client: Some(client),
                     server,
                     reply,
                 })
@@ -159,6 +159,31 @@ impl Passthrough {
         async move {
             queued?;
             connector::finish(made, client, server, &target).await
+        }
+    }
+
+    /// A plain connection from the pod's own address to `server` (the pod's
+    /// address and port): for servers that do not listen on loopback. They
+    /// see the pod as the peer, so the router names the client in a
+    /// `Forwarded` header instead.
+    pub fn connect_plain(
+        &self,
+        server: SocketAddr,
+    ) -> impl Future<Output = io::Result<TcpStream>> + Send + 'static {
+        let server = connector::canonical(server);
+        let target = self.target.clone();
+        let (reply, made) = oneshot::channel();
+        let queued = self
+            .maker
+            .send(Request {
+                client: None,
+                server,
+                reply,
+            })
+            .map_err(|_| connector::stopped(&target));
+        async move {
+            queued?;
+            connector::finish(made, server, server, &target).await
         }
     }
 

@@ -84,20 +84,12 @@ impl Family {
 /// packets the kernel would otherwise refuse to route.
 fn rule(family: Family, port: u16) -> Message {
     let (source, source_len) = family.loopback_source();
-    let header = [
-        family.af(),
-        0,
-        source_len,
-        0,
-        0,
-        0,
-        0,
-        FR_ACT_TO_TBL,
-        0,
-        0,
-        0,
-        0,
-    ];
+    // struct fib_rule_hdr: family, dst_len, src_len, tos, table (in an
+    // attribute: it does not fit), res1, res2, action, flags.
+    let mut header = [0; HEADER_LEN];
+    header[0] = family.af();
+    header[2] = source_len;
+    header[7] = FR_ACT_TO_TBL;
     let ports = [port.to_ne_bytes(), port.to_ne_bytes()].concat();
     Message::new(&header)
         .attr(FRA_SRC, &source)
@@ -113,20 +105,13 @@ fn rule(family: Family, port: u16) -> Message {
 /// the table is delivered locally, to the pass-through socket bound to the
 /// client's address.
 fn route(family: Family) -> Message {
-    let header = [
-        family.af(),
-        0,
-        0,
-        0,
-        0,
-        PROTOCOL,
-        RT_SCOPE_HOST,
-        RTN_LOCAL,
-        0,
-        0,
-        0,
-        0,
-    ];
+    // struct rtmsg: family, dst_len (0: default), src_len, tos, table (in
+    // an attribute), protocol, scope, type, flags.
+    let mut header = [0; HEADER_LEN];
+    header[0] = family.af();
+    header[5] = PROTOCOL;
+    header[6] = RT_SCOPE_HOST;
+    header[7] = RTN_LOCAL;
     Message::new(&header)
         .attr(RTA_TABLE, &TABLE.to_ne_bytes())
         .attr(RTA_OIF, &LOOPBACK_IFINDEX.to_ne_bytes())
@@ -155,16 +140,17 @@ pub fn remove_route(netlink: &mut Netlink, family: Family) -> Result<(), Netlink
 pub fn remove_tagged(netlink: &mut Netlink) -> Result<usize, NetlinkError> {
     let mut removed = 0;
     for family in Family::BOTH {
-        let header = [family.af(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut header = [0; HEADER_LEN];
+        header[0] = family.af();
         let mut found = Vec::new();
         let rules = netlink.dump(RTM_GETRULE, &header, |kind, body| {
-            if kind == RTM_NEWRULE && is_ours(body, FRA_PROTOCOL, FRA_TABLE, None) {
+            if kind == RTM_NEWRULE && rule_is_ours(body) {
                 found.push((RTM_DELRULE, body.to_vec()));
             }
         });
         let routes = rules.and_then(|()| {
             netlink.dump(RTM_GETROUTE, &header, |kind, body| {
-                if kind == RTM_NEWROUTE && is_ours(body, u16::MAX, RTA_TABLE, Some(5)) {
+                if kind == RTM_NEWROUTE && route_is_ours(body) {
                     found.push((RTM_DELROUTE, body.to_vec()));
                 }
             })
@@ -189,19 +175,29 @@ pub fn remove_tagged(netlink: &mut Netlink) -> Result<usize, NetlinkError> {
     Ok(removed)
 }
 
-/// Whether a dumped rule or route carries remocal's protocol and table. A
-/// rule has its protocol in an attribute; a route in its header (byte
-/// `protocol_byte`). The table is in the header's byte 4 when it fits, in an
-/// attribute otherwise (remocal's never fits).
-fn is_ours(body: &[u8], protocol_attr: u16, table_attr: u16, protocol_byte: Option<usize>) -> bool {
-    let mut protocol = protocol_byte.and_then(|at| body.get(at).copied());
-    let mut table = body.get(4).map(|t| u32::from(*t));
+/// Whether a dumped rule carries remocal's protocol and table (both in
+/// attributes: the table does not fit the header's byte).
+fn rule_is_ours(body: &[u8]) -> bool {
+    let mut protocol = None;
+    let mut table = None;
     for (kind, value) in attributes(body, HEADER_LEN) {
-        if kind == protocol_attr {
-            protocol = value.first().copied();
-        } else if kind == table_attr && value.len() == 4 {
-            table = Some(u32::from_ne_bytes(value.try_into().unwrap()));
+        match kind {
+            FRA_PROTOCOL => protocol = value.first().copied(),
+            FRA_TABLE => table = u32_of(value),
+            _ => {}
         }
     }
     protocol == Some(PROTOCOL) && table == Some(TABLE)
+}
+
+/// Whether a dumped route carries remocal's protocol (header byte 5) and
+/// table (an attribute).
+fn route_is_ours(body: &[u8]) -> bool {
+    body.get(5) == Some(&PROTOCOL)
+        && attributes(body, HEADER_LEN)
+            .any(|(kind, value)| kind == RTA_TABLE && u32_of(value) == Some(TABLE))
+}
+
+fn u32_of(value: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(value.try_into().ok()?))
 }

@@ -263,7 +263,7 @@ async fn a_client_address_in_time_wait_passes_again() {
                 let started = Instant::now();
                 round_trip(&passthrough, &server, client, server_closes).await;
                 assert!(
-                    started.elapsed() < Duration::from_millis(500),
+                    started.elapsed() < Duration::from_millis(900),
                     "timestamps={timestamps} server_closes={server_closes} {client}: took {:?}",
                     started.elapsed()
                 );

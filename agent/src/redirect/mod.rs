@@ -9,7 +9,6 @@ use std::net::TcpListener;
 
 pub use ebpf::EbpfRedirector;
 
-
 use crate::{live_session::FlowStatsSource, mirror::Tap, netns::Netns};
 
 /// Something that can send new connections for a port of a target to a

@@ -8,10 +8,7 @@ mod start;
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::AtomicU64,
-    },
+    sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -29,12 +26,14 @@ use crate::{
     auth::{AccessError, Auth, Identity},
     http_route::{Filter, FilterError},
     kube::{PodEvents, PodLookup, PodLookupError},
-    live_session::{ATTACH_TIMEOUT, Audit, Handoff, LiveSession, Pending, StandbyCalls, StandbyRefused},
+    live_session::{
+        ATTACH_TIMEOUT, Audit, Handoff, LiveSession, Pending, StandbyCalls, StandbyRefused,
+    },
     metrics::{self, Metrics},
     mirror,
+    mirror::Tap,
     netns::{Netns, TargetError},
     proxy,
-    mirror::Tap,
     redirect::{RedirectError, Redirection, Redirector},
     steal::{self, ClaimError, Membership, Ports, WholeClaim},
 };
@@ -288,9 +287,10 @@ impl Sessions {
         });
         let redirection = match (redirection, &filter) {
             (Some(redirection), _) => redirection,
-            (None, Some(filter)) => {
-                Redirected::Filtered(self.join_filtered(&netns, port, holder, filter, &live).await?)
-            }
+            (None, Some(filter)) => Redirected::Filtered(
+                self.join_filtered(&netns, port, holder, filter, &live)
+                    .await?,
+            ),
             (None, None) => unreachable!("only filtered steals skip the redirection above"),
         };
         live.emit(session_event::Kind::Ready(Ready {
@@ -323,7 +323,8 @@ impl Sessions {
         tokio::spawn(async move {
             let reason = match redirection {
                 Redirected::Steal(redirection) => {
-                    steal::whole_port::run(&live, redirection, requests, sessions.shutdown.clone()).await
+                    steal::whole_port::run(&live, redirection, requests, sessions.shutdown.clone())
+                        .await
                 }
                 Redirected::Filtered(membership) => {
                     let reason = sessions.serve_filtered(&live, requests).await;
@@ -438,13 +439,20 @@ impl Sessions {
     ) -> Result<Membership, OpenError> {
         let membership = self
             .ports
-            .join_filtered(netns, port, holder, filter.clone(), live.clone(), &self.metrics)
+            .join_filtered(
+                netns,
+                port,
+                holder,
+                filter.clone(),
+                live.clone(),
+                &self.metrics,
+            )
             .map_err(|err| RedirectError::kernel("cannot hold the target's namespace", err))?
             .map_err(|err| OpenError::claim(err, netns, port))?;
         let ports = self.ports.clone();
-        let for_passthrough = netns.try_clone().map_err(|err| {
-            RedirectError::kernel("cannot hold the target's namespace", err)
-        })?;
+        let for_passthrough = netns
+            .try_clone()
+            .map_err(|err| RedirectError::kernel("cannot hold the target's namespace", err))?;
         membership
             .shared
             .start(self.redirector.clone(), move || {
@@ -516,7 +524,6 @@ impl Sessions {
             format!("stopped {}: {reason}", live.audit.doing()),
         );
     }
-
 }
 
 /// 128 bits from the OS: a session id names a session to its owner's calls

@@ -10,10 +10,10 @@ use std::{
 use super::shared_port::{Member, SharedPort};
 use crate::{
     http_route::Filter,
+    live_session::LiveSession,
     metrics::Metrics,
     netns::{Netns, NsId},
     passthrough::{Passthrough, PassthroughError},
-    live_session::LiveSession,
 };
 
 type Key = (NsId, u16);
@@ -58,7 +58,11 @@ pub struct WholeClaim {
 
 impl Drop for WholeClaim {
     fn drop(&mut self) {
-        self.ports.uses.lock().expect("ports lock").remove(&self.key);
+        self.ports
+            .uses
+            .lock()
+            .expect("ports lock")
+            .remove(&self.key);
     }
 }
 
@@ -163,7 +167,11 @@ impl Ports {
 
     /// The port's pass-through, shared with connections still draining from
     /// an earlier round of filtered steals on it.
-    pub fn passthrough(&self, netns: &Netns, port: u16) -> Result<Arc<Passthrough>, PassthroughError> {
+    pub fn passthrough(
+        &self,
+        netns: &Netns,
+        port: u16,
+    ) -> Result<Arc<Passthrough>, PassthroughError> {
         let key = (netns.id(), port);
         let mut passthroughs = self.passthroughs.lock().expect("passthroughs lock");
         passthroughs.retain(|_, weak| weak.strong_count() > 0);

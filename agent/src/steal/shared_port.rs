@@ -22,12 +22,12 @@ use tracing::{debug, warn};
 
 use super::loopback_pair::loopback_pair;
 use crate::{
-    http_route::{self, Filter, Limits, Request, Side, Upstream, Upstreams},
+    http_route::{self, Filter, Limits, Opened, Request, Side, Upstreams},
+    live_session::LiveSession,
     metrics::{self, Metrics},
     netns::{Netns, NsId},
     passthrough::Passthrough,
     redirect::{ActiveRedirection, RedirectError, Redirection, Redirector},
-    live_session::LiveSession,
 };
 
 /// One filtered steal on the port.
@@ -175,7 +175,11 @@ impl SharedPort {
             .map(|_| ())
     }
 
-    async fn accept(self: Arc<Self>, listener: tokio::net::TcpListener, passthrough: Arc<Passthrough>) {
+    async fn accept(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        passthrough: Arc<Passthrough>,
+    ) {
         loop {
             tokio::select! {
                 biased;
@@ -206,7 +210,12 @@ impl SharedPort {
         debug!(port = self.key.1, "shared port drained");
     }
 
-    fn route(self: &Arc<Self>, stream: TcpStream, client: SocketAddr, passthrough: &Arc<Passthrough>) {
+    fn route(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        client: SocketAddr,
+        passthrough: &Arc<Passthrough>,
+    ) {
         let client = canonical(client);
         let destination = stream.local_addr().map(canonical).unwrap_or(client);
         let routes = ConnectionRoutes {
@@ -218,7 +227,8 @@ impl SharedPort {
         let closing = self.closing.clone();
         let metrics = self.metrics.clone();
         self.connections.spawn(async move {
-            let protocol = http_route::serve(stream, client, routes, closing, Limits::default()).await;
+            let protocol =
+                http_route::serve(stream, client, routes, closing, Limits::default()).await;
             metrics.routed_connection(protocol);
         });
     }
@@ -243,11 +253,33 @@ impl Upstreams for ConnectionRoutes {
             .map_or(Side::Pod, |member| Side::Session(member.key))
     }
 
-    fn open(&self, side: Side) -> BoxFuture<'static, io::Result<Upstream>> {
+    fn open(&self, side: Side) -> BoxFuture<'static, io::Result<Opened>> {
         match side {
             Side::Pod => {
-                let connecting = self.passthrough.connect(self.client);
-                async move { Ok(Box::pin(connecting.await?) as Upstream) }.boxed()
+                let transparent = self.passthrough.connect(self.client);
+                let passthrough = self.passthrough.clone();
+                let (client, destination) = (self.client, self.destination);
+                async move {
+                    match transparent.await {
+                        Ok(stream) => Ok(Opened::from(stream)),
+                        // The server does not listen on loopback: reach it
+                        // where the client did, from the pod's own address,
+                        // and name the client in a header instead.
+                        Err(refused) if refused.kind() == io::ErrorKind::ConnectionRefused => {
+                            let stream = passthrough
+                                .connect_plain(destination)
+                                .await
+                                .map_err(|_| refused)?;
+                            debug!(%client, %destination, "pass-through from the pod's address, with a Forwarded header");
+                            Ok(Opened {
+                                stream: Box::pin(stream),
+                                forwarded: Some(forwarded_for(client)),
+                            })
+                        }
+                        Err(err) => Err(err),
+                    }
+                }
+                .boxed()
             }
             Side::Session(key) => {
                 let opened = self.open_session(key);
@@ -267,7 +299,7 @@ impl Upstreams for ConnectionRoutes {
 impl ConnectionRoutes {
     /// A new connection to the session's client, announced like a stolen
     /// one; the router writes the requests into our end of it.
-    fn open_session(&self, key: u64) -> io::Result<Upstream> {
+    fn open_session(&self, key: u64) -> io::Result<Opened> {
         let member = self
             .port
             .members
@@ -282,8 +314,13 @@ impl ConnectionRoutes {
             .live
             .announce_routed(theirs, self.client, self.destination)
             .map_err(io::Error::other)?;
-        Ok(Box::pin(ours))
+        Ok(Opened::from(ours))
     }
+}
+
+/// RFC 7239's `for=` with the port, quoted (IPv6 in brackets).
+fn forwarded_for(client: SocketAddr) -> String {
+    format!("for=\"{client}\"")
 }
 
 /// Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d; users expect a.b.c.d.

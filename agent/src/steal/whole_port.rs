@@ -84,7 +84,6 @@ pub async fn run(
     reason
 }
 
-
 /// Hands a stolen connection to a standby call, or returns the event
 /// that announces it to the client.
 fn announce(

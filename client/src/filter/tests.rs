@@ -152,7 +152,7 @@ fn empty_path_and_method_and_bad_methods_are_usage_errors() {
 fn the_agents_limits_are_enforced_here() {
     let many: Vec<String> = (0..=MAX_HEADERS).map(|i| format!("x-{i}: a")).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    assert_refused(&args(&many, None, None), &["17 --header", "at most 16"]);
+    assert_refused(&args(&many, None, None), &["9 --header", "at most 8"]);
     assert!(from_args(&args(&many[..MAX_HEADERS], None, None)).is_ok());
 
     let long = "a".repeat(MAX_PATTERN + 1);
@@ -217,7 +217,7 @@ fn the_agents_filter_refusals_are_usage_errors_and_others_keep_theirs() {
     let invalid = |message: &str| tonic::Status::invalid_argument(message);
     for message in [
         "--path has an invalid regular expression: unclosed group",
-        "at most 16 header conditions are allowed",
+        "at most 8 header conditions are allowed",
         "\"GET /\" is not an HTTP method (a token such as GET or POST)",
         "a filter is only for steal sessions",
     ] {

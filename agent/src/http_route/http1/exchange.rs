@@ -16,7 +16,7 @@ use super::{
     buffer::Buffer,
     head::{Kind, RequestHead, ResponseError, parse_response, with_close},
 };
-use crate::http_route::{Side, Upstream};
+use crate::http_route::{Opened, Side, Upstream};
 
 /// This connection's stream to one side, kept for that side's next requests.
 pub struct Link {
@@ -24,15 +24,21 @@ pub struct Link {
     pub writer: WriteHalf<Upstream>,
     /// It carried a request already (a closed one may then be retried).
     pub used: bool,
+    /// A `Forwarded` header line to add to each request head (a side that
+    /// cannot see the client's address otherwise).
+    pub forwarded: Option<Vec<u8>>,
 }
 
 impl Link {
-    pub fn new(upstream: Upstream) -> Self {
-        let (reader, writer) = tokio::io::split(upstream);
+    pub fn new(opened: Opened) -> Self {
+        let (reader, writer) = tokio::io::split(opened.stream);
         Self {
             reader,
             writer,
             used: false,
+            forwarded: opened
+                .forwarded
+                .map(|value| format!("Forwarded: {value}\r\n").into_bytes()),
         }
     }
 
@@ -139,7 +145,13 @@ pub async fn exchange(
     } = client;
     let mut progress = Progress::default();
     let (sent, received) = {
-        let send = send_request(head, reader, buffer, &mut link.writer);
+        let send = send_request(
+            head,
+            reader,
+            buffer,
+            &mut link.writer,
+            link.forwarded.as_deref(),
+        );
         let receive = receive_response(
             head,
             &mut link.reader,
@@ -215,15 +227,25 @@ async fn send_request(
     reader: &mut (impl AsyncRead + Unpin),
     buffer: &mut Buffer,
     upstream: &mut (impl AsyncWrite + Unpin),
+    forwarded: Option<&[u8]>,
 ) -> Result<(), SendError> {
     let mut body = Body::new(head.framing);
     let first = body
         .take(&buffer.data()[head.len..])
         .map_err(|_| SendError::Chunk)?;
-    upstream
-        .write_all(&buffer.data()[..head.len + first])
-        .await
-        .map_err(|_| SendError::Upstream)?;
+    let sent = buffer.data();
+    match forwarded {
+        None => upstream.write_all(&sent[..head.len + first]).await,
+        // Before the blank line that ends the head.
+        Some(line) => {
+            let mut with_line = Vec::with_capacity(head.len + first + line.len());
+            with_line.extend_from_slice(&sent[..head.len - 2]);
+            with_line.extend_from_slice(line);
+            with_line.extend_from_slice(&sent[head.len - 2..head.len + first]);
+            upstream.write_all(&with_line).await
+        }
+    }
+    .map_err(|_| SendError::Upstream)?;
     upstream.flush().await.map_err(|_| SendError::Upstream)?;
     if head.framing == Framing::Empty {
         return Ok(());

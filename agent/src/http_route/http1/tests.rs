@@ -21,7 +21,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::http_route::{self, Limits, Request, Side, Upstream, Upstreams};
+use crate::http_route::{self, Limits, Opened, Request, Side, Upstreams};
 
 const ALICE: Side = Side::Session(1);
 const BOB: Side = Side::Session(2);
@@ -50,13 +50,13 @@ impl Upstreams for Fake {
         }
     }
 
-    fn open(&self, side: Side) -> BoxFuture<'static, io::Result<Upstream>> {
+    fn open(&self, side: Side) -> BoxFuture<'static, io::Result<Opened>> {
         let address = self.addresses.get(&side).copied();
         async move {
             let address = address.ok_or_else(|| io::Error::other("no such side"))?;
             let stream = TcpStream::connect(address).await?;
             stream.set_nodelay(true)?;
-            Ok(Box::pin(stream) as Upstream)
+            Ok(Opened::from(stream))
         }
         .boxed()
     }

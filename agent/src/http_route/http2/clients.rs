@@ -18,7 +18,7 @@ use h2::client::SendRequest;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW};
-use crate::http_route::{Side, Upstream, Upstreams};
+use crate::http_route::{Opened, Side, Upstreams};
 
 /// A side as messages to the client name it.
 #[derive(Clone, Copy, Debug)]
@@ -52,6 +52,8 @@ pub enum Failure {
 pub struct Client {
     pub send: SendRequest<Bytes>,
     pub generation: u64,
+    /// A `Forwarded` header for the requests sent on it (see [`Opened`]).
+    pub forwarded: Option<http::HeaderValue>,
 }
 
 /// A connection being opened, or opened, to a side.
@@ -62,12 +64,12 @@ pub struct Clients<'a, U> {
     builder: h2::client::Builder,
     slots: HashMap<Side, Opening>,
     /// The pod connection sniffing opened, for the first stream to the pod.
-    pod: Option<Upstream>,
+    pod: Option<Opened>,
     generations: u64,
 }
 
 impl<'a, U: Upstreams> Clients<'a, U> {
-    pub fn new(upstreams: &'a U, pod: Option<Upstream>, max_head: u32) -> Self {
+    pub fn new(upstreams: &'a U, pod: Option<Opened>, max_head: u32) -> Self {
         let mut builder = h2::client::Builder::new();
         builder
             .enable_push(false)
@@ -130,14 +132,15 @@ fn takes_streams(send: &SendRequest<Bytes>) -> bool {
 async fn connect(
     side: Side,
     generation: u64,
-    stream: BoxFuture<'static, io::Result<Upstream>>,
+    stream: BoxFuture<'static, io::Result<Opened>>,
     builder: h2::client::Builder,
 ) -> Result<Client, Failure> {
-    let io = stream
+    let Opened { stream, forwarded } = stream
         .await
         .map_err(|err| Failure::Open(Named(side), Arc::new(err)))?;
+    let forwarded = forwarded.and_then(|value| http::HeaderValue::try_from(value).ok());
     let (send, connection) = builder
-        .handshake::<_, Bytes>(io)
+        .handshake::<_, Bytes>(stream)
         .await
         .map_err(|err| Failure::Handshake(Named(side), Arc::new(err)))?;
     // Ends once the side closes it, or once every handle and stream of it is
@@ -147,7 +150,11 @@ async fn connect(
             tracing::debug!(?side, %err, "h2 connection to a side failed");
         }
     });
-    Ok(Client { send, generation })
+    Ok(Client {
+        send,
+        generation,
+        forwarded,
+    })
 }
 
 /// What a stream sends to ask for a new connection to its side.

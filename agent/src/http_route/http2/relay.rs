@@ -84,7 +84,13 @@ pub(super) async fn send_head(
     let Client {
         mut send,
         mut generation,
+        forwarded,
     } = opening.await?;
+    let mut head = head;
+    if let Some(forwarded) = forwarded {
+        head.headers_mut()
+            .append(http::header::FORWARDED, forwarded);
+    }
     let mut reopened = false;
     loop {
         match send.ready().await {
@@ -96,7 +102,11 @@ pub(super) async fn send_head(
             Err(err) if !reopened => {
                 tracing::debug!(%side, %err, "h2 connection to a side ended; opening another");
                 reopened = true;
-                Client { send, generation } = reopen.reopen(generation).await?;
+                Client {
+                    send,
+                    generation,
+                    ..
+                } = reopen.reopen(generation).await?;
             }
             Err(err) => return Err(Failure::Upstream(side, err.into())),
         }

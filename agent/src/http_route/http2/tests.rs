@@ -541,7 +541,9 @@ async fn a_stream_given_a_connection_gone_away_sends_on_a_new_one() {
         let world = world().await;
         let mut clients = Clients::new(&world.sides, None, 64 << 10);
         let given = clients.get(Side::Pod, None);
-        let Client { send, generation } = given.clone().await.unwrap();
+        let Client {
+            send, generation, ..
+        } = given.clone().await.unwrap();
         let (head, _, _) = get(&send, request("/goaway", None)).await;
         assert_eq!(header(&head.headers, "x-server"), "pod");
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -24,7 +24,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::http_route::{self, Limits, Protocol, Request, Side, Upstream, Upstreams};
+use crate::http_route::{self, Limits, Opened, Protocol, Request, Side, Upstreams};
 
 /// Fails the test instead of hanging it.
 pub async fn within<T>(future: impl Future<Output = T>) -> T {
@@ -97,13 +97,13 @@ impl Upstreams for Sides {
         }
     }
 
-    fn open(&self, side: Side) -> BoxFuture<'static, io::Result<Upstream>> {
+    fn open(&self, side: Side) -> BoxFuture<'static, io::Result<Opened>> {
         *self.opens.lock().unwrap().entry(side).or_default() += 1;
         let addr = self.addrs[&side];
         async move {
             let stream = TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
-            Ok(Box::pin(stream) as Upstream)
+            Ok(Opened::from(stream))
         }
         .boxed()
     }
