@@ -59,6 +59,9 @@ pub enum Protocol {
     http2,
     /// Not HTTP: the connection went to the pod whole.
     other,
+    /// Beyond the connections the agent routes at once: to the pod whole,
+    /// unfiltered.
+    not_routed,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -165,6 +168,14 @@ impl Metrics {
             .inc();
     }
 
+    pub fn unrouted_connection(&self) {
+        self.routed_connections_total
+            .get_or_create(&ProtocolLabels {
+                protocol: Protocol::not_routed,
+            })
+            .inc();
+    }
+
     pub fn session_error(&self, code: tonic::Code) {
         let reason = format!("{code:?}");
         self.session_errors_total
@@ -234,7 +245,7 @@ pub fn registry(metrics: &Metrics, kernel: Box<dyn Collector>) -> Registry {
     );
     registry.register(
         "routed_connections",
-        "Connections to ports shared by filtered steals, counted when they end, by protocol (other: passed to the pod whole)",
+        "Connections to ports shared by filtered steals, counted when they end, by protocol (other: not HTTP, passed to the pod whole; not_routed: beyond the agent's limit, passed to the pod whole unfiltered, counted when they start)",
         metrics.routed_connections_total.clone(),
     );
     registry.register(

@@ -3,7 +3,10 @@
 //! and a remocal agent on the host. Direct traffic goes node → pod's server;
 //! stolen traffic goes node → pod → eBPF → agent → gRPC → remocal → a local
 //! server running the very same code. The floor takes the stolen hops through
-//! two plain relays instead (`measure::floor`).
+//! two plain relays instead (`measure::floor`). A filtered steal
+//! (`measure::filtered`) takes every connection to the port and passes the
+//! requests it does not match to the pod's own server; its floor is one plain
+//! relay in front of that server.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,6 +19,7 @@ use remocal_tests::servers::TcpServer;
 use remocal_tests::topology::{Pod, Topology};
 use tokio::time::{Instant, sleep};
 
+use crate::probe;
 use crate::server_process::{Place, ServerProcess};
 
 /// The pod's HTTP port that sessions steal.
@@ -33,6 +37,14 @@ pub const MIRROR_PORT: u16 = 9000;
 pub const FLOOR_PORT: u16 = 8090;
 /// The same, for the floor's stream to a local iperf3.
 pub const FLOOR_STREAM_PORT: u16 = 5203;
+/// The pod's port where one plain relay, in front of the pod's server on
+/// [`HTTP_PORT`], takes the hop a filtered steal adds to the requests it
+/// passes through; no server of the pod has it.
+pub const PASSTHROUGH_FLOOR_PORT: u16 = 8091;
+
+/// What a filtered steal matches (`--header`), and what a request carries to
+/// be matched.
+pub const FILTER_HEADER: &str = "x-dev: alice";
 
 /// What the pod's HTTP servers answer, and what the local one answers: who
 /// served a request is visible in its body.
@@ -97,6 +109,15 @@ impl Bed {
         self.session(Steal::mirror(&self.agent.url()), port, local_port)
     }
 
+    /// `remocal steal --header FILTER_HEADER` of `port` to
+    /// `127.0.0.1:local_port`, not started: only requests carrying
+    /// [`FILTER_HEADER`] reach the local server.
+    pub fn filtered_steal(&self, port: u16, local_port: u16) -> Steal {
+        self.steal(port, local_port)
+            .arg("--header")
+            .arg(FILTER_HEADER)
+    }
+
     fn session(&self, command: Steal, port: u16, local_port: u16) -> Steal {
         command
             .target(&Target::Netns(self.pod().netns.path()))
@@ -121,6 +142,49 @@ impl Bed {
         result
     }
 
+    /// Runs `measure` while a filtered steal of the pod's HTTP port sends the
+    /// requests carrying [`FILTER_HEADER`] to a local server answering
+    /// [`LOCAL_BODY`] (the pod answers the others), and ends the session
+    /// either way.
+    pub async fn while_http_filtered<T>(
+        &self,
+        measure: impl AsyncFnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let local = self.local_http().await?;
+        let mut session = self.filtered_steal(HTTP_PORT, local.port()).start().await;
+        let result = async {
+            self.wait_until_routed().await?;
+            measure().await
+        }
+        .await;
+        session.stop().await;
+        result
+    }
+
+    /// Waits until a new connection's request with [`FILTER_HEADER`] is
+    /// served locally and one without it by the pod.
+    async fn wait_until_routed(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = self.pod_addr(HTTP_PORT);
+        let limit = Duration::from_secs(1);
+        loop {
+            let matched = probe::once(self.node(), addr, Some(FILTER_HEADER), limit).await;
+            let unmatched = probe::once(self.node(), addr, None, limit).await;
+            let served =
+                |answer: &anyhow::Result<String>, body: &str| answer.as_deref().ok() == Some(body);
+            if served(&matched, LOCAL_BODY) && served(&unmatched, POD_BODY) {
+                return Ok(());
+            }
+            let (matched, unmatched) = (shown(&matched), shown(&unmatched));
+            if Instant::now() >= deadline {
+                bail!(
+                    "the filtered steal of port {HTTP_PORT} does not route yet: with {FILTER_HEADER:?} the answer was {matched}, without it {unmatched} (wanted {LOCAL_BODY:?} and {POD_BODY:?})"
+                );
+            }
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits until a new connection to the pod's HTTP port is served by
     /// `body`'s server: a session ending gives new connections back to the pod.
     pub async fn wait_for_server(&self, body: &str) -> anyhow::Result<()> {
@@ -142,6 +206,13 @@ impl Bed {
             }
             sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+fn shown(answer: &anyhow::Result<String>) -> String {
+    match answer {
+        Ok(body) => format!("{body:?}"),
+        Err(err) => format!("an error ({err:#})"),
     }
 }
 

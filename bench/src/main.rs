@@ -5,6 +5,7 @@
 //!
 //! Run through `cargo xtask bench` (release build) or `cargo xtask bench --quick`.
 //! It needs root (namespaces, eBPF) and `wrk`, `iperf3` and `ss` on PATH.
+mod agent_metrics;
 mod bed;
 mod chart;
 mod iperf;
@@ -67,6 +68,20 @@ enum Command {
         #[arg(long, default_value_t = relay::DEFAULT_BUFFER)]
         buffer: usize,
     },
+    /// Sets up the bed and sends wrk's keep-alive load along one path of the
+    /// filtered-steal measurement for a while, printing first the pid of the
+    /// process on that path (the agent, or the relay): for profiling it
+    /// (`perf record -p PID`, `perf trace -s -p PID`).
+    #[command(hide = true)]
+    Load {
+        #[arg(long, value_enum)]
+        path: measure::filtered::LoadPath,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// The keep-alive probe (one connection, latency) instead of wrk.
+        #[arg(long)]
+        probe: bool,
+    },
 }
 
 /// Errors end as one `error:` line: they are about the machine, not a bug.
@@ -80,6 +95,11 @@ fn main() -> ExitCode {
             listen_netns,
             buffer,
         }) => relay::run(listen, to, listen_netns.as_deref(), buffer),
+        Some(Command::Load {
+            path,
+            seconds,
+            probe,
+        }) => load(path, seconds, probe),
         None => run(options.quick, &options.out),
     };
     match result {
@@ -111,6 +131,24 @@ fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot write {}", svg.display()))?;
     println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+fn load(path: measure::filtered::LoadPath, seconds: u64, probe: bool) -> anyhow::Result<()> {
+    require_binaries()?;
+    raise_fd_limit();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let duration = std::time::Duration::from_secs(seconds);
+    let run = runtime.block_on(measure::filtered::load(path, duration, probe))?;
+    println!(
+        "{:.0} requests/s over {} connections, {} errors",
+        run.requests_per_second, run.connections, run.errors
+    );
+    if probe {
+        for p in [50.0, 90.0, 99.0, 99.9, 100.0] {
+            println!("p{p} {:.0} us", run.percentile(p));
+        }
+    }
     Ok(())
 }
 

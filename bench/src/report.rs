@@ -42,7 +42,10 @@ pub fn targets(results: &Results) -> Vec<Check> {
     let mirror = results.mirror.best_exact_gbyte_per_second;
     let floor = &results.floor;
     let floor_added = |p: f64| floor.added_us(&latency.direct, p);
-    vec![
+    let filtered = &results.filtered;
+    let (unmatched, relay) = (&filtered.unmatched_vs_direct, &filtered.relay_vs_direct);
+    let matched = &filtered.matched_vs_whole_port;
+    let mut checks = vec![
         Check {
             target: "added p50 latency <= 50 us",
             measured: format!(
@@ -105,7 +108,48 @@ pub fn targets(results: &Results) -> Vec<Check> {
             measured: format!("{:.0} ms (median)", results.startup.median_ms),
             met: results.startup.median_ms <= 200.0,
         },
-    ]
+    ];
+    checks.extend([
+        Check {
+            target: "filtered, unmatched: added p50 <= one plain relay's",
+            measured: format!(
+                "{:+.0} us (one plain relay: {:+.0} us)",
+                unmatched.added_p50_us, relay.added_p50_us
+            ),
+            met: unmatched.added_p50_us <= relay.added_p50_us,
+        },
+        Check {
+            target: "filtered, unmatched: added p99 <= one plain relay's",
+            measured: format!(
+                "{:+.0} us (one plain relay: {:+.0} us)",
+                unmatched.added_p99_us, relay.added_p99_us
+            ),
+            met: unmatched.added_p99_us <= relay.added_p99_us,
+        },
+        Check {
+            target: "filtered, unmatched: requests/s >= 70% of direct",
+            measured: format!(
+                "{:.0}% at {} connections (one plain relay: {:.0}%)",
+                unmatched.requests_per_second_ratio * 100.0,
+                filtered.connections,
+                relay.requests_per_second_ratio * 100.0
+            ),
+            met: unmatched.requests_per_second_ratio >= 0.7,
+        },
+        Check {
+            target: "filtered, matched: within 10% of a whole-port steal",
+            measured: format!(
+                "{:+.1}% (worst of p50 {:+.1}%, p99 {:+.1}%, requests/s at {} connections {:.0}%)",
+                matched.worst_cost() * 100.0,
+                (matched.p50_ratio - 1.0) * 100.0,
+                (matched.p99_ratio - 1.0) * 100.0,
+                filtered.connections,
+                matched.requests_per_second_ratio * 100.0
+            ),
+            met: matched.worst_cost() <= 0.10,
+        },
+    ]);
+    checks
 }
 
 pub fn table(results: &Results, checks: &[Check]) -> String {
@@ -173,6 +217,7 @@ pub fn table(results: &Results, checks: &[Check]) -> String {
         None,
     );
     floor_section(&mut out, results);
+    filtered_section(&mut out, results);
 
     let bystander = &results.bystander;
     let _ = writeln!(
@@ -339,6 +384,92 @@ fn floor_section(out: &mut String, results: &Results) {
             format!("{:.2}x", remocal.stolen / relays)
         );
     }
+}
+
+/// The filtered steal's paths side by side, what each comparison comes to,
+/// and whether the agent's counts agree with the requests sent.
+fn filtered_section(out: &mut String, results: &Results) {
+    let filtered = &results.filtered;
+    let _ = writeln!(
+        out,
+        "\nfiltered steal (--header '{}'), median of {} round{}:",
+        filtered.header,
+        filtered.rounds,
+        if filtered.rounds == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(
+        out,
+        "{:<34}{:>12}{:>12}{:>15}{:>16}",
+        "",
+        "p50",
+        "p99",
+        "req/s 1 conn",
+        format!("req/s {} conns", filtered.connections)
+    );
+    let paths = &filtered.medians;
+    for (label, figures) in [
+        ("direct", &paths.direct),
+        ("one plain relay in front of pod", &paths.relay),
+        ("unmatched, filtered session", &paths.unmatched),
+        ("whole-port steal (header sent)", &paths.whole_port),
+        ("matched, filtered session", &paths.matched),
+    ] {
+        let _ = writeln!(
+            out,
+            "{label:<34}{:>12}{:>12}{:>15}{:>16}",
+            micros(figures.latency_p50_us),
+            micros(figures.latency_p99_us),
+            count(figures.requests_per_second_one_connection),
+            count(figures.requests_per_second)
+        );
+    }
+    let (unmatched, relay) = (&filtered.unmatched_vs_direct, &filtered.relay_vs_direct);
+    let _ = writeln!(
+        out,
+        "unmatched vs direct: p50 {:+.0} us, p99 {:+.0} us, {:.0}% of the rate (one plain relay: {:+.0} us, {:+.0} us, {:.0}%)",
+        unmatched.added_p50_us,
+        unmatched.added_p99_us,
+        unmatched.requests_per_second_ratio * 100.0,
+        relay.added_p50_us,
+        relay.added_p99_us,
+        relay.requests_per_second_ratio * 100.0
+    );
+    let over_relay = &filtered.unmatched_vs_relay;
+    let _ = writeln!(
+        out,
+        "unmatched vs one plain relay: p50 {:+.0} us, p99 {:+.0} us, {:.0}% of the rate",
+        over_relay.added_p50_us,
+        over_relay.added_p99_us,
+        over_relay.requests_per_second_ratio * 100.0
+    );
+    let matched = &filtered.matched_vs_whole_port;
+    let _ = writeln!(
+        out,
+        "matched vs whole-port steal: p50 {:+.0} us ({:+.1}%), p99 {:+.0} us ({:+.1}%), {:.0}% of the rate",
+        matched.added_p50_us,
+        (matched.p50_ratio - 1.0) * 100.0,
+        matched.added_p99_us,
+        (matched.p99_ratio - 1.0) * 100.0,
+        matched.requests_per_second_ratio * 100.0
+    );
+    let routed = &filtered.routed;
+    let counted = |count: &crate::measure::filtered::Count| {
+        format!(
+            "{:.0} (answered {}, up to {} more in flight)",
+            count.counted, count.answered, count.in_flight_at_most
+        )
+    };
+    let verdict = match (&routed.error, routed.agree) {
+        (Some(err), _) => format!("NOT CHECKED: {err}"),
+        (None, true) => "agree".to_string(),
+        (None, false) => "DISAGREE".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "agent's remocal_routed_requests_total: session {}, pod {}: {verdict}",
+        counted(&routed.to_session),
+        counted(&routed.to_pod)
+    );
 }
 
 /// Label, without, with, and how to print the unit.

@@ -46,6 +46,12 @@ impl ServerProcess {
         self.port
     }
 
+    /// The server's process id (for a relay in the pod, that of `ip netns
+    /// exec`, which execs the relay: the same process).
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or_default()
+    }
+
     /// `iperf3 --server --one-off` on `port`.
     pub async fn iperf(place: Place<'_>, port: u16) -> anyhow::Result<ServerProcess> {
         let mut command = place.command("iperf3");
@@ -92,6 +98,28 @@ impl ServerProcess {
             command.arg("--listen-netns").arg(netns.path());
         }
         ServerProcess::start(command, listen, port, "remocal-bench relay").await
+    }
+
+    /// `remocal-bench relay` run inside the pod's namespace, from `port` to
+    /// `to` (the pod's own server on loopback): one plain hop in front of the
+    /// pod, the one a filtered steal adds to the requests it passes through.
+    pub async fn relay_in_pod(
+        pod: &Netns,
+        port: u16,
+        to: SocketAddr,
+        buffer: usize,
+    ) -> anyhow::Result<ServerProcess> {
+        let place = Place::Pod(pod);
+        let exe = std::env::current_exe().context("cannot find remocal-bench's own binary")?;
+        let mut command = place.command(&exe.to_string_lossy());
+        command
+            .arg("relay")
+            .arg("--listen")
+            .arg(place.listen_addr(port).to_string())
+            .arg("--to")
+            .arg(to.to_string())
+            .arg(format!("--buffer={buffer}"));
+        ServerProcess::start(command, place, port, "remocal-bench relay in the pod").await
     }
 
     async fn start(

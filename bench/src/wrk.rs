@@ -1,5 +1,6 @@
-//! wrk, run from the node namespace for the rate of new connections, with a
-//! Lua `done` hook that prints its figures as parseable lines.
+//! wrk, run from the node namespace for the rate of new connections and of
+//! requests on keep-alive connections, with a Lua `done` hook that prints its
+//! figures as parseable lines.
 
 use std::time::Duration;
 
@@ -32,6 +33,33 @@ pub async fn new_connections(
     connections: u32,
     duration: Duration,
 ) -> anyhow::Result<RequestRun> {
+    let close = ["Connection: close"];
+    run(from, url, threads, connections, duration, &close).await
+}
+
+/// wrk against `url` from `from` for `duration`, `connections` keep-alive
+/// connections spread over `threads`, each request carrying `headers`
+/// (`name: value`). Its latency figures are kept but not reported: see
+/// `probe` for why.
+pub async fn keep_alive(
+    from: &Netns,
+    url: &str,
+    threads: u32,
+    connections: u32,
+    duration: Duration,
+    headers: &[&str],
+) -> anyhow::Result<RequestRun> {
+    run(from, url, threads, connections, duration, headers).await
+}
+
+async fn run(
+    from: &Netns,
+    url: &str,
+    threads: u32,
+    connections: u32,
+    duration: Duration,
+    headers: &[&str],
+) -> anyhow::Result<RequestRun> {
     let script = script_file()?;
     let mut command = from.tokio_command("wrk");
     command
@@ -40,9 +68,11 @@ pub async fn new_connections(
         .arg(format!("--duration={}s", duration.as_secs().max(1)))
         .arg("--timeout=5s")
         .arg("--script")
-        .arg(script.path())
-        .args(["--header", "Connection: close"])
-        .arg(url);
+        .arg(script.path());
+    for header in headers {
+        command.arg("--header").arg(header);
+    }
+    command.arg(url);
     let output = command
         .output()
         .await

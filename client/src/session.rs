@@ -95,6 +95,7 @@ pub async fn run(args: SessionArgs, mode: Mode, filter: Option<HttpFilter>) -> R
     } else {
         "steal"
     };
+    let mut stop = Box::pin(stop_requested());
     printer.ready(mode_name, &ready, &local.to_string());
 
     let (standby_used, mut replace_standby) = mpsc::unbounded_channel();
@@ -113,7 +114,6 @@ pub async fn run(args: SessionArgs, mode: Mode, filter: Option<HttpFilter>) -> R
             tokio::spawn(forward::stand_by(forwarding.clone()));
         }
     }
-    let mut stop = Box::pin(stop_requested());
     loop {
         tokio::select! {
             Some(()) = replace_standby.recv() => {
@@ -220,15 +220,22 @@ fn request(kind: session_request::Kind) -> SessionRequest {
     SessionRequest { kind: Some(kind) }
 }
 
-async fn stop_requested() {
+/// Ctrl-C or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: a signal right after the `ready` line
+/// must end the session cleanly, not kill the process.
+fn stop_requested() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    let handlers = signal(SignalKind::terminate())
+        .and_then(|term| signal(SignalKind::interrupt()).map(|interrupt| (term, interrupt)));
+    async move {
+        match handlers {
+            Ok((mut term, mut interrupt)) => tokio::select! {
+                _ = term.recv() => {},
+                _ = interrupt.recv() => {},
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

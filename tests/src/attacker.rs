@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use remocal_proto::v1::{
     AgentInfo, Attach, ConnectionDownstream, ConnectionUpstream, HttpFilter, InfoRequest, Mode,
-    OpenSession,
-    PodRef, Ready, SessionEvent, SessionRequest, Standby, Target, agent_client::AgentClient,
-    connection_upstream, session_event, session_request, target,
+    OpenSession, PodRef, Ready, SessionEvent, SessionRequest, Standby, Target,
+    agent_client::AgentClient, connection_upstream, session_event, session_request, target,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -87,7 +86,8 @@ impl RawAgent {
         port: u16,
         filter: HttpFilter,
     ) -> Result<RawSession, Status> {
-        self.open_with(target, port, Mode::Steal, Some(filter)).await
+        self.open_with(target, port, Mode::Steal, Some(filter))
+            .await
     }
 
     async fn open_with(

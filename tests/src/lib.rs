@@ -18,6 +18,9 @@
 pub mod attacker;
 pub mod bpf;
 pub mod data;
+pub mod grpc_echo;
+pub mod http_clients;
+pub mod http_servers;
 pub mod kube_api;
 pub mod kube_cluster;
 pub mod kubelet_cgroup;

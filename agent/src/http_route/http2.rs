@@ -15,21 +15,22 @@
 //! once the other side's stream took them, so the memory one downstream
 //! connection holds is at most
 //!
-//! * [`CONNECTION_WINDOW`] (4 MiB) of request bodies received from the client,
+//! * [`CONNECTION_WINDOW`] (1 MiB) of request bodies received from the client,
 //! * [`CONNECTION_WINDOW`] of response bodies per side it reached,
 //! * [`SEND_BUFFER`] (32 KiB, two frames) queued for writing per stream and
-//!   direction, that is 256 × 2 × 32 KiB = 16 MiB in the worst case (every
+//!   direction, that is 100 × 2 × 32 KiB = 6.25 MiB in the worst case (every
 //!   stream of a peer that stopped reading its socket has a full queue); a
 //!   queue also never holds more than the window its reader opened,
 //! * header blocks: `max_head` per head or trailers being received.
 //!
-//! A stream's window, [`STREAM_WINDOW`] (1 MiB), is a quarter of the
+//! A stream's window, [`STREAM_WINDOW`] (256 KiB), is a quarter of the
 //! connection's: a stream whose side stopped reading (a session paused in
 //! a debugger) holds its whole window, and it takes four such streams to
 //! stall the client's other streams, which may be other developers' or the
-//! pod's (a gateway multiplexes many users on one connection). 1 MiB in
-//! flight per stream is also what a developer's link needs for throughput
-//! (20 MB/s at 50 ms).
+//! pod's (a gateway multiplexes many users on one connection). The windows
+//! are small because a client that stops reading makes the agent hold
+//! them: what a hostile client can pin is about 4 MiB per connection, and
+//! the port admits a bounded number of h2 connections (see `steal`).
 mod answer;
 mod clients;
 mod pipe;
@@ -49,15 +50,15 @@ use super::{Limits, Request, Side, Upstreams, sniff::Sniffed};
 use clients::{Clients, Reopen};
 use rewind::Rewind;
 
-/// Streams one downstream connection may have open at once. Enough for
-/// browsers (100) and gRPC clients (Go's 250 default is reached by few), and
-/// it bounds what one connection holds (see the module's bounds).
-pub const MAX_STREAMS: u32 = 256;
+/// Streams one downstream connection may have open at once: what browsers
+/// open, and it bounds what one connection holds (see the module's bounds);
+/// gRPC clients queue calls beyond it.
+pub const MAX_STREAMS: u32 = 100;
 /// Bytes one stream may have in flight toward the agent, in each direction.
-pub const STREAM_WINDOW: u32 = 1 << 20;
+pub const STREAM_WINDOW: u32 = 256 << 10;
 /// Bytes all streams of one h2 connection may have in flight toward the
 /// agent together, downstream and upstream alike.
-pub const CONNECTION_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 1 << 20;
 /// Bytes one stream may have queued for writing to a peer: h2 assigns send
 /// capacity only up to this, so a slow reader holds back the sender instead
 /// of growing a queue. Two 16 KiB frames: one being written, one ready.

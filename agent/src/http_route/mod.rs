@@ -75,6 +75,12 @@ pub trait Upstreams: Send + Sync + 'static {
     fn open(&self, side: Side) -> BoxFuture<'static, io::Result<Opened>>;
     /// Counts a request routed to `side` (after `pick`, once per request).
     fn routed(&self, _side: Side) {}
+    /// A place for one more HTTP/2 connection, held while it lasts; `None`
+    /// when the port has as many as it may hold (each can pin a few MiB),
+    /// and the connection then goes to the pod whole.
+    fn admit_http2(&self) -> Option<Box<dyn Send>> {
+        Some(Box::new(()))
+    }
 }
 
 /// Bounds that keep a hostile or broken client from holding memory or the
@@ -94,7 +100,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_head: 64 * 1024,
+            max_head: 32 * 1024,
             sniff: Duration::from_millis(200),
             head_timeout: Duration::from_secs(30),
         }
@@ -112,11 +118,14 @@ pub async fn serve(
     limits: Limits,
 ) -> Protocol {
     let _ = downstream.set_nodelay(true);
-    let sniffed = sniff::sniff(downstream, &upstreams, limits.sniff).await;
+    let sniffed = sniff::sniff(downstream, &upstreams, limits.sniff, limits.head_timeout).await;
     let protocol = sniffed.protocol;
     let result = match protocol {
         Protocol::Http1 => http1::serve(sniffed, &upstreams, closing, limits).await,
-        Protocol::Http2 => http2::serve(sniffed, &upstreams, closing, limits).await,
+        Protocol::Http2 => match upstreams.admit_http2() {
+            Some(_admitted) => http2::serve(sniffed, &upstreams, closing, limits).await,
+            None => sniff::pass_whole(sniffed, &upstreams).await,
+        },
         Protocol::Other => sniff::pass_whole(sniffed, &upstreams).await,
     };
     if let Err(err) = result {

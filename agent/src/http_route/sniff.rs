@@ -42,6 +42,7 @@ pub async fn sniff(
     mut downstream: TcpStream,
     upstreams: &impl Upstreams,
     quiet: Duration,
+    undecided: Duration,
 ) -> Sniffed {
     let mut prefix = BytesMut::with_capacity(1024);
     let mut pod: Option<Opened> = None;
@@ -69,7 +70,12 @@ pub async fn sniff(
                 _ = upstream.stream.read_buf(&mut from_pod) => break Protocol::Other,
             }
         } else {
-            downstream.read_buf(&mut prefix).await
+            // A client that started but stays undecided (`G`, then nothing)
+            // is given to the pod after a while rather than held forever.
+            match tokio::time::timeout(undecided, downstream.read_buf(&mut prefix)).await {
+                Ok(read) => read,
+                Err(_) => break Protocol::Other,
+            }
         };
         match read {
             Ok(0) | Err(_) => break Protocol::Other,

@@ -361,8 +361,6 @@ fn flow_key(local: SocketAddr, remote: SocketAddr) -> FlowKey {
     }
 }
 
-/// A counter summed over CPUs (0 if the map cannot be read).
-
 impl Drop for Attachment {
     fn drop(&mut self) {
         self.log_drain.abort();

@@ -169,12 +169,12 @@ impl Sessions {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            ports: Arc::new(Ports::new(redirector.clone(), metrics.clone())),
             redirector,
             pod_events: PodEvents::new(pods.client(), pods.node()),
             pods,
             auth,
             metrics,
-            ports: Arc::default(),
             live: Mutex::default(),
             slots: Mutex::default(),
             settings,
@@ -301,10 +301,25 @@ impl Sessions {
             user: identity.user.clone(),
             filter: filter.map(|filter| filter.spec().clone()),
         }));
+        if let Redirected::Filtered(Membership {
+            earlier: Some(earlier),
+            ..
+        }) = &redirection
+        {
+            // Filters can overlap in ways no check can tell (`.` matches
+            // every path): say who comes first.
+            live.warn(format!(
+                "port {port} is shared with {earlier}: a request that matches their filter as well as yours goes to them, as they started first"
+            ));
+        }
         self.live
             .lock()
             .expect("live lock")
             .insert(id.clone(), live.clone());
+        if let Redirected::Filtered(membership) = &redirection {
+            // Known to its client and reachable by its calls: route to it.
+            membership.route();
+        }
         self.metrics
             .sessions_active
             .get_or_create(&metrics::ModeLabels { mode: live.mode })
@@ -439,28 +454,10 @@ impl Sessions {
     ) -> Result<Membership, OpenError> {
         let membership = self
             .ports
-            .join_filtered(
-                netns,
-                port,
-                holder,
-                filter.clone(),
-                live.clone(),
-                &self.metrics,
-            )
+            .join_filtered(netns, port, holder, filter.clone(), live.clone())
             .map_err(|err| RedirectError::kernel("cannot hold the target's namespace", err))?
             .map_err(|err| OpenError::claim(err, netns, port))?;
-        let ports = self.ports.clone();
-        let for_passthrough = netns
-            .try_clone()
-            .map_err(|err| RedirectError::kernel("cannot hold the target's namespace", err))?;
-        membership
-            .shared
-            .start(self.redirector.clone(), move || {
-                ports
-                    .passthrough(&for_passthrough, port)
-                    .map_err(|err| RedirectError::kernel("pass-through to the pod", err))
-            })
-            .await?;
+        membership.shared.started().await?;
         Ok(membership)
     }
 

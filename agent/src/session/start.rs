@@ -45,11 +45,9 @@ impl Sessions {
             .ok()
             .filter(|port| *port != 0)
             .ok_or(OpenError::InvalidPort(open.port))?;
-        let filter = match (&open.filter, mode) {
-            (None, _) => None,
-            (Some(_), Mode::Mirror) => return Err(OpenError::FilterOnMirror),
-            (Some(spec), _) => Some(Arc::new(Filter::compile(spec)?)),
-        };
+        if open.filter.is_some() && mode == Mode::Mirror {
+            return Err(OpenError::FilterOnMirror);
+        }
         let kind = open
             .target
             .as_ref()
@@ -65,9 +63,15 @@ impl Sessions {
             )));
         }
         if self.auth.mode() == AuthMode::Kubernetes {
-            let access = self.access(&kind, mode, filter.is_some())?;
+            let access = self.access(&kind, mode, open.filter.is_some())?;
             self.auth.authorize(identity, &access).await?;
         }
+        // Compiling takes up to a few tens of milliseconds for a hostile
+        // pattern: only for authorized callers, and off the runtime.
+        let filter = match open.filter.clone() {
+            None => None,
+            Some(spec) => Some(Arc::new(blocking(move || Filter::compile(&spec)).await?)),
+        };
         let slot = self.take_slot(identity)?;
         let mut pod = None;
         let spec = match kind {

@@ -3,17 +3,18 @@
 //! Mirrors are not here: they take nothing from anyone.
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex, Weak, atomic::Ordering},
     time::Instant,
 };
 
-use super::shared_port::{Member, SharedPort};
+use super::shared_port::{Member, RoutingSlots, SharedPort};
 use crate::{
     http_route::Filter,
     live_session::LiveSession,
     metrics::Metrics,
     netns::{Netns, NsId},
     passthrough::{Passthrough, PassthroughError},
+    redirect::Redirector,
 };
 
 type Key = (NsId, u16);
@@ -26,12 +27,15 @@ pub enum ClaimError {
     SameFilter { holder: String, filter: String },
 }
 
-#[derive(Default)]
 pub struct Ports {
     uses: Mutex<HashMap<Key, Use>>,
     /// Pass-through setups by port, shared by a port's filtered steals and
     /// by the connections of an earlier round of them that still drain.
     passthroughs: Mutex<HashMap<Key, Weak<Passthrough>>>,
+    routing_slots: Arc<RoutingSlots>,
+    /// What a shared port needs to set itself up.
+    redirector: Arc<dyn Redirector>,
+    metrics: Arc<Metrics>,
 }
 
 enum Use {
@@ -73,22 +77,47 @@ pub struct Membership {
     ports: Arc<Ports>,
     pub shared: Arc<SharedPort>,
     key: u64,
+    /// Who shared the port already, and so takes the requests that match
+    /// both filters.
+    pub earlier: Option<String>,
+}
+
+impl Membership {
+    /// Requests matching its filter go to the session from now on (its
+    /// client has been told `ready`).
+    pub fn route(&self) {
+        self.shared.route_to(self.key);
+    }
 }
 
 impl Drop for Membership {
     fn drop(&mut self) {
         let mut uses = self.ports.uses.lock().expect("ports lock");
-        if self.shared.leave(self.key) {
-            let key = self.shared.key();
-            if matches!(uses.get(&key), Some(Use::Filtered(shared)) if Arc::ptr_eq(shared, &self.shared))
-            {
-                uses.remove(&key);
-            }
+        // While its setup runs, the port stays taken: the setup frees it.
+        if self.shared.leave(self.key) && self.shared.settled.load(Ordering::Relaxed) {
+            remove_if_same(&mut uses, &self.shared);
         }
     }
 }
 
+fn remove_if_same(uses: &mut HashMap<Key, Use>, shared: &Arc<SharedPort>) {
+    let key = shared.key();
+    if matches!(uses.get(&key), Some(Use::Filtered(held)) if Arc::ptr_eq(held, shared)) {
+        uses.remove(&key);
+    }
+}
+
 impl Ports {
+    pub fn new(redirector: Arc<dyn Redirector>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            uses: Mutex::default(),
+            passthroughs: Mutex::default(),
+            routing_slots: Arc::default(),
+            redirector,
+            metrics,
+        }
+    }
+
     pub fn claim_whole(
         self: &Arc<Self>,
         netns: &Netns,
@@ -115,6 +144,16 @@ impl Ports {
         })
     }
 
+    /// Marks the port's setup as over; frees the port if everyone left
+    /// while it ran (their leaving could not).
+    pub(super) fn settle(&self, shared: &Arc<SharedPort>) {
+        let mut uses = self.uses.lock().expect("ports lock");
+        shared.settled.store(true, Ordering::Relaxed);
+        if shared.is_empty() {
+            remove_if_same(&mut uses, shared);
+        }
+    }
+
     /// Adds a filtered steal to the port, setting the port up for sharing
     /// if it is the first. The caller starts the port (`shared.start`).
     pub fn join_filtered(
@@ -124,7 +163,6 @@ impl Ports {
         holder: String,
         filter: Arc<Filter>,
         live: Arc<LiveSession>,
-        metrics: &Arc<Metrics>,
     ) -> Result<Result<Membership, ClaimError>, std::io::Error> {
         let key = (netns.id(), port);
         let mut uses = self.uses.lock().expect("ports lock");
@@ -136,7 +174,13 @@ impl Ports {
             }
             Some(Use::Filtered(shared)) => shared.clone(),
             None => {
-                let shared = SharedPort::new(key, netns.try_clone()?, metrics.clone());
+                let shared = SharedPort::new(
+                    key,
+                    netns.try_clone()?,
+                    self.metrics.clone(),
+                    self.redirector.clone(),
+                    self.clone(),
+                );
                 uses.insert(key, Use::Filtered(shared.clone()));
                 shared
             }
@@ -147,12 +191,18 @@ impl Ports {
                 filter: filter.to_string(),
             }));
         }
+        let earlier = (!shared.is_empty()).then(|| shared.holders());
         let member = shared.join(Member::new(filter, live, holder));
         Ok(Ok(Membership {
             ports: self.clone(),
             shared,
             key: member,
+            earlier,
         }))
+    }
+
+    pub(super) fn routing_slots(&self) -> Arc<RoutingSlots> {
+        self.routing_slots.clone()
     }
 
     /// Ports whose pass-through is still in use by connections.

@@ -10,17 +10,20 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use futures::{FutureExt as _, future::BoxFuture};
-use tokio::{net::TcpStream, sync::OnceCell};
+use tokio::{
+    net::TcpStream,
+    sync::{Semaphore, watch},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use super::loopback_pair::loopback_pair;
+use super::{loopback_pair::loopback_pair, ports::Ports};
 use crate::{
     http_route::{self, Filter, Limits, Opened, Request, Side, Upstreams},
     live_session::LiveSession,
@@ -30,6 +33,9 @@ use crate::{
     redirect::{ActiveRedirection, RedirectError, Redirection, Redirector},
 };
 
+/// How long pass-through rules stay after the port's last connection.
+const RULES_LINGER: Duration = Duration::from_secs(5);
+
 /// One filtered steal on the port.
 pub struct Member {
     key: u64,
@@ -37,6 +43,9 @@ pub struct Member {
     live: Arc<LiveSession>,
     holder: String,
     since: Instant,
+    /// Requests are routed to it only once its client was told `ready`: a
+    /// connection announced before that would come first on its events.
+    routed: AtomicBool,
 }
 
 impl Member {
@@ -47,6 +56,7 @@ impl Member {
             live,
             holder,
             since: Instant::now(),
+            routed: AtomicBool::new(false),
         }
     }
 }
@@ -57,31 +67,89 @@ pub struct SharedPort {
     /// In start order: the first match wins.
     members: RwLock<Vec<Arc<Member>>>,
     next_member: AtomicU64,
-    started: OnceCell<Arc<Passthrough>>,
+    /// The setup's outcome once it is known (see [`SharedPort::set_up`]).
+    started: watch::Receiver<Option<Result<(), String>>>,
+    /// The setup is over (it succeeded or failed): only then may the port
+    /// be given to anyone else, since a redirection still being made for
+    /// it would later undo theirs. Read and written under the ports' lock.
+    pub(super) settled: AtomicBool,
     /// The kernel's redirection; taken (turned off) by the last to leave.
     active: Mutex<Option<ActiveRedirection>>,
     closing: CancellationToken,
     connections: TaskTracker,
+    /// The agent's places for routed connections (shared by all ports).
+    slots: Arc<RoutingSlots>,
+    /// Whether the port already said it is over the limit.
+    over_limit: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
+/// Connections the agent routes at once, all shared ports together: each
+/// can pin buffers (an HTTP/1 connection about 72 KiB while a head arrives,
+/// an HTTP/2 one about 4 MiB when its client stops reading), so their number
+/// bounds the agent's memory. Beyond it, new connections go to the pod whole
+/// (unfiltered) and are counted in `remocal_routed_connections_total{protocol="not_routed"}`.
+pub struct RoutingSlots {
+    connections: Arc<Semaphore>,
+    http2: Arc<Semaphore>,
+}
+
+pub const MAX_ROUTED_CONNECTIONS: usize = 1024;
+pub const MAX_ROUTED_HTTP2_CONNECTIONS: usize = 16;
+
+impl Default for RoutingSlots {
+    fn default() -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(MAX_ROUTED_CONNECTIONS)),
+            http2: Arc::new(Semaphore::new(MAX_ROUTED_HTTP2_CONNECTIONS)),
+        }
+    }
+}
+
 impl SharedPort {
-    pub(super) fn new(key: (NsId, u16), netns: Netns, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self {
+    /// A new shared port, whose setup starts at once on a task of its own:
+    /// a caller that goes away cannot interrupt it halfway.
+    pub(super) fn new(
+        key: (NsId, u16),
+        netns: Netns,
+        metrics: Arc<Metrics>,
+        redirector: Arc<dyn Redirector>,
+        ports: Arc<Ports>,
+    ) -> Arc<Self> {
+        let (outcome, started) = watch::channel(None);
+        let shared = Arc::new(Self {
             key,
             netns,
             members: RwLock::default(),
             next_member: AtomicU64::new(1),
-            started: OnceCell::new(),
+            started,
+            settled: AtomicBool::new(false),
             active: Mutex::default(),
             closing: CancellationToken::new(),
             connections: TaskTracker::new(),
+            slots: ports.routing_slots(),
+            over_limit: AtomicBool::new(false),
             metrics,
-        })
+        });
+        tokio::spawn(shared.clone().set_up(redirector, ports, outcome));
+        shared
     }
 
     pub(super) fn key(&self) -> (NsId, u16) {
         self.key
+    }
+
+    /// Starts routing requests to the member `key`.
+    pub(super) fn route_to(&self, key: u64) {
+        if let Some(member) = self
+            .members
+            .read()
+            .expect("members lock")
+            .iter()
+            .find(|member| member.key == key)
+        {
+            member.routed.store(true, Ordering::Relaxed);
+        }
     }
 
     pub(super) fn join(&self, mut member: Member) -> u64 {
@@ -102,10 +170,16 @@ impl SharedPort {
         if !members.is_empty() {
             return false;
         }
+        // Redirection off first, so no SYN reaches a listener that is about
+        // to go; then the connections drain.
         let mut active = self.active.lock().expect("active lock");
-        self.closing.cancel();
         drop(active.take());
+        self.closing.cancel();
         true
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.members.read().expect("members lock").is_empty()
     }
 
     pub(super) fn holders(&self) -> String {
@@ -135,44 +209,60 @@ impl SharedPort {
             .map(|member| member.holder.clone())
     }
 
-    /// Turns the redirection on and starts routing, unless an earlier
-    /// member did already. Waits for that setup either way.
-    pub async fn start(
-        self: &Arc<Self>,
+    /// Waits until the port redirects and routes (or failed to).
+    pub async fn started(&self) -> Result<(), RedirectError> {
+        let mut started = self.started.clone();
+        let outcome = match started.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
+            Err(_) => Err("the shared port's setup stopped".to_string()),
+        };
+        outcome.map_err(|detail| RedirectError::kernel("cannot share the port", detail))
+    }
+
+    /// Pass-through first (once redirected, connections need it), then the
+    /// kernel's redirection, then the accept loop. If everyone left
+    /// meanwhile, the redirection goes at once, and the port is freed here.
+    async fn set_up(
+        self: Arc<Self>,
         redirector: Arc<dyn Redirector>,
-        passthrough: impl FnOnce() -> Result<Arc<Passthrough>, RedirectError> + Send + 'static,
-    ) -> Result<(), RedirectError> {
-        self.started
-            .get_or_try_init(|| async {
-                let netns = self.netns.try_clone().map_err(|err| {
-                    RedirectError::kernel("cannot hold the target's namespace", err)
-                })?;
-                let port = self.key.1;
-                let (passthrough, redirection) = tokio::task::spawn_blocking(move || {
-                    // Pass-through first: once redirected, connections need it.
-                    let passthrough = passthrough()?;
-                    let redirection = redirector.steal(&netns, port)?;
-                    Ok::<_, RedirectError>((passthrough, redirection))
+        ports: Arc<Ports>,
+        outcome: watch::Sender<Option<Result<(), String>>>,
+    ) {
+        let port = self.key.1;
+        let made = match self.netns.try_clone() {
+            Err(err) => Err(format!("cannot hold the target's namespace: {err}")),
+            Ok(netns) => {
+                let setup_ports = ports.clone();
+                tokio::task::spawn_blocking(move || {
+                    let passthrough = setup_ports
+                        .passthrough(&netns, port)
+                        .map_err(|err| err.to_string())?;
+                    let redirection = redirector
+                        .steal(&netns, port)
+                        .map_err(|err| err.to_string())?;
+                    Ok((passthrough, redirection))
                 })
                 .await
-                .map_err(|err| RedirectError::kernel("setting up the shared port", err))??;
-                let Redirection { listener, active } = redirection;
-                {
-                    let mut slot = self.active.lock().expect("active lock");
-                    if self.closing.is_cancelled() {
-                        // Everyone left while this was being set up.
-                        drop(active);
-                    } else {
-                        *slot = Some(active);
-                    }
+                .unwrap_or_else(|err| Err(format!("the setup panicked: {err}")))
+            }
+        };
+        let result = made.and_then(|(passthrough, redirection)| {
+            let Redirection { listener, active } = redirection;
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|err| format!("cannot watch the steal listener: {err}"))?;
+            {
+                let mut slot = self.active.lock().expect("active lock");
+                if self.closing.is_cancelled() {
+                    drop(active);
+                } else {
+                    *slot = Some(active);
                 }
-                let listener = tokio::net::TcpListener::from_std(listener)
-                    .map_err(|err| RedirectError::kernel("watching the steal listener", err))?;
-                tokio::spawn(self.clone().accept(listener, passthrough.clone()));
-                Ok(passthrough)
-            })
-            .await
-            .map(|_| ())
+            }
+            tokio::spawn(self.clone().accept(listener, passthrough));
+            Ok(())
+        });
+        ports.settle(&self);
+        let _ = outcome.send(Some(result));
     }
 
     async fn accept(
@@ -207,6 +297,10 @@ impl SharedPort {
         }
         self.connections.close();
         self.connections.wait().await;
+        // The pod's server may close its side of the last pass-through
+        // connections a moment after ours: its FIN needs the rules too.
+        tokio::time::sleep(RULES_LINGER).await;
+        drop(passthrough);
         debug!(port = self.key.1, "shared port drained");
     }
 
@@ -224,12 +318,31 @@ impl SharedPort {
             client,
             destination,
         };
-        let closing = self.closing.clone();
         let metrics = self.metrics.clone();
+        let Ok(admitted) = self.slots.connections.clone().try_acquire_owned() else {
+            // Beyond what the agent may hold: the pod serves it, unfiltered.
+            if !self.over_limit.swap(true, Ordering::Relaxed) {
+                warn!(
+                    port = self.key.1,
+                    limit = MAX_ROUTED_CONNECTIONS,
+                    "too many connections on ports shared by filtered steals: further ones go to the pod unfiltered"
+                );
+            }
+            metrics.unrouted_connection();
+            self.connections.spawn(async move {
+                let mut stream = stream;
+                if let Ok(mut pod) = routes.open(Side::Pod).await {
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut pod.stream).await;
+                }
+            });
+            return;
+        };
+        let closing = self.closing.clone();
         self.connections.spawn(async move {
             let protocol =
                 http_route::serve(stream, client, routes, closing, Limits::default()).await;
             metrics.routed_connection(protocol);
+            drop(admitted);
         });
     }
 }
@@ -249,7 +362,7 @@ impl Upstreams for ConnectionRoutes {
             .read()
             .expect("members lock")
             .iter()
-            .find(|member| member.filter.matches(request))
+            .find(|member| member.routed.load(Ordering::Relaxed) && member.filter.matches(request))
             .map_or(Side::Pod, |member| Side::Session(member.key))
     }
 
@@ -281,11 +394,20 @@ impl Upstreams for ConnectionRoutes {
                 }
                 .boxed()
             }
-            Side::Session(key) => {
-                let opened = self.open_session(key);
-                async move { opened }.boxed()
-            }
+            Side::Session(key) => match self.open_session(key) {
+                // The session ended between pick and open: the pod serves it.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => self.open(Side::Pod),
+                opened => async move { opened }.boxed(),
+            },
         }
+    }
+
+    fn admit_http2(&self) -> Option<Box<dyn Send>> {
+        let admitted = self.port.slots.http2.clone().try_acquire_owned().ok();
+        if admitted.is_none() {
+            self.port.metrics.unrouted_connection();
+        }
+        admitted.map(|admitted| Box::new(admitted) as Box<dyn Send>)
     }
 
     fn routed(&self, side: Side) {
@@ -308,7 +430,9 @@ impl ConnectionRoutes {
             .iter()
             .find(|member| member.key == key)
             .cloned()
-            .ok_or_else(|| io::Error::other("the developer's session ended"))?;
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "the developer's session ended")
+            })?;
         let (ours, theirs) = loopback_pair()?;
         member
             .live

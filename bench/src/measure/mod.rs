@@ -3,6 +3,7 @@
 mod bystander;
 mod concurrency;
 mod connect_rate;
+pub mod filtered;
 mod floor;
 mod latency;
 mod mirror_rate;
@@ -17,6 +18,7 @@ use crate::profile::Profile;
 pub use bystander::Bystander;
 pub use concurrency::Concurrency;
 pub use connect_rate::ConnectRate;
+pub use filtered::Filtered;
 pub use floor::Floor;
 pub use latency::Latency;
 pub use mirror_rate::MirrorRate;
@@ -34,6 +36,9 @@ pub struct Results {
     pub connect_rate: ConnectRate,
     /// The same hops as stolen traffic through two plain relays.
     pub floor: Floor,
+    /// A filtered steal: unmatched requests against direct and one plain
+    /// relay, matched ones against a whole-port steal.
+    pub filtered: Filtered,
     pub streams: Streams,
     pub concurrency: Concurrency,
     pub bystander: Bystander,
@@ -49,6 +54,8 @@ pub async fn all(profile: &Profile) -> anyhow::Result<Results> {
     let connect_rate = connect_rate::measure(&bed, profile).await?;
     step("the same hops through two plain relays");
     let floor = floor::measure(&bed, profile).await?;
+    step("a filtered steal: unmatched and matched requests");
+    let filtered = filtered::measure(&bed, profile).await?;
     step("single-stream throughput");
     let streams = stream::measure(&bed, profile).await?;
     step("traffic remocal does not steal");
@@ -74,6 +81,7 @@ pub async fn all(profile: &Profile) -> anyhow::Result<Results> {
         latency,
         connect_rate,
         floor,
+        filtered,
         streams,
         concurrency,
         bystander,

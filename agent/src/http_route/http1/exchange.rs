@@ -236,13 +236,10 @@ async fn send_request(
     let sent = buffer.data();
     match forwarded {
         None => upstream.write_all(&sent[..head.len + first]).await,
-        // Before the blank line that ends the head.
         Some(line) => {
-            let mut with_line = Vec::with_capacity(head.len + first + line.len());
-            with_line.extend_from_slice(&sent[..head.len - 2]);
-            with_line.extend_from_slice(line);
-            with_line.extend_from_slice(&sent[head.len - 2..head.len + first]);
-            upstream.write_all(&with_line).await
+            let rewritten =
+                with_forwarded(&sent[..head.len], line, &sent[head.len..head.len + first]);
+            upstream.write_all(&rewritten).await
         }
     }
     .map_err(|_| SendError::Upstream)?;
@@ -258,6 +255,26 @@ async fn send_request(
             ForwardError::Framing(_) => SendError::Chunk,
             ForwardError::Write(_) => SendError::Upstream,
         })
+}
+
+/// The head with our `Forwarded` line before the blank line that ends it,
+/// and without any the client sent (whoever reads the first one would
+/// believe the client), followed by `body`.
+fn with_forwarded(head: &[u8], line: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut rewritten = Vec::with_capacity(head.len() + line.len() + body.len());
+    // Heads end in CRLF CRLF (a bare LF is refused before this).
+    let lines = head[..head.len() - 2].split_inclusive(|byte| *byte == b'\n');
+    for (index, header) in lines.enumerate() {
+        let is_forwarded =
+            index > 0 && header.len() > 10 && header[..10].eq_ignore_ascii_case(b"forwarded:");
+        if !is_forwarded {
+            rewritten.extend_from_slice(header);
+        }
+    }
+    rewritten.extend_from_slice(line);
+    rewritten.extend_from_slice(b"\r\n");
+    rewritten.extend_from_slice(body);
+    rewritten
 }
 
 struct Answer {
@@ -374,5 +391,19 @@ async fn read_head(
             Ok(_) => progress.received = true,
             Err(err) => return Err(ReceiveError::Upstream(Failure::Io(Named(side), err))),
         }
+    }
+}
+
+#[cfg(test)]
+mod forwarded_tests {
+    #[test]
+    fn our_forwarded_line_replaces_the_clients() {
+        let head = b"GET / HTTP/1.1\r\nHost: web\r\nForwarded: for=evil\r\nFORWARDED:for=x\r\nX-Forwarded-For: a\r\n\r\n";
+        let rewritten =
+            super::with_forwarded(head, b"Forwarded: for=\"10.0.0.7:41000\"\r\n", b"body");
+        assert_eq!(
+            rewritten,
+            b"GET / HTTP/1.1\r\nHost: web\r\nX-Forwarded-For: a\r\nForwarded: for=\"10.0.0.7:41000\"\r\n\r\nbody"
+        );
     }
 }

@@ -88,8 +88,9 @@ pub(super) async fn send_head(
     } = opening.await?;
     let mut head = head;
     if let Some(forwarded) = forwarded {
+        // Ours only: whoever reads the first one would believe the client.
         head.headers_mut()
-            .append(http::header::FORWARDED, forwarded);
+            .insert(http::header::FORWARDED, forwarded);
     }
     let mut reopened = false;
     loop {
