@@ -133,6 +133,13 @@ fn carry(
             tokio::spawn(pipe);
             Box::pin(reader)
         }
+        Pending::Routed(pipe) => {
+            let (reader, pipe) = proxy::start(pipe, upstream, live.ended(), move |outcome| {
+                live.connection_closed(id, outcome);
+            });
+            tokio::spawn(pipe);
+            Box::pin(reader)
+        }
         Pending::Mirrored(receiver) => {
             // A copy is read-only: whatever the client sends is drained so
             // the call's flow control never stalls. A reset says nothing

@@ -19,7 +19,7 @@ use remocal_proto::v1::{
     ConnectionClosed, ConnectionDownstream, Mode, NewConnection, SessionEvent, SessionRequest,
     Warning, session_event, session_request,
 };
-use tokio::{net::TcpStream, sync::mpsc};
+use tokio::{io::DuplexStream, net::TcpStream, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::debug;
@@ -86,8 +86,27 @@ impl Audit {
 /// A connection on its way to its data call.
 pub enum Pending {
     Stolen(TcpStream),
+    /// The session's end of the pipe a shared port's router sends the
+    /// requests it routed to the session into.
+    Routed(DuplexStream),
     /// The copy of a mirrored connection, already flowing into this queue.
     Mirrored(mpsc::Receiver<Result<ConnectionDownstream, Status>>),
+}
+
+impl Pending {
+    /// Ends a stolen or routed connection no call carried, as failed (a
+    /// reset, or the pipe's end, which its router answers for); true when
+    /// it was one. A mirrored copy ends with its own queue.
+    pub fn reset(self) -> bool {
+        match self {
+            Pending::Stolen(stream) => {
+                proxy::reset(&stream);
+                true
+            }
+            Pending::Routed(_) => true,
+            Pending::Mirrored(_) => false,
+        }
+    }
 }
 
 /// The part of a session that connection calls reach by session id.
@@ -209,7 +228,7 @@ impl LiveSession {
     /// from a shared port; the client serves it like a stolen one.
     pub fn announce_routed(
         &self,
-        stream: TcpStream,
+        stream: DuplexStream,
         client: SocketAddr,
         destination: SocketAddr,
     ) -> Result<(), &'static str> {
@@ -217,7 +236,7 @@ impl LiveSession {
             return Err("the developer's session ended");
         }
         let (id, announcement) = self.hand_over(
-            Pending::Stolen(stream),
+            Pending::Routed(stream),
             client.to_string(),
             destination.to_string(),
         );
@@ -262,8 +281,7 @@ impl LiveSession {
                 .collect()
         };
         for (id, pending) in expired {
-            if let Pending::Stolen(stream) = pending {
-                proxy::reset(&stream);
+            if pending.reset() {
                 self.never_served(id, "not picked up");
                 self.warn(format!(
                     "connection {id} was reset: the client did not pick it up within {ATTACH_TIMEOUT:?}"
@@ -292,8 +310,7 @@ impl LiveSession {
 
     fn reject(&self, id: u64, reason: &str) {
         debug!(session = %self.id, connection = id, reason, "client rejected a connection");
-        if let Some(Pending::Stolen(stream)) = self.take_pending(id) {
-            proxy::reset(&stream);
+        if self.take_pending(id).is_some_and(Pending::reset) {
             // The client's reason (nothing answers locally, and where) is
             // what the developer needs to read in the connection's history.
             self.never_served(

@@ -7,6 +7,7 @@
 //! ([`RemoteReader`]), so they reach HTTP/2 without a queue or a task switch
 //! in between; the client's bytes are written by one task per connection,
 //! which also decides how the connection ends.
+mod carried;
 mod remote_reader;
 mod tcp_stats;
 
@@ -27,13 +28,14 @@ use remocal_proto::{
 };
 use socket2::SockRef;
 use tokio::{
-    io::AsyncWriteExt as _,
-    net::{TcpStream, tcp::OwnedWriteHalf},
+    io::{AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
     sync::oneshot,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+pub use carried::Carried;
 use remote_reader::ReadEnd;
 pub use remote_reader::RemoteReader;
 
@@ -77,13 +79,13 @@ enum Ended {
 /// The future lives as long as the connection, so its size is memory per
 /// connection: it is one flat state machine, without a wrapper that would
 /// hold a second copy of it (an earlier `async fn` plus wrapper took 3 KiB).
-pub fn start(
-    stream: TcpStream,
+pub fn start<C: Carried>(
+    stream: C,
     mut upstream: Messages<ConnectionUpstream>,
     session_ended: CancellationToken,
     closed: impl FnOnce(Outcome) + Send + 'static,
-) -> (RemoteReader, impl Future<Output = ()> + Send + 'static) {
-    let (read, mut write) = stream.into_split();
+) -> (RemoteReader<C>, impl Future<Output = ()> + Send + 'static) {
+    let (read, mut write) = stream.split();
     let from_remote = Arc::new(AtomicU64::new(0));
     let (read_end_tx, read_end) = oneshot::channel();
     // Sent to end the call with an error; dropped to end it cleanly.
@@ -108,23 +110,22 @@ pub fn start(
                 result = futures::future::try_join(remote_done, to_remote) => Some(result.map(|_| ())),
             }
         };
-        let stream = write.as_ref();
         let error = match ended {
             Some(Ok(())) => String::new(),
             None => {
                 let _ = finish.send(Status::unavailable("the session ended"));
-                Box::pin(close_gracefully(stream)).await;
+                C::close_gracefully(&mut write).await;
                 "session ended".to_string()
             }
             Some(Err(Ended::RemoteFailed(err))) => {
                 let _ = finish.send(Status::aborted(format!(
                     "the remote connection failed: {err}"
                 )));
-                reset(stream);
+                C::reset(&write);
                 format!("remote: {err}")
             }
             Some(Err(Ended::LocalReset(reason))) => {
-                reset(stream);
+                C::reset(&write);
                 if reason.is_empty() {
                     "local side reset the connection".to_string()
                 } else {
@@ -135,13 +136,13 @@ pub fn start(
             // whose connections close cleanly. Only an explicit reset from
             // the local side becomes a reset.
             Some(Err(Ended::ClientGone)) => {
-                Box::pin(close_gracefully(stream)).await;
+                C::close_gracefully(&mut write).await;
                 "client went away".to_string()
             }
         };
-        let stats = tcp_stats::read(stream);
+        let stats = C::stats(&write);
         // Every FIN due was sent above; a reset must not get one first.
-        write.forget();
+        C::forget(write);
         closed(Outcome {
             bytes_from_remote: from_remote.load(Ordering::Relaxed),
             bytes_to_remote,
@@ -155,7 +156,7 @@ pub fn start(
 
 async fn client_to_remote(
     upstream: &mut Messages<ConnectionUpstream>,
-    write: &mut OwnedWriteHalf,
+    write: &mut (impl AsyncWrite + Unpin),
     bytes: &mut u64,
 ) -> Result<(), Ended> {
     loop {

@@ -13,13 +13,13 @@ use std::{
 use bytes::Bytes;
 use remocal_proto::{
     v1::{ConnectionDownstream, Eof, connection_downstream},
-    wire::{self, DataBuffer},
+    wire,
 };
-use tokio::{net::tcp::OwnedReadHalf, sync::oneshot};
+use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tonic::Status;
 
-use super::CHUNK;
+use super::{CHUNK, Carried};
 
 /// Why the reader stopped reading.
 pub(super) enum ReadEnd {
@@ -29,8 +29,8 @@ pub(super) enum ReadEnd {
     ClientGone,
 }
 
-pub struct RemoteReader {
-    read: OwnedReadHalf,
+pub struct RemoteReader<C: Carried> {
+    read: C::Read,
     /// Bytes read, for the connection's outcome.
     from_remote: Arc<AtomicU64>,
     /// Present while reading; tells the connection's task why reading ended.
@@ -40,9 +40,9 @@ pub struct RemoteReader {
     finish: Option<oneshot::Receiver<Status>>,
 }
 
-impl RemoteReader {
+impl<C: Carried> RemoteReader<C> {
     pub(super) fn new(
-        read: OwnedReadHalf,
+        read: C::Read,
         from_remote: Arc<AtomicU64>,
         read_end: oneshot::Sender<ReadEnd>,
         finish: oneshot::Receiver<Status>,
@@ -64,7 +64,7 @@ impl RemoteReader {
     /// The next message, already framed, so HTTP/2 sends the buffer the
     /// socket was read into as it is.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
-        let message = match ready!(DataBuffer::poll_read(&mut self.read, cx, CHUNK)) {
+        let message = match ready!(C::poll_read(&mut self.read, cx, CHUNK)) {
             Ok(buffer) if buffer.is_empty() => {
                 self.stop_reading(ReadEnd::Eof);
                 wire::encode(&ConnectionDownstream {
@@ -85,7 +85,7 @@ impl RemoteReader {
     }
 }
 
-impl Stream for RemoteReader {
+impl<C: Carried> Stream for RemoteReader<C> {
     type Item = Result<Bytes, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -108,7 +108,7 @@ impl Stream for RemoteReader {
     }
 }
 
-impl Drop for RemoteReader {
+impl<C: Carried> Drop for RemoteReader<C> {
     fn drop(&mut self) {
         self.stop_reading(ReadEnd::ClientGone);
     }

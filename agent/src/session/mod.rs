@@ -491,9 +491,13 @@ impl Sessions {
         let pending: Vec<(u64, (Pending, Instant))> =
             live.pending.lock().expect("pending lock").drain().collect();
         for (id, (pending, _)) in pending {
-            if let Pending::Stolen(stream) = pending {
-                live.never_served(id, "session ended");
-                tokio::spawn(async move { proxy::close_gracefully(&stream).await });
+            match pending {
+                Pending::Stolen(stream) => {
+                    live.never_served(id, "session ended");
+                    tokio::spawn(async move { proxy::close_gracefully(&stream).await });
+                }
+                Pending::Routed(_) => live.never_served(id, "session ended"),
+                Pending::Mirrored(_) => {}
             }
         }
         self.metrics

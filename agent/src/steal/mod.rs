@@ -1,7 +1,6 @@
 //! Stealing a port: whole (every new connection goes to one developer) or
 //! filtered (requests are routed one by one among several developers and
 //! the pod). The kernel side is the same for both (see `redirect`).
-mod loopback_pair;
 mod ports;
 mod shared_port;
 pub mod whole_port;

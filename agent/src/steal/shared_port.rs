@@ -23,7 +23,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use super::{loopback_pair::loopback_pair, ports::Ports};
+use super::ports::Ports;
 use crate::{
     http_route::{self, Filter, Limits, Opened, Request, Side, Upstreams},
     live_session::LiveSession,
@@ -32,6 +32,10 @@ use crate::{
     passthrough::Passthrough,
     redirect::{ActiveRedirection, RedirectError, Redirection, Redirector},
 };
+
+/// Bytes a routed request's pipe to its session holds in each direction
+/// before the writer waits: the proxy reads up to this at once.
+const ROUTED_PIPE: usize = 64 * 1024;
 
 /// How long pass-through rules stay after the port's last connection.
 const RULES_LINGER: Duration = Duration::from_secs(5);
@@ -433,7 +437,7 @@ impl ConnectionRoutes {
             .ok_or_else(|| {
                 io::Error::new(io::ErrorKind::NotFound, "the developer's session ended")
             })?;
-        let (ours, theirs) = loopback_pair()?;
+        let (ours, theirs) = tokio::io::duplex(ROUTED_PIPE);
         member
             .live
             .announce_routed(theirs, self.client, self.destination)

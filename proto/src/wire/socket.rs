@@ -6,7 +6,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::{io::AsyncRead, net::tcp::OwnedReadHalf};
 
 use super::DataBuffer;
 
@@ -28,6 +28,23 @@ impl DataBuffer {
         let mut buffer = DataBuffer::with_capacity(capacity);
         ready!(tokio_util::io::poll_read_buf(
             Pin::new(socket),
+            cx,
+            buffer.tail()
+        ))?;
+        Poll::Ready(Ok(buffer))
+    }
+
+    /// The same for a reader with no readiness to wait on (an in-memory
+    /// pipe): the buffer is allocated for each attempt, and dropped when
+    /// nothing is there yet.
+    pub fn poll_read_from(
+        reader: &mut (impl AsyncRead + Unpin),
+        cx: &mut Context<'_>,
+        capacity: usize,
+    ) -> Poll<io::Result<DataBuffer>> {
+        let mut buffer = DataBuffer::with_capacity(capacity);
+        ready!(tokio_util::io::poll_read_buf(
+            Pin::new(reader),
             cx,
             buffer.tail()
         ))?;
