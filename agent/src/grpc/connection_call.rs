@@ -25,7 +25,7 @@ use tonic::{
 use super::{AgentService, caller, first_message};
 use crate::{
     auth::Identity,
-    live_session::{Handoff, LiveSession, Pending, StandbyRefused},
+    live_session::{CopyCut, CutKind, Handoff, LiveSession, Pending, StandbyRefused},
     proxy,
     session::{AttachError, Sessions},
 };
@@ -161,7 +161,8 @@ fn carry(
                     std::future::pending::<()>().await;
                 }
             };
-            Box::pin(encoded(ReceiverStream::new(receiver).take_until(refusal)))
+            let copy = ReceiverStream::new(receiver).map(|copied| copied.map_err(copy_status));
+            Box::pin(encoded(copy.take_until(refusal)))
         }
     }
 }
@@ -205,6 +206,18 @@ fn stand_by(
     })
     .flatten();
     Box::pin(downstream)
+}
+
+/// A mirrored copy's end, as its data call ends.
+fn copy_status(cut: CopyCut) -> Status {
+    let code = match cut.kind {
+        CutKind::DataLoss => tonic::Code::DataLoss,
+        CutKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+        CutKind::Aborted => tonic::Code::Aborted,
+        CutKind::Unavailable => tonic::Code::Unavailable,
+        CutKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+    };
+    Status::new(code, cut.message)
 }
 
 fn attach_status(err: AttachError) -> Status {

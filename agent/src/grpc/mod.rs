@@ -81,7 +81,10 @@ pub fn service(sessions: Arc<Sessions>) -> Router {
 
 #[tonic::async_trait]
 impl agent_server::Agent for AgentService {
-    type SessionStream = ReceiverStream<Result<SessionEvent, Status>>;
+    type SessionStream = tokio_stream::adapters::Map<
+        ReceiverStream<SessionEvent>,
+        fn(SessionEvent) -> Result<SessionEvent, Status>,
+    >;
     type ConnectionStream = tokio_stream::Empty<Result<ConnectionDownstream, Status>>;
 
     async fn session(
@@ -109,7 +112,11 @@ impl agent_server::Agent for AgentService {
                 self.sessions.metrics().session_error(status.code());
                 status
             })?;
-        Ok(Response::new(ReceiverStream::new(events)))
+        let ok: fn(SessionEvent) -> Result<SessionEvent, Status> = Ok;
+        Ok(Response::new(tokio_stream::StreamExt::map(
+            ReceiverStream::new(events),
+            ok,
+        )))
     }
 
     /// Never reached: [`Router`] serves this call before the generated

@@ -21,7 +21,6 @@ use remocal_proto::v1::{
 };
 use tokio::{io::DuplexStream, net::TcpStream, sync::mpsc};
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use tracing::debug;
 
 use crate::{
@@ -46,6 +45,31 @@ pub trait FlowStatsSource: Send + Sync {
     ) -> Option<FlowStats> {
         None
     }
+}
+
+/// The client's control stream failed (rather than ended).
+pub struct LinkBroken;
+
+/// Why a mirrored copy ended before its connection did; the data call ends
+/// with it (the gRPC status its kind maps to, and this message).
+#[derive(Debug)]
+pub struct CopyCut {
+    pub kind: CutKind,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutKind {
+    /// Bytes are missing: the copy cannot be exact from here on.
+    DataLoss,
+    /// The copy needed more memory than it may hold.
+    ResourceExhausted,
+    /// A side reset the connection.
+    Aborted,
+    /// The session ended.
+    Unavailable,
+    /// Idle for too long.
+    DeadlineExceeded,
 }
 
 /// A client that never picks up an announced connection must not leave the
@@ -90,7 +114,7 @@ pub enum Pending {
     /// requests it routed to the session into.
     Routed(DuplexStream),
     /// The copy of a mirrored connection, already flowing into this queue.
-    Mirrored(mpsc::Receiver<Result<ConnectionDownstream, Status>>),
+    Mirrored(mpsc::Receiver<Result<ConnectionDownstream, CopyCut>>),
 }
 
 impl Pending {
@@ -128,7 +152,7 @@ pub struct LiveSession {
     pub(crate) next_connection: AtomicU64,
     /// Taken when the session ends, so the client's event stream ends with
     /// it even while connection tasks still hold the session.
-    pub(crate) events: Mutex<Option<mpsc::Sender<Result<SessionEvent, Status>>>>,
+    pub(crate) events: Mutex<Option<mpsc::Sender<SessionEvent>>>,
     pub(crate) ended: CancellationToken,
 }
 
@@ -177,7 +201,7 @@ impl LiveSession {
         }));
     }
 
-    pub fn sender(&self) -> Option<mpsc::Sender<Result<SessionEvent, Status>>> {
+    pub fn sender(&self) -> Option<mpsc::Sender<SessionEvent>> {
         self.events.lock().expect("events lock").clone()
     }
 
@@ -185,7 +209,7 @@ impl LiveSession {
     /// never block the data path.
     pub fn emit(&self, kind: session_event::Kind) {
         if let Some(events) = self.events.lock().expect("events lock").as_ref() {
-            let _ = events.try_send(Ok(SessionEvent { kind: Some(kind) }));
+            let _ = events.try_send(SessionEvent { kind: Some(kind) });
         }
     }
 
@@ -245,9 +269,9 @@ impl LiveSession {
         };
         let sent = self.sender().is_some_and(|events| {
             events
-                .try_send(Ok(SessionEvent {
+                .try_send(SessionEvent {
                     kind: Some(session_event::Kind::Connection(connection)),
-                }))
+                })
                 .is_ok()
         });
         if sent {
@@ -291,7 +315,10 @@ impl LiveSession {
     }
 
     /// Applies a client request; `Some(reason)` when it ends the session.
-    pub fn handle(&self, request: Result<Option<SessionRequest>, Status>) -> Option<&'static str> {
+    pub fn handle(
+        &self,
+        request: Result<Option<SessionRequest>, LinkBroken>,
+    ) -> Option<&'static str> {
         match request {
             Ok(Some(SessionRequest {
                 kind: Some(session_request::Kind::Close(_)),

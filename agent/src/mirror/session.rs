@@ -19,7 +19,7 @@ use remocal_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::{Status, Streaming};
+use tonic::Streaming;
 
 use super::{
     Capture, Flow, Tap,
@@ -28,7 +28,7 @@ use super::{
     reassembly::{AHEAD, PIECE_OVERHEAD, Reassembler, ReassemblyError},
 };
 use crate::{
-    live_session::{LiveSession, Pending},
+    live_session::{CopyCut, CutKind, LinkBroken, LiveSession, Pending},
     proxy::Outcome,
 };
 
@@ -57,7 +57,7 @@ const MAX_COPIES: usize = 4096;
 /// as a steal session resets its unclaimed connections.
 const UNCLAIMED: Duration = Duration::from_secs(10);
 
-type Downstream = mpsc::Sender<Result<ConnectionDownstream, Status>>;
+type Downstream = mpsc::Sender<Result<ConnectionDownstream, CopyCut>>;
 
 struct MirroredFlow {
     id: u64,
@@ -115,27 +115,26 @@ enum Cut {
 }
 
 impl Cut {
-    fn status(&self) -> Status {
-        match self {
-            Cut::Lost => Status::data_loss(
-                "part of this connection was not captured (the capture buffer overran); the copy ends here rather than skip bytes",
+    fn cut(&self) -> CopyCut {
+        let (kind, message) = match self {
+            Cut::Lost => (CutKind::DataLoss,
+                "part of this connection was not captured (the capture buffer overran); the copy ends here rather than skip bytes".to_string(),
             ),
-            Cut::TooSlow { held } => Status::resource_exhausted(format!(
+            Cut::TooSlow { held } => (CutKind::ResourceExhausted, format!(
                 "the copy fell behind the original: the agent held {held} bytes for it, counting {PIECE_OVERHEAD} bytes a piece (the local process, or the link from the agent to remocal, is slower than the mirrored traffic, or the traffic arrives out of order in many small pieces); this mirrored connection was cut off to bound the agent's memory (the agent's --mirror-flow-limit sets how much a copy may hold)"
             )),
-            Cut::TooFarAhead { ahead } => Status::data_loss(format!(
+            Cut::TooFarAhead { ahead } => (CutKind::DataLoss, format!(
                 "data arrived {ahead} bytes past the first byte still missing, further than the {AHEAD} bytes the agent holds ahead of a gap (a TCP receive window that large is rare; a forged segment looks like this); the copy ends here rather than skip bytes"
             )),
-            Cut::Budget { held, limit } => Status::resource_exhausted(format!(
+            Cut::Budget { held, limit } => (CutKind::ResourceExhausted, format!(
                 "the agent's mirror memory budget ({limit} bytes, shared by every mirror session on its node) was reached, and this copy held the most ({held} bytes, counting {PIECE_OVERHEAD} bytes a piece): it was cut off to bound the agent's memory"
             )),
-            Cut::Reset { by_pod: false } => {
-                Status::aborted("the remote client reset the connection")
-            }
-            Cut::Reset { by_pod: true } => Status::aborted("the pod reset the connection"),
-            Cut::SessionEnded => Status::unavailable("the session ended"),
-            Cut::Idle => Status::deadline_exceeded("the connection was idle too long"),
-        }
+            Cut::Reset { by_pod: false } => (CutKind::Aborted, "the remote client reset the connection".to_string()),
+            Cut::Reset { by_pod: true } => (CutKind::Aborted, "the pod reset the connection".to_string()),
+            Cut::SessionEnded => (CutKind::Unavailable, "the session ended".to_string()),
+            Cut::Idle => (CutKind::DeadlineExceeded, "the connection was idle too long".to_string()),
+        };
+        CopyCut { kind, message }
     }
 
     fn reason(&self) -> &'static str {
@@ -183,7 +182,7 @@ pub async fn run(
                 None => break "the capture stopped",
             },
             _ = tick.tick() => mirror.maintain(tap.lost.load(Ordering::Relaxed)),
-            request = requests.message() => if let Some(reason) = live.handle(request) {
+            request = requests.message() => if let Some(reason) = live.handle(request.map_err(|_| LinkBroken)) {
                 break reason;
             },
             () = events.closed() => break "the client stopped listening",
@@ -223,7 +222,7 @@ struct Mirror {
 }
 
 impl Mirror {
-    fn capture(&mut self, capture: Capture, events: &mpsc::Sender<Result<SessionEvent, Status>>) {
+    fn capture(&mut self, capture: Capture, events: &mpsc::Sender<SessionEvent>) {
         let flow = capture.flow();
         match capture {
             Capture::Syn { isn, .. } => {
@@ -281,7 +280,7 @@ impl Mirror {
         &mut self,
         flow: Flow,
         fin: Option<u32>,
-        events: &mpsc::Sender<Result<SessionEvent, Status>>,
+        events: &mpsc::Sender<SessionEvent>,
     ) -> bool {
         if self.flows.contains_key(&flow) {
             return true;
@@ -302,7 +301,7 @@ impl Mirror {
                 // Never awaited: a client that stopped reading its events
                 // must not stop the session from seeing its close.
                 let event = session_event::Kind::Warning(Warning { message });
-                let _ = events.try_send(Ok(SessionEvent { kind: Some(event) }));
+                let _ = events.try_send(SessionEvent { kind: Some(event) });
             }
             return false;
         }
@@ -336,10 +335,7 @@ impl Mirror {
             // whose announcement finds the queue full could not be picked
             // up in time anyway: it ends at once.
             let event = session_event::Kind::Connection(connection);
-            if events
-                .try_send(Ok(SessionEvent { kind: Some(event) }))
-                .is_err()
-            {
+            if events.try_send(SessionEvent { kind: Some(event) }).is_err() {
                 self.live.take_pending(id);
                 self.close(
                     &flow,
@@ -431,15 +427,14 @@ impl Mirror {
 
     fn cut(&mut self, flow: &Flow, cut: Cut) {
         if let Some(state) = self.flows.get(flow) {
-            let status = cut.status();
+            let status = cut.cut();
             if let (Cut::Lost, Some((_, missing))) = (&cut, state.reassembler.hole()) {
                 self.live.metrics().mirror_lost_bytes_total.inc_by(missing);
             }
             if !matches!(cut, Cut::Reset { .. } | Cut::SessionEnded | Cut::Idle) {
                 self.live.warn(format!(
                     "connection {} was cut off: {}",
-                    state.id,
-                    status.message()
+                    state.id, status.message
                 ));
             }
             let _ = state.downstream.try_send(Err(status));

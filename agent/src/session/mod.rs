@@ -19,7 +19,7 @@ use remocal_proto::v1::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::{Status, Streaming};
+use tonic::Streaming;
 use tracing::{info, warn};
 
 use crate::{
@@ -27,7 +27,8 @@ use crate::{
     http_route::{Filter, FilterError},
     kube::{PodEvents, PodLookup, PodLookupError},
     live_session::{
-        ATTACH_TIMEOUT, Audit, Handoff, LiveSession, Pending, StandbyCalls, StandbyRefused,
+        ATTACH_TIMEOUT, Audit, Handoff, LinkBroken, LiveSession, Pending, StandbyCalls,
+        StandbyRefused,
     },
     metrics::{self, Metrics},
     mirror,
@@ -53,7 +54,7 @@ enum Redirected {
 /// loop waits, and the kernel's backlog absorbs the burst.
 const EVENT_QUEUE: usize = 1024;
 
-pub type Events = mpsc::Receiver<Result<SessionEvent, Status>>;
+pub type Events = mpsc::Receiver<SessionEvent>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -476,7 +477,7 @@ impl Sessions {
         loop {
             tokio::select! {
                 _ = sweep.tick() => live.reset_unclaimed(),
-                request = requests.message() => if let Some(reason) = live.handle(request) {
+                request = requests.message() => if let Some(reason) = live.handle(request.map_err(|_| LinkBroken)) {
                     break reason;
                 },
                 () = events.closed() => break "the client stopped listening",

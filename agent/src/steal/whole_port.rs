@@ -5,12 +5,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use remocal_proto::v1::{SessionEvent, SessionRequest, session_event};
 use tokio::{net::TcpStream, sync::mpsc};
 use tokio_util::sync::CancellationToken;
-use tonic::{Status, Streaming};
+use tonic::Streaming;
 use tracing::{debug, warn};
 
 use super::canonical;
 use crate::{
-    live_session::{ATTACH_TIMEOUT, LiveSession, Pending},
+    live_session::{ATTACH_TIMEOUT, LinkBroken, LiveSession, Pending},
     proxy,
     redirect::Redirection,
 };
@@ -30,9 +30,7 @@ pub async fn run(
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(err) => {
-            let _ = events.try_send(Err(Status::internal(format!(
-                "cannot watch the steal listener: {err}"
-            ))));
+            live.warn(format!("the agent cannot watch the steal listener: {err}"));
             return "internal error";
         }
     };
@@ -50,14 +48,14 @@ pub async fn run(
         tokio::select! {
             _ = sweep.tick() => live.reset_unclaimed(),
             room = events.reserve(), if unsent.is_some() => match room {
-                Ok(room) => room.send(Ok(unsent.take().expect("checked by the guard"))),
+                Ok(room) => room.send(unsent.take().expect("checked by the guard")),
                 Err(_) => break "the client stopped listening",
             },
             accepted = listener.accept(), if unsent.is_none() => match accepted {
                 Ok((stream, source)) => {
                     unsent = announce(live, stream, source).and_then(|event| {
-                        match events.try_send(Ok(event)) {
-                            Err(mpsc::error::TrySendError::Full(Ok(event))) => Some(event),
+                        match events.try_send(event) {
+                            Err(mpsc::error::TrySendError::Full(event)) => Some(event),
                             // Closed: the loop notices below.
                             _ => None,
                         }
@@ -70,7 +68,7 @@ pub async fn run(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            request = requests.message() => if let Some(reason) = live.handle(request) {
+            request = requests.message() => if let Some(reason) = live.handle(request.map_err(|_| LinkBroken)) {
                 break reason;
             },
             () = events.closed() => break "the client stopped listening",
