@@ -1059,7 +1059,7 @@ async fn when_filters_overlap_the_session_started_first_wins() {
 
     // Port 80: the narrow filter first. Port 8080: the broad one first.
     let mut narrow_80 = shared.steal_on(PORT, &narrow, ALICE).start().await;
-    let _broad_80 = shared.steal_on(PORT, &broad, everyone).start().await;
+    let broad_80 = shared.steal_on(PORT, &broad, everyone).start().await;
     let _broad_8080 = shared.steal_on(OTHER_PORT, &broad, everyone).start().await;
     let _narrow_8080 = shared.steal_on(OTHER_PORT, &narrow, ALICE).start().await;
 
@@ -1074,6 +1074,31 @@ async fn when_filters_overlap_the_session_started_first_wins() {
     assert_eq!(exchange(&mut on_8080, "/", Some("alice")).await.by, "broad");
     assert_eq!(exchange(&mut on_8080, "/", Some("carol")).await.by, "broad");
     assert_eq!(exchange(&mut on_8080, "/", None).await.by, "pod");
+    // The one that joined later was told who comes first; the first was not.
+    let warned = until_ok(
+        Instant::now() + Duration::from_secs(5),
+        Duration::from_millis(50),
+        || {
+            let stderr = broad_80.stderr();
+            std::future::ready(
+                if stderr.contains("warning:")
+                    && stderr.contains("x-dev: alice")
+                    && stderr.contains("started first")
+                {
+                    Ok(())
+                } else {
+                    Err(stderr)
+                },
+            )
+        },
+    )
+    .await;
+    assert!(warned.is_ok(), "{warned:?}");
+    assert!(
+        !narrow_80.stderr().contains("started first"),
+        "{}",
+        narrow_80.stderr()
+    );
 
     // When the first leaves, the next match takes its requests, on the same connection.
     let ended = narrow_80.stop().await;
