@@ -92,6 +92,18 @@ impl Shared {
         self.steal(local, filter).start().await
     }
 
+    /// alice's and bob's local processes, each with a filtered steal of
+    /// PORT (`x-dev: alice`, `x-dev: bob`), alice's started first.
+    async fn alice_and_bob(&self) -> (HttpServer, HttpServer, [Client; 2]) {
+        let alice = HttpServer::local("alice");
+        let bob = HttpServer::local("bob");
+        let sessions = [
+            self.filtered(&alice, ALICE).await,
+            self.filtered(&bob, BOB).await,
+        ];
+        (alice, bob, sessions)
+    }
+
     /// Asserts that a new connection reaches the pod's server directly: the
     /// answer is the pod's, and the pod's own end of it is the pod's address
     /// (the agent's pass-through would show loopback there).
@@ -308,10 +320,7 @@ fn transfer_dev(requests: &[(&str, Option<&str>)], path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_http_client_on_one_connection_over_ipv6_is_routed_request_by_request() {
     let shared = Shared::start().await;
-    let alice = HttpServer::local("alice");
-    let bob = HttpServer::local("bob");
-    let _alice_session = shared.filtered(&alice, ALICE).await;
-    let _bob_session = shared.filtered(&bob, BOB).await;
+    let (_alice, _bob, _sessions) = shared.alice_and_bob().await;
 
     let pod = shared.scenario.pod(0);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/keepalive_client.py");
@@ -358,10 +367,7 @@ async fn python_http_client_on_one_connection_over_ipv6_is_routed_request_by_req
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order_each_by_its_side() {
     let shared = Shared::start().await;
-    let alice = HttpServer::local("alice");
-    let bob = HttpServer::local("bob");
-    let _alice_session = shared.filtered(&alice, ALICE).await;
-    let _bob_session = shared.filtered(&bob, BOB).await;
+    let (_alice, _bob, _sessions) = shared.alice_and_bob().await;
 
     let mut stream = shared.node().connect(shared.addr()).await.expect("connect");
     let local = stream.local_addr().unwrap();
@@ -435,10 +441,7 @@ async fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<(St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_clients_each_get_every_answer_from_the_right_side() {
     let shared = Shared::start().await;
-    let alice = HttpServer::local("alice");
-    let bob = HttpServer::local("bob");
-    let _alice_session = shared.filtered(&alice, ALICE).await;
-    let _bob_session = shared.filtered(&bob, BOB).await;
+    let (_alice, _bob, _sessions) = shared.alice_and_bob().await;
 
     const CLIENTS: usize = 200;
     let pod = shared.scenario.pod(0);
@@ -607,10 +610,7 @@ async fn fifty_mib_uploads_and_downloads_are_byte_exact_matched_and_unmatched() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_is_routed_stream_by_stream() {
     let shared = Shared::start().await;
-    let alice = HttpServer::local("alice");
-    let bob = HttpServer::local("bob");
-    let _alice_session = shared.filtered(&alice, ALICE).await;
-    let _bob_session = shared.filtered(&bob, BOB).await;
+    let (_alice, _bob, _sessions) = shared.alice_and_bob().await;
 
     for addr in shared.scenario.pod(0).addrs(PORT) {
         for (path, dev) in [
@@ -703,10 +703,7 @@ async fn h2c_prior_knowledge_is_routed_stream_by_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_on_one_channel_are_routed_call_by_call_by_their_metadata() {
     let shared = Shared::start().await;
-    let alice = HttpServer::local("alice");
-    let bob = HttpServer::local("bob");
-    let _alice_session = shared.filtered(&alice, ALICE).await;
-    let _bob_session = shared.filtered(&bob, BOB).await;
+    let (_alice, _bob, _sessions) = shared.alice_and_bob().await;
 
     let mut client = EchoClient::connect(shared.node(), shared.addr())
         .await

@@ -158,14 +158,20 @@ impl Count {
     }
 }
 
-pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Filtered> {
-    let relay = ServerProcess::relay_in_pod(
+/// The floor: one plain relay inside the pod in front of its server, the
+/// hop the agent's pass-through takes.
+async fn floor_relay(bed: &Bed) -> anyhow::Result<ServerProcess> {
+    ServerProcess::relay_in_pod(
         &bed.pod().netns,
         PASSTHROUGH_FLOOR_PORT,
         (Ipv4Addr::LOCALHOST, HTTP_PORT).into(),
         DEFAULT_BUFFER,
     )
-    .await?;
+    .await
+}
+
+pub async fn measure(bed: &Bed, profile: &Profile) -> anyhow::Result<Filtered> {
+    let relay = floor_relay(bed).await?;
     let measured = rounds(bed, profile).await;
     relay.stop().await;
     let (every_round, routed) = measured?;
@@ -444,13 +450,7 @@ pub async fn load(path: LoadPath, duration: Duration, probe: bool) -> anyhow::Re
                 .await
         }
         LoadPath::Relay => {
-            let relay = ServerProcess::relay_in_pod(
-                &bed.pod().netns,
-                PASSTHROUGH_FLOOR_PORT,
-                (Ipv4Addr::LOCALHOST, HTTP_PORT).into(),
-                DEFAULT_BUFFER,
-            )
-            .await?;
+            let relay = floor_relay(&bed).await?;
             let run = send(PASSTHROUGH_FLOOR_PORT, relay.pid(), &[]).await;
             relay.stop().await;
             run
