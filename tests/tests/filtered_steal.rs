@@ -1797,6 +1797,64 @@ async fn http2_connections_beyond_the_agents_limit_go_to_the_pod_whole() {
     assert!(reply.is_ok(), "{reply:?}");
 }
 
+/// Two agents on one node (a DaemonSet update with surge) passing traffic
+/// through in the same pod namespace share its local route: the one that
+/// finishes first must leave it, and the rules of ports the other uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_finishing_leaves_what_another_agent_passes_through_with() {
+    const OTHER_PORT: u16 = 8080;
+    let shared = Shared::with_ports(&[PORT, OTHER_PORT]).await;
+    let alice = HttpServer::local("alice");
+    let bob = HttpServer::local("bob");
+    let mut first = shared.filtered(&alice, ALICE).await;
+    let second_agent = Agent::start().await;
+    let filtered_on_second = BOB.iter().fold(
+        Steal::new(&second_agent.url())
+            .target(&shared.scenario.pod_target(0))
+            .port(OTHER_PORT)
+            .local_port(bob.port()),
+        |steal, arg| steal.arg(arg),
+    );
+    let _second = filtered_on_second.start().await;
+    let other = shared.scenario.pod(0).v4(OTHER_PORT);
+    let mut client = Http1::connect(shared.node(), other).await.unwrap();
+    assert_eq!(exchange(&mut client, "/", None).await.by, "pod");
+
+    // The first agent's session ends, and its port drains.
+    let ended = first.stop().await;
+    assert_eq!(ended.code, Some(0), "{ended:?}");
+    let netns = &shared.scenario.pod(0).netns;
+    let drained = until_ok(
+        Instant::now() + Duration::from_secs(15),
+        Duration::from_millis(100),
+        || {
+            let rules = passthrough_rules(netns);
+            std::future::ready(
+                if rules
+                    .iter()
+                    .any(|rule| rule.contains(&format!("sport {PORT} ")))
+                {
+                    Err(rules)
+                } else {
+                    Ok(rules)
+                },
+            )
+        },
+    )
+    .await
+    .expect("the first agent removed its own port's rules");
+    assert!(
+        drained.iter().any(|rule| rule.contains("local default")),
+        "the shared route stayed for the second agent: {drained:?}"
+    );
+    // The second agent's unmatched requests still reach the pod, on the
+    // open connection and on a new one.
+    assert_eq!(exchange(&mut client, "/", None).await.by, "pod");
+    let mut fresh = Http1::connect(shared.node(), other).await.unwrap();
+    assert_eq!(exchange(&mut fresh, "/", None).await.by, "pod");
+    assert_eq!(exchange(&mut fresh, "/", Some("bob")).await.by, "bob");
+}
+
 /// A server that listens only on the pod's own address refuses the
 /// loopback pass-through: the agent reaches it from the pod's address and
 /// names the client in a `Forwarded` header instead.

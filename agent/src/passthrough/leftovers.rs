@@ -42,7 +42,7 @@ pub fn clean_leftovers() -> usize {
         .map(|stat| (stat.st_dev, stat.st_ino));
     let in_use = held_by_other_agents();
     let mut candidates = candidates(own);
-    candidates.retain(|(key, _)| !in_use.contains(key));
+    candidates.retain(|(key, _)| !in_use.contains_key(key));
     let found = candidates.len();
     // setns(2) moves the calling thread; a thread of its own does it, so no
     // caller is ever left in a pod's namespace.
@@ -70,13 +70,19 @@ pub fn clean_leftovers() -> usize {
     cleaned
 }
 
-/// Namespaces where another live agent process has pass-through sockets:
-/// its socket makers (threads named `remocal-pt…`) sit in them, so their
-/// rules are in use, not left over. Two agents share a node during a
-/// DaemonSet update with surge, and in the end-to-end tests.
-fn held_by_other_agents() -> HashSet<NsKey> {
+/// The ports another live agent process of the node passes through in
+/// namespace `ns`: rules and the route it still needs there.
+pub fn ports_of_other_agents(ns: NsKey) -> HashSet<u16> {
+    held_by_other_agents().remove(&ns).unwrap_or_default()
+}
+
+/// Namespaces where another live agent process has pass-through sockets,
+/// with their ports: its socket makers (threads named `remocal-pt<PORT>`)
+/// sit in them, so their rules are in use, not left over. Two agents share
+/// a node during a DaemonSet update with surge, and in the end-to-end tests.
+fn held_by_other_agents() -> HashMap<NsKey, HashSet<u16>> {
     let me = std::process::id().to_string();
-    let mut held = HashSet::new();
+    let mut held: HashMap<NsKey, HashSet<u16>> = HashMap::new();
     for process in fs::read_dir(PROC).into_iter().flatten().flatten() {
         let pid = process.file_name();
         let Some(pid) = pid
@@ -96,10 +102,18 @@ fn held_by_other_agents() -> HashSet<NsKey> {
             .flatten()
         {
             let task = task.path();
-            let is_maker = fs::read_to_string(task.join("comm"))
-                .is_ok_and(|comm| comm.starts_with(maker::THREAD_PREFIX));
-            if is_maker && let Ok(stat) = nix::sys::stat::stat(&task.join("ns/net")) {
-                held.insert((stat.st_dev, stat.st_ino));
+            let port = fs::read_to_string(task.join("comm")).ok().and_then(|comm| {
+                comm.trim_end()
+                    .strip_prefix(maker::THREAD_PREFIX)?
+                    .parse::<u16>()
+                    .ok()
+            });
+            if let Some(port) = port
+                && let Ok(stat) = nix::sys::stat::stat(&task.join("ns/net"))
+            {
+                held.entry((stat.st_dev, stat.st_ino))
+                    .or_default()
+                    .insert(port);
             }
         }
     }

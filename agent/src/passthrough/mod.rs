@@ -207,9 +207,21 @@ impl Drop for Passthrough {
         };
         let mut open = registry::lock();
         let released = open.release(self.ns, self.port);
+        // Another agent on the node (a DaemonSet update with surge) may
+        // still pass traffic through here: what it uses stays.
+        let others = if released.rule || released.route {
+            leftovers::ports_of_other_agents(self.ns)
+        } else {
+            Default::default()
+        };
+        let keep_rule = others.contains(&self.port);
+        let keep_route = !others.is_empty();
+        if keep_rule || keep_route {
+            debug!(netns = %self.target, port = self.port, ?others, "another agent passes traffic through here: its rules stay");
+        }
         for family in Family::BOTH {
             let no_family = family == Family::V6 && self.no_ipv6.is_some();
-            if released.rule && !no_family {
+            if released.rule && !no_family && !keep_rule {
                 report(
                     rules::remove_rule(&mut netlink, family, self.port),
                     "rule",
@@ -217,7 +229,7 @@ impl Drop for Passthrough {
                     self,
                 );
             }
-            if released.route {
+            if released.route && !keep_route {
                 report(
                     rules::remove_route(&mut netlink, family),
                     "route",

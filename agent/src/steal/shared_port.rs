@@ -304,7 +304,8 @@ impl SharedPort {
         // The pod's server may close its side of the last pass-through
         // connections a moment after ours: its FIN needs the rules too.
         tokio::time::sleep(RULES_LINGER).await;
-        drop(passthrough);
+        // Removing the rules looks for other agents in /proc: off the runtime.
+        let _ = tokio::task::spawn_blocking(move || drop(passthrough)).await;
         debug!(port = self.key.1, "shared port drained");
     }
 
