@@ -128,6 +128,10 @@ enum State {
     DataLf,
     /// At the start of a trailer line, or of the final empty line.
     LineStart,
+    /// A trailer field's name, up to its colon: a line that is not a
+    /// `name: value` field (say, a smuggled request line) is refused rather
+    /// than passed to a server that might read it as the next request.
+    TrailerName,
     Trailer,
     TrailerLf,
     EndLf,
@@ -209,7 +213,11 @@ impl Chunked {
                 State::Size
             }
             (State::LineStart, b'\r') => State::EndLf,
-            (State::LineStart | State::Trailer, _) if byte != b'\n' && byte != b'\r' => {
+            (State::LineStart | State::TrailerName, _) if crate::http_route::filter::is_token(byte) => {
+                State::TrailerName
+            }
+            (State::TrailerName, b':') => State::Trailer,
+            (State::Trailer, _) if byte == b'\t' || (byte >= b' ' && byte != 0x7f) => {
                 State::Trailer
             }
             (State::Trailer, b'\r') => State::TrailerLf,
@@ -259,6 +267,10 @@ mod tests {
             b"0\r\nx-bad\n",
             b"ffffffffffffffffff\r\n",
             b"5;a\x01\r\n",
+            // Not a trailer field: a request line smuggled after the body.
+            b"0\r\nGET /admin HTTP/1.1\r\n",
+            b"0\r\n: no-name\r\n",
+            b"0\r\nx-sum 1\r\n",
         ] {
             assert!(taken(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
