@@ -3,6 +3,7 @@
 //! typo is a usage error before anything in the cluster is touched, and
 //! rendered back as the flags that would give the same filter.
 use regex::RegexBuilder;
+use remocal_proto::filter::{is_token, quote};
 use remocal_proto::v1::{HeaderMatch, HttpFilter};
 use serde_json::{Value, json};
 
@@ -173,43 +174,8 @@ pub fn refused(status: &tonic::Status) -> Option<Failure> {
     .then(|| usage(format!("the agent refused the filter: {message}")))
 }
 
-/// RFC 9110's `tchar`: what header names and methods are made of.
-fn is_token(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
-}
-
 fn usage(message: impl Into<String>) -> Failure {
     Failure::new(Status::Usage, message)
-}
-
-/// The filter as the flags that give it, quoted for a shell, so a ready line
-/// can be read as a command: `--header 'x-dev: alice' --method POST --path '^/api/'`.
-pub fn describe(filter: &HttpFilter) -> String {
-    let mut flags: Vec<String> = filter
-        .headers
-        .iter()
-        .map(|header| {
-            format!(
-                "--header {}",
-                quote(&format!("{}: {}", header.name, header.value))
-            )
-        })
-        .collect();
-    if !filter.method.is_empty() {
-        let method = &filter.method;
-        if method
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            flags.push(format!("--method {method}"));
-        } else {
-            flags.push(format!("--method {}", quote(method)));
-        }
-    }
-    if !filter.path.is_empty() {
-        flags.push(format!("--path {}", quote(&filter.path)));
-    }
-    flags.join(" ")
 }
 
 /// The filter for `--output json`: absent conditions are null.
@@ -235,36 +201,6 @@ fn truncated(text: &str) -> String {
         return text.to_string();
     }
     format!("{}...", text.chars().take(SHOWN).collect::<String>())
-}
-
-/// Single quotes for a shell (a quote inside becomes `'\''`); text with
-/// control characters (a newline) gets `$'...'` escapes instead, so output
-/// stays one line per event.
-fn quote(text: &str) -> String {
-    if !text.chars().any(char::is_control) {
-        return format!("'{}'", text.replace('\'', r"'\''"));
-    }
-    let mut quoted = String::from("$'");
-    for c in text.chars() {
-        match c {
-            '\\' | '\'' => {
-                quoted.push('\\');
-                quoted.push(c);
-            }
-            '\n' => quoted.push_str(r"\n"),
-            '\t' => quoted.push_str(r"\t"),
-            '\r' => quoted.push_str(r"\r"),
-            c if c.is_control() => {
-                let mut bytes = [0; 4];
-                for byte in c.encode_utf8(&mut bytes).bytes() {
-                    quoted.push_str(&format!("\\x{byte:02x}"));
-                }
-            }
-            c => quoted.push(c),
-        }
-    }
-    quoted.push('\'');
-    quoted
 }
 
 #[cfg(test)]

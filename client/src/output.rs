@@ -23,7 +23,10 @@ impl Printer {
         match self.format {
             OutputFormat::Text => {
                 let filter = ready.filter.as_ref().map_or(String::new(), |filter| {
-                    format!(" requests matching {}", filter::describe(filter))
+                    format!(
+                        " requests matching {}",
+                        remocal_proto::filter::describe(filter)
+                    )
                 });
                 let user = if ready.user.is_empty() {
                     "anonymous"

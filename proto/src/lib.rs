@@ -1,6 +1,7 @@
 //! The gRPC API between the remocal agent and client (package `remocal.v1`).
 pub mod allocator;
 pub mod auth;
+pub mod filter;
 pub mod wire;
 
 pub mod v1 {

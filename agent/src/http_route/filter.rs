@@ -9,7 +9,10 @@ use regex_automata::{
     Input,
     dfa::{Automaton as _, StartKind, dense},
 };
-use remocal_proto::v1::{HeaderMatch, HttpFilter};
+use remocal_proto::{
+    filter::{describe, is_token},
+    v1::{HeaderMatch, HttpFilter},
+};
 
 use super::Request;
 
@@ -142,22 +145,6 @@ impl std::fmt::Display for Filter {
     }
 }
 
-/// A filter as CLI flags, for messages and logs.
-pub fn describe(spec: &HttpFilter) -> String {
-    let mut parts: Vec<String> = spec
-        .headers
-        .iter()
-        .map(|header| format!("--header '{}: {}'", header.name, header.value))
-        .collect();
-    if !spec.method.is_empty() {
-        parts.push(format!("--method {}", spec.method));
-    }
-    if !spec.path.is_empty() {
-        parts.push(format!("--path '{}'", spec.path));
-    }
-    parts.join(" ")
-}
-
 /// A pattern, compiled.
 #[derive(Debug)]
 struct Pattern {
@@ -204,11 +191,6 @@ fn compile(what: &str, pattern: &str) -> Result<Pattern, FilterError> {
 
 fn truncated(text: &str) -> String {
     text.chars().take(64).collect()
-}
-
-/// RFC 9110's `tchar`.
-pub fn is_token(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{Opened, Side, Upstreams, filter::is_token};
+use remocal_proto::filter::is_token;
+
+use super::{Opened, Side, Upstreams};
 
 /// What HTTP/2 with prior knowledge starts with (RFC 9113, 3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

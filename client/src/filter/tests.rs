@@ -177,29 +177,6 @@ fn the_agents_limits_are_enforced_here() {
 }
 
 #[test]
-fn describe_gives_back_the_flags_quoted_for_a_shell() {
-    let filter = HttpFilter {
-        headers: vec![header("x-dev", "alice"), header("x-q", "it's")],
-        path: "^/api/".into(),
-        method: "POST".into(),
-    };
-    assert_eq!(
-        describe(&filter),
-        r"--header 'x-dev: alice' --header 'x-q: it'\''s' --method POST --path '^/api/'"
-    );
-    let method_only = HttpFilter {
-        method: "M!".into(),
-        ..HttpFilter::default()
-    };
-    assert_eq!(describe(&method_only), "--method 'M!'");
-    let multi_line = HttpFilter {
-        path: "a\n'b".into(),
-        ..HttpFilter::default()
-    };
-    assert_eq!(describe(&multi_line), r"--path $'a\n\'b'");
-}
-
-#[test]
 fn json_has_null_for_absent_conditions() {
     let filter = HttpFilter {
         headers: vec![header("x-dev", "alice")],

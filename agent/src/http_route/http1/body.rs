@@ -213,7 +213,7 @@ impl Chunked {
                 State::Size
             }
             (State::LineStart, b'\r') => State::EndLf,
-            (State::LineStart | State::TrailerName, _) if crate::http_route::filter::is_token(byte) => {
+            (State::LineStart | State::TrailerName, _) if remocal_proto::filter::is_token(byte) => {
                 State::TrailerName
             }
             (State::TrailerName, b':') => State::Trailer,
