@@ -316,7 +316,14 @@ impl SharedPort {
         passthrough: &Arc<Passthrough>,
     ) {
         let client = canonical(client);
-        let destination = stream.local_addr().map(canonical).unwrap_or(client);
+        // The pod's address and the shared port: a client that reached the
+        // steal listener's own (ephemeral) port directly must not make the
+        // pass-through connect back to it.
+        let Ok(local) = stream.local_addr() else {
+            // Closed before it could be routed.
+            return;
+        };
+        let destination = SocketAddr::new(local.ip().to_canonical(), self.key.1);
         let routes = ConnectionRoutes {
             port: self.clone(),
             passthrough: passthrough.clone(),
