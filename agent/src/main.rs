@@ -1,6 +1,7 @@
 //! remocal-agent: runs on every node (a DaemonSet with hostNetwork and
 //! hostPID), steals selected TCP connections of pods with eBPF and serves them
 //! to remocal clients over gRPC.
+mod agent_processes;
 mod auth;
 mod bpf_counters;
 mod grpc;
@@ -12,11 +13,14 @@ mod logging;
 mod memory;
 mod metrics;
 mod mirror;
+mod netlink;
 mod netns;
 mod passthrough;
 mod proxy;
 mod redirect;
+mod reset_existing;
 mod session;
+mod sock_diag;
 mod steal;
 #[cfg(test)]
 mod tests;

@@ -64,6 +64,21 @@ pub enum Protocol {
     not_routed,
 }
 
+/// What became of a pod's existing connection under `--reset-existing`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ResetOutcome {
+    /// Ended while idle: its client reconnects, into the steal.
+    ended,
+    /// Still busy at the deadline: left to the pod.
+    left_alone,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResetLabels {
+    pub outcome: ResetOutcome,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: Route,
@@ -106,6 +121,7 @@ pub struct Metrics {
     pub flow_rtt_seconds: Histogram,
     pub routed_requests_total: Family<RouteLabels, Counter>,
     pub routed_connections_total: Family<ProtocolLabels, Counter>,
+    pub reset_connections_total: Family<ResetLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -124,6 +140,7 @@ impl Default for Metrics {
             flow_rtt_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
             routed_requests_total: Family::default(),
             routed_connections_total: Family::default(),
+            reset_connections_total: Family::default(),
         }
     }
 }
@@ -174,6 +191,12 @@ impl Metrics {
                 protocol: Protocol::not_routed,
             })
             .inc();
+    }
+
+    pub fn connections_reset(&self, outcome: ResetOutcome, count: usize) {
+        self.reset_connections_total
+            .get_or_create(&ResetLabels { outcome })
+            .inc_by(count as u64);
     }
 
     pub fn session_error(&self, code: tonic::Code) {
@@ -247,6 +270,11 @@ pub fn registry(metrics: &Metrics, kernel: Box<dyn Collector>) -> Registry {
         "routed_connections",
         "Connections to ports shared by filtered steals, counted when they end, by protocol (other: not HTTP, passed to the pod whole; not_routed: beyond the agent's limit, passed to the pod whole unfiltered, counted when they start)",
         metrics.routed_connections_total.clone(),
+    );
+    registry.register(
+        "reset_connections",
+        "A pod's connections that were open before a steal with --reset-existing: ended while idle so their clients reconnect into the steal, or left alone, still busy at the deadline",
+        metrics.reset_connections_total.clone(),
     );
     registry.register(
         "build",

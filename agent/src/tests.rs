@@ -133,6 +133,7 @@ impl Harness {
             mode: mode as i32,
             client: "tester@laptop".into(),
             filter: None,
+            reset_existing: None,
         };
         requests
             .send(SessionRequest {

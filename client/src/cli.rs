@@ -56,6 +56,36 @@ pub struct StealArgs {
     pub session: SessionArgs,
     #[command(flatten)]
     pub filter: FilterArgs,
+    #[command(flatten)]
+    pub reset: ResetArgs,
+}
+
+/// Taking over clients already connected to the pod. Not on `mirror`: a
+/// mirror is read-only and never ends anything.
+#[derive(Args, Default)]
+#[command(next_help_heading = "Clients already connected")]
+pub struct ResetArgs {
+    /// End the pod's existing connections to the port while they are idle,
+    /// so that their clients (keep-alive pools, proxies, gRPC channels)
+    /// reconnect into the steal. Without it they keep going to the pod, and
+    /// remocal says how many.
+    ///
+    /// A connection is ended only between requests: nothing unread or
+    /// unacknowledged, the pod answered last, and no traffic for 20 ms. A
+    /// busy one is retried until --reset-deadline, then left alone. Its
+    /// client sees a reset and reconnects, as it does when a server restarts.
+    #[arg(long)]
+    pub reset_existing: bool,
+    /// How long busy connections are retried before they are left to the
+    /// pod, in seconds (at most 120).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 10,
+        requires = "reset_existing",
+        value_parser = clap::value_parser!(u32).range(1..=120)
+    )]
+    pub reset_deadline: u32,
 }
 
 /// Which HTTP requests a filtered steal takes. Not on `mirror`: a mirror is
@@ -178,12 +208,15 @@ fn parse_from(
 }
 
 fn usage_failure(err: clap::Error) -> Failure {
-    if let Some(flag) = filter_flag(&err) {
+    if let Some(flag) = steal_only_flag(&err) {
+        let why = if flag.starts_with("--reset") {
+            "it ends the pod's connections, and a mirror is read-only"
+        } else {
+            "it picks the HTTP requests a steal takes (a mirror copies whole connections)"
+        };
         return Failure::new(
             Status::Usage,
-            format!(
-                "{flag} is for `remocal steal` only: it picks the HTTP requests a steal takes (a mirror copies whole connections); drop {flag}"
-            ),
+            format!("{flag} is for `remocal steal` only: {why}; drop {flag}"),
         );
     }
     match err.kind() {
@@ -217,8 +250,8 @@ fn usage_failure(err: clap::Error) -> Failure {
     }
 }
 
-/// The filter flag clap did not expect: only `steal` has them.
-fn filter_flag(err: &clap::Error) -> Option<&'static str> {
+/// The flag clap did not expect that only `steal` has.
+fn steal_only_flag(err: &clap::Error) -> Option<&'static str> {
     use clap::error::{ContextKind, ContextValue};
     if err.kind() != ErrorKind::UnknownArgument {
         return None;
@@ -227,8 +260,14 @@ fn filter_flag(err: &clap::Error) -> Option<&'static str> {
         return None;
     };
     let name = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
-    ["--header", "--path", "--method"]
-        .into_iter()
+    [
+        "--header",
+        "--path",
+        "--method",
+        "--reset-existing",
+        "--reset-deadline",
+    ]
+    .into_iter()
         .find(|flag| *flag == name)
 }
 

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Steal(args) => session::steal(args).await,
-            Command::Mirror(args) => session::run(args, Mode::Mirror, None).await,
+            Command::Mirror(args) => session::run(args, Mode::Mirror, None, None).await,
             Command::Agents(args) => agents::run(args).await,
         }
     });

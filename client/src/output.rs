@@ -1,6 +1,6 @@
 //! What remocal prints on stdout: a `ready` line, and with -v a line per
 //! connection and per close. Text for people, JSON lines for scripts.
-use remocal_proto::v1::{ConnectionClosed, NewConnection, Ready};
+use remocal_proto::v1::{ConnectionClosed, NewConnection, Ready, ResetProgress};
 use serde_json::json;
 
 use crate::{cli::OutputFormat, filter};
@@ -17,8 +17,9 @@ impl Printer {
     }
 
     /// A filtered steal names its filter as the agent applies it (the flags
-    /// that give it), before the local side:
-    /// `ready steal pod shop/web port=80 requests matching --header 'x-dev: alice' -> 127.0.0.1:8080 as alice`.
+    /// that give it), and a steal with --reset-existing how many of the
+    /// pod's connections it ended, before the local side:
+    /// `ready steal pod shop/web port=80 requests matching --header 'x-dev: alice' reset: ended=2 waiting=1 -> 127.0.0.1:8080 as alice`.
     fn ready_line(&self, mode: &str, ready: &Ready, local: &str) -> String {
         match self.format {
             OutputFormat::Text => {
@@ -28,19 +29,23 @@ impl Printer {
                         remocal_proto::filter::describe(filter)
                     )
                 });
+                let reset = ready.reset.as_ref().map_or(String::new(), |reset| {
+                    format!(" reset: {}", reset_counts(reset))
+                });
                 let user = if ready.user.is_empty() {
                     "anonymous"
                 } else {
                     &ready.user
                 };
                 format!(
-                    "ready {mode} {} port={}{filter} -> {local} as {user}",
+                    "ready {mode} {} port={}{filter}{reset} -> {local} as {user}",
                     ready.target, ready.port
                 )
             }
             OutputFormat::Json => json!({"event": "ready", "mode": mode, "target": ready.target,
                    "port": ready.port, "local": local, "user": ready.user,
-                   "filter": ready.filter.as_ref().map(filter::to_json)})
+                   "filter": ready.filter.as_ref().map(filter::to_json),
+                   "reset": ready.reset.as_ref().map(reset_json)})
             .to_string(),
         }
     }
@@ -95,10 +100,35 @@ impl Printer {
         }
     }
 
+    /// How ending the pod's existing connections goes, after `ready`:
+    /// `reset ended=3 waiting=1`, and last `reset ended=4 waiting=0 done`.
+    pub fn reset(&self, progress: &ResetProgress) {
+        match self.format {
+            OutputFormat::Text => println!("reset {}", reset_counts(progress)),
+            OutputFormat::Json => {
+                let mut line = reset_json(progress);
+                line["event"] = json!("reset");
+                println!("{line}");
+            }
+        }
+    }
+
     /// Warnings go to stderr in both formats: they are for the person.
     pub fn warning(&self, message: &str) {
         eprintln!("warning: {message}");
     }
+}
+
+fn reset_counts(progress: &ResetProgress) -> String {
+    let done = if progress.done { " done" } else { "" };
+    format!(
+        "ended={} waiting={}{done}",
+        progress.ended, progress.waiting
+    )
+}
+
+fn reset_json(progress: &ResetProgress) -> serde_json::Value {
+    json!({"ended": progress.ended, "waiting": progress.waiting, "done": progress.done})
 }
 
 #[cfg(test)]

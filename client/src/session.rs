@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use remocal_proto::v1::{
-    CloseSession, HttpFilter, Mode, OpenSession, SessionEvent, SessionRequest, session_event,
-    session_request,
+    CloseSession, HttpFilter, Mode, OpenSession, ResetExisting, SessionEvent, SessionRequest,
+    session_event, session_request,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,11 +35,20 @@ const STANDBY_CALLS: usize = 16;
 /// contacted, so a typo costs no cluster call.
 pub async fn steal(args: StealArgs) -> Result<(), Failure> {
     let filter = filter::from_args(&args.filter)?;
-    run(args.session, Mode::Steal, filter).await
+    let reset = args.reset.reset_existing.then(|| ResetExisting {
+        deadline_ms: args.reset.reset_deadline.saturating_mul(1000),
+    });
+    run(args.session, Mode::Steal, filter, reset).await
 }
 
-/// A session of `mode`; `filter` only for a filtered steal.
-pub async fn run(args: SessionArgs, mode: Mode, filter: Option<HttpFilter>) -> Result<(), Failure> {
+/// A session of `mode`; `filter` only for a filtered steal, `reset` only
+/// for a steal that takes over the pod's existing connections.
+pub async fn run(
+    args: SessionArgs,
+    mode: Mode,
+    filter: Option<HttpFilter>,
+    reset: Option<ResetExisting>,
+) -> Result<(), Failure> {
     let printer = Printer {
         format: args.link.output,
         verbose: args.link.verbose,
@@ -56,12 +65,14 @@ pub async fn run(args: SessionArgs, mode: Mode, filter: Option<HttpFilter>) -> R
 
     let (requests, outgoing) = mpsc::channel(64);
     let filtered = filter.is_some();
+    let resetting = reset.is_some();
     let open = OpenSession {
         target: Some(located.target),
         port: args.port.into(),
         mode: mode as i32,
         client: whoami(),
         filter,
+        reset_existing: reset,
     };
     let _ = requests.try_send(request(session_request::Kind::Open(open)));
     let mut events = match agent.api.session(ReceiverStream::new(outgoing)).await {
@@ -97,6 +108,11 @@ pub async fn run(args: SessionArgs, mode: Mode, filter: Option<HttpFilter>) -> R
     };
     let mut stop = Box::pin(stop_requested());
     printer.ready(mode_name, &ready, &local.to_string());
+    if resetting && ready.reset.is_none() {
+        printer.warning(&format!(
+            "{address} is older than this remocal and ignored --reset-existing: the pod's existing connections keep going to the pod; upgrade the remocal agent"
+        ));
+    }
 
     let (standby_used, mut replace_standby) = mpsc::unbounded_channel();
     let forwarding = Forwarding {
@@ -127,6 +143,17 @@ pub async fn run(args: SessionArgs, mode: Mode, filter: Option<HttpFilter>) -> R
                     }
                     session_event::Kind::Closed(closed) => printer.closed(&closed),
                     session_event::Kind::Warning(warning) => printer.warning(&warning.message),
+                    session_event::Kind::Reset(progress) => {
+                        printer.reset(&progress);
+                        if progress.done && progress.waiting > 0 {
+                            printer.warning(&format!(
+                                "{} connection{} of the pod stayed busy until the reset deadline and {} left to the pod",
+                                progress.waiting,
+                                if progress.waiting == 1 { "" } else { "s" },
+                                if progress.waiting == 1 { "was" } else { "were" },
+                            ));
+                        }
+                    }
                     session_event::Kind::Ended(ended) => {
                         return Err(Failure::session_lost(format!("the agent ended the session: {}", ended.reason)));
                     }

@@ -106,6 +106,7 @@ impl RawAgent {
                     mode: mode as i32,
                     client: "attacker@nowhere".into(),
                     filter,
+                    reset_existing: None,
                 })),
             })
             .await

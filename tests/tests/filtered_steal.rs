@@ -1617,6 +1617,7 @@ async fn the_agent_itself_refuses_a_bad_filter() {
                 mode: Mode::Steal as i32,
                 client: "test@nowhere".into(),
                 filter: Some(filter.clone()),
+                reset_existing: None,
             })),
         };
         let result = timeout(EXCHANGE_LIMIT, async {

@@ -228,7 +228,12 @@ fn user_roles_grant_remocal_permissions_by_kind() {
     };
     assert_eq!(
         remocal_resources("remocal-user"),
-        ["pods/steal", "pods/steal-filtered", "pods/mirror"]
+        [
+            "pods/steal",
+            "pods/steal-filtered",
+            "pods/reset-connections",
+            "pods/mirror"
+        ]
     );
     assert_eq!(remocal_resources("remocal-mirror-only"), ["pods/mirror"]);
     assert_eq!(remocal_resources("remocal-node-admin"), ["nodes/targets"]);

@@ -14,7 +14,8 @@ pub const API_GROUP: &str = "remocal.dev";
 /// What a session asks to do, in RBAC's terms.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// `create` on `pods/SUBRESOURCE` (steal, steal-filtered, mirror) of one pod.
+    /// `create` on `pods/SUBRESOURCE` (steal, steal-filtered, mirror,
+    /// reset-connections) of one pod.
     Pod {
         namespace: String,
         name: String,

@@ -22,6 +22,7 @@ use crate::{
     kube::{PodLookupError, PodNetnsError},
     netns::TargetError,
     redirect::RedirectError,
+    reset_existing::ResetError,
     session::{OpenError, Sessions},
 };
 
@@ -177,7 +178,13 @@ fn open_status(err: OpenError) -> Status {
         | OpenError::UnsupportedMode(_)
         | OpenError::InvalidPodName(_)
         | OpenError::Filter(_)
-        | OpenError::FilterOnMirror => Status::invalid_argument(message),
+        | OpenError::FilterOnMirror
+        | OpenError::ResetOnMirror
+        | OpenError::ResetDeadline(_) => Status::invalid_argument(message),
+        OpenError::Reset(ResetError::Unsupported | ResetError::NotPermitted(_)) => {
+            Status::failed_precondition(message)
+        }
+        OpenError::Reset(_) => Status::internal(message),
         OpenError::Target(
             TargetError::NoSuchNamespace(_)
             | TargetError::NoSuchProcess(_)

@@ -13,17 +13,18 @@ use tracing::{debug, warn};
 
 use super::{
     maker,
-    netlink::{Netlink, NetlinkError},
     registry::{self, NsKey},
     rules,
+};
+use crate::{
+    agent_processes,
+    netlink::{Netlink, NetlinkError},
 };
 
 /// Where namespaces are found: every process's (the agent runs with
 /// hostPID) and those `ip netns` and CNI plugins keep as bind mounts.
 const PROC: &str = "/proc";
 const NAMED: &str = "/var/run/netns";
-/// The agent's process name as the kernel keeps it (`comm`).
-const AGENT_COMM: &str = "remocal-agent";
 
 /// Removes what an earlier agent left in the node's namespaces (it was
 /// killed before it could): returns how many namespaces had something
@@ -81,40 +82,20 @@ pub fn ports_of_other_agents(ns: NsKey) -> HashSet<u16> {
 /// sit in them, so their rules are in use, not left over. Two agents share
 /// a node during a DaemonSet update with surge, and in the end-to-end tests.
 fn held_by_other_agents() -> HashMap<NsKey, HashSet<u16>> {
-    let me = std::process::id().to_string();
     let mut held: HashMap<NsKey, HashSet<u16>> = HashMap::new();
-    for process in fs::read_dir(PROC).into_iter().flatten().flatten() {
-        let pid = process.file_name();
-        let Some(pid) = pid
-            .to_str()
-            .filter(|pid| *pid != me && pid.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let is_agent = fs::read_to_string(format!("{PROC}/{pid}/comm"))
-            .is_ok_and(|comm| comm.trim_end() == AGENT_COMM);
-        if !is_agent {
-            continue;
-        }
-        for task in fs::read_dir(format!("{PROC}/{pid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
+    for task in agent_processes::others().into_iter().flat_map(agent_processes::tasks) {
+        let port = fs::read_to_string(task.join("comm")).ok().and_then(|comm| {
+            comm.trim_end()
+                .strip_prefix(maker::THREAD_PREFIX)?
+                .parse::<u16>()
+                .ok()
+        });
+        if let Some(port) = port
+            && let Ok(stat) = nix::sys::stat::stat(&task.join("ns/net"))
         {
-            let task = task.path();
-            let port = fs::read_to_string(task.join("comm")).ok().and_then(|comm| {
-                comm.trim_end()
-                    .strip_prefix(maker::THREAD_PREFIX)?
-                    .parse::<u16>()
-                    .ok()
-            });
-            if let Some(port) = port
-                && let Ok(stat) = nix::sys::stat::stat(&task.join("ns/net"))
-            {
-                held.entry((stat.st_dev, stat.st_ino))
-                    .or_default()
-                    .insert(port);
-            }
+            held.entry((stat.st_dev, stat.st_ino))
+                .or_default()
+                .insert(port);
         }
     }
     held

@@ -22,10 +22,8 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::{
-    netlink::Netlink,
-    time_wait::{self, ForgetError},
-};
+use super::time_wait::{self, ForgetError};
+use crate::{netlink::Netlink, sock_diag::SockDiag};
 
 /// Socket makers are named this plus their port; another agent starting on
 /// the node recognises them (see `leftovers`).
@@ -125,7 +123,7 @@ fn serve(inbox: mpsc::Receiver<Request>) {
 fn make(
     client: SocketAddr,
     server: SocketAddr,
-    diag: &mut Option<Netlink>,
+    diag: &mut Option<SockDiag>,
 ) -> Result<TcpStream, Failure> {
     let socket = transparent(client).map_err(Failure::Socket)?;
     socket.bind(&client.into()).map_err(Failure::Bind)?;

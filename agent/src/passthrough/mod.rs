@@ -27,7 +27,6 @@
 mod connector;
 mod leftovers;
 mod maker;
-mod netlink;
 mod registry;
 mod rules;
 #[cfg(test)]
@@ -41,11 +40,13 @@ use tracing::{debug, info, warn};
 
 pub use leftovers::clean_leftovers;
 use maker::{Maker, Request};
-use netlink::{Netlink, NetlinkError};
 use registry::NsKey;
 use rules::Family;
 
-use crate::netns::Netns;
+use crate::{
+    netlink::{Netlink, NetlinkError},
+    netns::Netns,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PassthroughError {

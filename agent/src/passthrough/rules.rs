@@ -5,7 +5,7 @@
 //! Both carry remocal's protocol number, so they can be recognised and
 //! removed in any namespace, and use a table of their own, so the route can
 //! never shadow one of the pod's.
-use super::netlink::{
+use crate::netlink::{
     Message, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, Netlink, NetlinkError, attributes,
 };
 

@@ -47,6 +47,7 @@ use crate::{
         capture_ring::{self, Taps},
     },
     netns::{Netns, NsId},
+    reset_existing::{PodConnections, PodSockets, ResetError},
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/remocal"));
@@ -170,6 +171,14 @@ impl Redirector for EbpfRedirector {
                 _links: links,
             }),
         })
+    }
+
+    fn pod_connections(
+        &self,
+        target: &Netns,
+        port: u16,
+    ) -> Result<Box<dyn PodConnections>, ResetError> {
+        Ok(Box::new(PodSockets::open(target, port)?))
     }
 
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError> {

@@ -9,7 +9,12 @@ use std::net::TcpListener;
 
 pub use ebpf::EbpfRedirector;
 
-use crate::{live_session::FlowStatsSource, mirror::Tap, netns::Netns};
+use crate::{
+    live_session::FlowStatsSource,
+    mirror::Tap,
+    netns::Netns,
+    reset_existing::{PodConnections, ResetError},
+};
 
 /// Something that can send new connections for a port of a target to a
 /// listener of ours.
@@ -18,6 +23,13 @@ pub trait Redirector: FlowStatsSource + 'static {
     /// Starts copying the connections to `port` of `target`; copies arrive on
     /// the tap until it is dropped.
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError>;
+    /// The connections the pod itself serves on `port` of `target`: those
+    /// open before a steal, which it leaves to the pod.
+    fn pod_connections(
+        &self,
+        target: &Netns,
+        port: u16,
+    ) -> Result<Box<dyn PodConnections>, ResetError>;
 }
 
 /// An active redirection. New connections arrive on `listener` until `active`
@@ -81,6 +93,28 @@ pub mod loopback {
         pub active: Arc<Mutex<Vec<std::net::SocketAddr>>>,
         /// Where tests inject captures for mirror sessions.
         pub taps: Arc<Mutex<Vec<mpsc::Sender<Capture>>>>,
+        /// The pod's own connections to every port, all idle; `None`
+        /// stands for a kernel that cannot end sockets.
+        pub pod_connections: Option<usize>,
+    }
+
+    /// Idle connections a reset ends at its first look.
+    struct IdleConnections(usize);
+
+    impl PodConnections for IdleConnections {
+        fn sweep(
+            &mut self,
+            end_idle: bool,
+        ) -> Result<crate::reset_existing::Sweep, ResetError> {
+            let open = self.0;
+            if end_idle {
+                self.0 = 0;
+            }
+            Ok(crate::reset_existing::Sweep {
+                ended: if end_idle { open } else { 0 },
+                busy: if end_idle { 0 } else { open },
+            })
+        }
     }
 
     struct Undo(Arc<Mutex<Vec<std::net::SocketAddr>>>, std::net::SocketAddr);
@@ -103,6 +137,17 @@ pub mod loopback {
                 Arc::default(),
                 ActiveRedirection::new(()),
             ))
+        }
+
+        fn pod_connections(
+            &self,
+            _target: &Netns,
+            _port: u16,
+        ) -> Result<Box<dyn PodConnections>, ResetError> {
+            match self.pod_connections {
+                Some(open) => Ok(Box::new(IdleConnections(open))),
+                None => Err(ResetError::Unsupported),
+            }
         }
 
         fn steal(&self, _target: &Netns, _port: u16) -> Result<Redirection, RedirectError> {

@@ -15,12 +15,13 @@ use std::{
 use ring::rand::SecureRandom as _;
 
 use remocal_proto::v1::{
-    Mode, OpenSession, Ready, SessionEnded, SessionEvent, SessionRequest, session_event,
+    Mode, OpenSession, Ready, ResetProgress, SessionEnded, SessionEvent, SessionRequest,
+    session_event,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     auth::{AccessError, Auth, Identity},
@@ -36,6 +37,7 @@ use crate::{
     netns::{Netns, TargetError},
     proxy,
     redirect::{RedirectError, Redirection, Redirector},
+    reset_existing::{self, ResetError},
     steal::{self, ClaimError, Membership, Ports, WholeClaim},
 };
 use audit::self_reported;
@@ -89,6 +91,17 @@ pub enum OpenError {
     Filter(#[from] FilterError),
     #[error("a mirror copies whole connections and takes no filter: filters apply to steal")]
     FilterOnMirror,
+    #[error(
+        "a mirror is read-only and never ends the pod's connections: reset-existing applies to steal"
+    )]
+    ResetOnMirror,
+    #[error(
+        "a reset deadline of {0} ms is too long: at most {max} s",
+        max = reset_existing::MAX_DEADLINE.as_secs()
+    )]
+    ResetDeadline(u32),
+    #[error(transparent)]
+    Reset(#[from] ResetError),
     #[error(transparent)]
     Redirect(#[from] RedirectError),
     #[error(transparent)]
@@ -230,6 +243,7 @@ impl Sessions {
             pod,
             slot,
             filter,
+            reset_deadline,
         } = started?;
         let id = session_id();
         let client = self_reported(&open.client);
@@ -243,6 +257,27 @@ impl Sessions {
                     .map_err(|err| OpenError::claim(err, &netns, port))
             })
             .transpose()?;
+        // The pod's own connections, which a steal leaves to the pod: ended
+        // with --reset-existing, else counted for a warning. A kernel that
+        // cannot end them refuses the reset before anything is applied.
+        let (netns, pod_connections) = if mode == Mode::Steal {
+            let redirector = self.redirector.clone();
+            let (netns, found) = blocking(move || {
+                let found = redirector.pod_connections(&netns, port);
+                (netns, found)
+            })
+            .await;
+            match found {
+                Ok(connections) => (netns, Some(connections)),
+                Err(err) if reset_deadline.is_some() => return Err(err.into()),
+                Err(err) => {
+                    debug!(target = %netns, port, %err, "cannot count the pod's own connections");
+                    (netns, None)
+                }
+            }
+        } else {
+            (netns, None)
+        };
         let (netns, redirection) = if filter.is_some() {
             // The shared port does the kernel's part, once the session exists.
             (netns, None)
@@ -294,6 +329,33 @@ impl Sessions {
             ),
             (None, None) => unreachable!("only filtered steals skip the redirection above"),
         };
+        // With the redirection on, a client whose connection ends
+        // reconnects into the steal.
+        let reset_started = tokio::time::Instant::now();
+        let first_look = match pod_connections {
+            Some(mut connections) => {
+                let end_idle = reset_deadline.is_some();
+                let (connections, swept) = blocking(move || {
+                    let swept = connections.sweep(end_idle);
+                    (connections, swept)
+                })
+                .await;
+                match swept {
+                    Ok(sweep) => Some((connections, sweep)),
+                    Err(err) if end_idle => return Err(err.into()),
+                    Err(err) => {
+                        debug!(target = %netns, port, %err, "cannot count the pod's own connections");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let reset = reset_deadline.zip(first_look.as_ref()).map(|(_, (_, sweep))| {
+            self.metrics
+                .connections_reset(metrics::ResetOutcome::ended, sweep.ended);
+            reset_existing::Progress::after_first(*sweep)
+        });
         live.emit(session_event::Kind::Ready(Ready {
             session_id: id.clone(),
             target: netns.to_string(),
@@ -301,7 +363,19 @@ impl Sessions {
             standby_calls: true,
             user: identity.user.clone(),
             filter: filter.map(|filter| filter.spec().clone()),
+            reset: reset.map(reset_progress),
         }));
+        if reset.is_none()
+            && let Some((_, sweep)) = &first_look
+            && sweep.busy > 0
+        {
+            live.warn(format!(
+                "{} connection{} to port {port} opened before this steal still go{} to the pod: --reset-existing ends them while idle, and their clients reconnect into the steal",
+                sweep.busy,
+                if sweep.busy == 1 { "" } else { "s" },
+                if sweep.busy == 1 { "es" } else { "" },
+            ));
+        }
         if let Redirected::Filtered(Membership {
             earlier: Some(earlier),
             ..
@@ -320,6 +394,17 @@ impl Sessions {
         if let Redirected::Filtered(membership) = &redirection {
             // Known to its client and reachable by its calls: route to it.
             membership.route();
+        }
+        if let (Some(progress), Some(deadline), Some((connections, _))) =
+            (reset, reset_deadline, first_look)
+            && !progress.done
+        {
+            tokio::spawn(finish_reset(
+                live.clone(),
+                connections,
+                progress,
+                reset_started + deadline,
+            ));
         }
         self.metrics
             .sessions_active
@@ -536,6 +621,58 @@ fn session_id() -> String {
         .fill(&mut bytes)
         .expect("the OS random generator");
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Goes on ending the pod's connections that were busy at the session's
+/// start, telling the client how it goes.
+async fn finish_reset(
+    live: Arc<LiveSession>,
+    connections: Box<dyn reset_existing::PodConnections>,
+    first: reset_existing::Progress,
+    deadline: tokio::time::Instant,
+) {
+    let reporter = live.clone();
+    let outcome = reset_existing::finish(
+        connections,
+        first,
+        deadline,
+        live.ended.clone(),
+        move |progress| reporter.emit(session_event::Kind::Reset(reset_progress(progress))),
+    )
+    .await;
+    match outcome {
+        Ok(progress) => {
+            live.metrics.connections_reset(
+                metrics::ResetOutcome::ended,
+                progress.ended - first.ended,
+            );
+            if progress.done && progress.waiting > 0 {
+                live.metrics
+                    .connections_reset(metrics::ResetOutcome::left_alone, progress.waiting);
+                info!(
+                    target = %live.audit.target,
+                    port = live.audit.port,
+                    left = progress.waiting,
+                    "pod connections still busy at the reset deadline, left to the pod"
+                );
+            }
+        }
+        Err(err) => {
+            warn!(target = %live.audit.target, port = live.audit.port, %err, "ending the pod's connections failed");
+            live.warn(format!(
+                "stopped ending the pod's existing connections: {err}"
+            ));
+        }
+    }
+}
+
+fn reset_progress(progress: reset_existing::Progress) -> ResetProgress {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    ResetProgress {
+        ended: count(progress.ended),
+        waiting: count(progress.waiting),
+        done: progress.done,
+    }
 }
 
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {

@@ -11,6 +11,7 @@ use crate::{
     http_route::Filter,
     kube::{PodLookupError, ScheduledPod},
     netns::{Netns, TargetError, TargetSpec},
+    reset_existing,
 };
 
 /// Opening a target's namespace file must never hold a session start for long.
@@ -26,6 +27,8 @@ pub(super) struct Started {
     pub(super) slot: Slot,
     /// A filtered steal's filter, compiled.
     pub(super) filter: Option<Arc<Filter>>,
+    /// With --reset-existing: how long busy connections are retried.
+    pub(super) reset_deadline: Option<Duration>,
 }
 
 impl Sessions {
@@ -48,6 +51,11 @@ impl Sessions {
         if open.filter.is_some() && mode == Mode::Mirror {
             return Err(OpenError::FilterOnMirror);
         }
+        let reset_deadline = match &open.reset_existing {
+            None => None,
+            Some(_) if mode == Mode::Mirror => return Err(OpenError::ResetOnMirror),
+            Some(reset) => Some(reset_deadline(reset.deadline_ms)?),
+        };
         let kind = open
             .target
             .as_ref()
@@ -65,6 +73,20 @@ impl Sessions {
         if self.auth.mode() == AuthMode::Kubernetes {
             let access = self.access(&kind, mode, open.filter.is_some())?;
             self.auth.authorize(identity, &access).await?;
+            // Ending the pod's connections disturbs every client of the pod
+            // once: a grant of its own, which operators may withhold.
+            if reset_deadline.is_some()
+                && let Access::Pod {
+                    namespace, name, ..
+                } = access
+            {
+                let reset = Access::Pod {
+                    namespace,
+                    name,
+                    subresource: "reset-connections",
+                };
+                self.auth.authorize(identity, &reset).await?;
+            }
         }
         // Compiling takes up to a few tens of milliseconds for a hostile
         // pattern: only for authorized callers, and off the runtime.
@@ -100,6 +122,7 @@ impl Sessions {
             pod,
             slot,
             filter,
+            reset_deadline,
         })
     }
 
@@ -127,6 +150,18 @@ impl Sessions {
             }
         })
     }
+}
+
+/// The client's deadline for busy connections (0: the default).
+fn reset_deadline(deadline_ms: u32) -> Result<Duration, OpenError> {
+    let deadline = match deadline_ms {
+        0 => reset_existing::DEFAULT_DEADLINE,
+        ms => Duration::from_millis(ms.into()),
+    };
+    if deadline > reset_existing::MAX_DEADLINE {
+        return Err(OpenError::ResetDeadline(deadline_ms));
+    }
+    Ok(deadline)
 }
 
 /// A Kubernetes object name (DNS-1123 subdomain): anything else could only

@@ -118,3 +118,46 @@ fn a_mirror_refuses_filter_flags_as_a_usage_error() {
     let other = parse_from(["remocal", "mirror", "pod/web", "--port", "80", "--bogus"]);
     assert!(other.err().unwrap().message().contains("--bogus"));
 }
+
+#[test]
+fn a_mirror_refuses_to_reset_connections_as_a_usage_error() {
+    for flag in [&["--reset-existing"][..], &["--reset-deadline", "5"]] {
+        let mut args = vec!["remocal", "mirror", "pod/web", "--port", "80"];
+        args.extend_from_slice(flag);
+        let failure = parse_from(args).err().expect("refused");
+        assert_eq!(failure.status(), Status::Usage, "{flag:?}");
+        assert!(
+            failure.message().contains("a mirror is read-only"),
+            "{flag:?}: {}",
+            failure.message()
+        );
+    }
+}
+
+#[test]
+fn a_reset_deadline_needs_the_reset_and_a_sane_value() {
+    let alone = parse_from(["remocal", "steal", "pod/web", "--port", "80", "--reset-deadline", "5"]);
+    let failure = alone.err().expect("refused");
+    assert_eq!(failure.status(), Status::Usage);
+    assert!(failure.message().contains("--reset-existing"), "{}", failure.message());
+    for bad in ["0", "121", "soon"] {
+        let args = [
+            "remocal", "steal", "pod/web", "--port", "80", "--reset-existing",
+            "--reset-deadline", bad,
+        ];
+        let failure = parse_from(args).err().expect("refused");
+        assert_eq!(failure.status(), Status::Usage, "{bad}");
+        assert!(failure.message().contains("--reset-deadline"), "{bad}: {}", failure.message());
+    }
+    let Command::Steal(steal) = parse_from([
+        "remocal", "steal", "pod/web", "--port", "80", "--reset-existing",
+    ])
+    .ok()
+    .unwrap()
+    .command
+    else {
+        panic!("steal");
+    };
+    assert!(steal.reset.reset_existing);
+    assert_eq!(steal.reset.reset_deadline, 10);
+}

@@ -1,4 +1,4 @@
-use remocal_proto::v1::{HeaderMatch, HttpFilter};
+use remocal_proto::v1::{HeaderMatch, HttpFilter, ResetProgress};
 use serde_json::Value;
 
 use super::*;
@@ -72,4 +72,27 @@ fn an_anonymous_caller_is_named_so() {
         TEXT.ready_line("steal", &anonymous, "127.0.0.1:80")
             .ends_with("-> 127.0.0.1:80 as anonymous")
     );
+}
+
+#[test]
+fn a_reset_says_what_it_ended_and_what_waits() {
+    let mut resetting = ready(Some(filter()));
+    resetting.reset = Some(ResetProgress {
+        ended: 2,
+        waiting: 1,
+        done: false,
+    });
+    assert_eq!(
+        TEXT.ready_line("steal", &resetting, "127.0.0.1:8080"),
+        "ready steal pod shop/web port=80 requests matching --header 'x-dev: alice' --path '^/api/' reset: ended=2 waiting=1 -> 127.0.0.1:8080 as alice"
+    );
+    let json: Value =
+        serde_json::from_str(&JSON.ready_line("steal", &resetting, "127.0.0.1:8080")).unwrap();
+    assert_eq!(
+        json["reset"],
+        serde_json::json!({"ended": 2, "waiting": 1, "done": false})
+    );
+    let json: Value =
+        serde_json::from_str(&JSON.ready_line("steal", &ready(None), "127.0.0.1:8080")).unwrap();
+    assert_eq!(json["reset"], Value::Null, "no reset asked");
 }

@@ -13,7 +13,9 @@ use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response};
 
 use super::*;
-use crate::cli::{ClusterArgs, FilterArgs, LinkArgs, LocalArgs, OutputFormat, TargetArgs};
+use crate::cli::{
+    ClusterArgs, FilterArgs, LinkArgs, LocalArgs, OutputFormat, ResetArgs, TargetArgs,
+};
 
 /// How the stand-in agent answers an `OpenSession`.
 #[derive(Clone, Copy)]
@@ -138,6 +140,7 @@ fn steal_args(agent: SocketAddr, filter: FilterArgs) -> StealArgs {
             },
         },
         filter,
+        reset: ResetArgs::default(),
     }
 }
 
@@ -207,7 +210,7 @@ async fn the_agents_refusal_of_a_filter_is_a_usage_error() {
 async fn a_mirror_sends_no_filter() {
     let (addr, seen) = fake_agent(Answer::RefuseFilter).await;
     let args = steal_args(addr, FilterArgs::default()).session;
-    let failure = run(args, Mode::Mirror, None).await.expect_err("refused");
+    let failure = run(args, Mode::Mirror, None, None).await.expect_err("refused");
     // Without a filter, the agent's INVALID_ARGUMENT keeps its own status.
     assert_eq!(failure.status(), Status::Rejected, "{}", failure.message());
     let seen = seen.lock().unwrap();

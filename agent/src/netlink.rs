@@ -1,7 +1,8 @@
-//! A small blocking netlink client: enough to add and remove a few routing
-//! rules and routes and to destroy one socket. Hand-rolled over libc because
-//! the messages are few and fixed, and a netlink crate would bring a runtime
-//! and a large type surface for four message kinds.
+//! A small blocking netlink client: enough for the pass-through's few routing
+//! rules and routes, and for listing and ending a pod's TCP sockets
+//! (sock_diag). Hand-rolled over libc because the messages are few and fixed,
+//! and a netlink crate would bring a runtime and a large type surface for a
+//! handful of message kinds.
 //!
 //! A netlink socket talks to the network namespace of the thread that created
 //! it, for its whole life: callers create it on a thread that entered the

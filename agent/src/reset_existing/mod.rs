@@ -1,0 +1,242 @@
+//! `--reset-existing`: the pod's connections that were open before a steal
+//! keep going to the pod (only new connections are redirected), so clients
+//! that hold keep-alive connections would never reach the developer. Once
+//! the redirection is on, the agent ends those connections while they are
+//! idle (see [`idle`]), and their clients reconnect, into the steal. A
+//! busy connection is looked at again every few milliseconds until it is
+//! idle or the deadline passes; then it is left alone and reported.
+//!
+//! Without the flag, the same look only counts them, for a warning.
+//!
+//! The kernel-facing part is behind [`PodConnections`], so that the session
+//! logic can be tested in-process.
+mod idle;
+mod pod_sockets;
+
+use std::{io, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+pub use pod_sockets::PodSockets;
+
+use crate::netlink::NetlinkError;
+
+/// How long busy connections are retried unless the client says otherwise.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest deadline a client may ask for: a session start must not
+/// leave a sweeper running for long after its purpose is gone.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(120);
+/// Between two looks at busy connections: well inside the gaps of a client
+/// that polls every 50 ms, at a few netlink round trips per look.
+const RETRY_EVERY: Duration = Duration::from_millis(5);
+
+/// A pod's own connections to one port.
+pub trait PodConnections: Send + 'static {
+    /// One look at them; with `end_idle`, those idle now are ended.
+    fn sweep(&mut self, end_idle: bool) -> Result<Sweep, ResetError>;
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Ended by this look.
+    pub ended: usize,
+    /// Still open and still the pod's after it.
+    pub busy: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("cannot look at the target's sockets: {0}")]
+    Open(io::Error),
+    #[error(
+        "this node's kernel cannot end sockets (it lacks CONFIG_INET_DIAG_DESTROY), so --reset-existing is unavailable here: steal without it, and restart the clients that hold connections to the pod"
+    )]
+    Unsupported,
+    #[error(
+        "the agent may not end sockets in the target's network namespace ({0}): it needs CAP_NET_ADMIN there"
+    )]
+    NotPermitted(NetlinkError),
+    #[error("cannot list the target's connections: {0}")]
+    List(NetlinkError),
+    #[error("cannot end a connection of the target: {0}")]
+    End(NetlinkError),
+}
+
+impl ResetError {
+    fn from_probe(err: NetlinkError) -> Self {
+        match err.errno() {
+            Some(libc::EOPNOTSUPP) => Self::Unsupported,
+            Some(libc::EPERM | libc::EACCES) => Self::NotPermitted(err),
+            _ => Self::End(err),
+        }
+    }
+}
+
+/// How far a reset got, as its client is told.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Ended so far.
+    pub ended: usize,
+    /// Busy, still retried (or, once `done`, left alone).
+    pub waiting: usize,
+    /// No more looks follow.
+    pub done: bool,
+}
+
+impl Progress {
+    pub fn after_first(sweep: Sweep) -> Self {
+        Self {
+            ended: sweep.ended,
+            waiting: sweep.busy,
+            done: sweep.busy == 0,
+        }
+    }
+}
+
+/// Retries the busy connections left by the first look until none is left,
+/// `deadline` (from the start of the session) passes, or `stop` fires.
+/// `report` hears every change and, last, the outcome with `done` set.
+pub async fn finish(
+    mut connections: Box<dyn PodConnections>,
+    mut progress: Progress,
+    deadline: tokio::time::Instant,
+    stop: CancellationToken,
+    report: impl Fn(Progress),
+) -> Result<Progress, ResetError> {
+    while !progress.done {
+        tokio::select! {
+            () = tokio::time::sleep(RETRY_EVERY) => {}
+            () = stop.cancelled() => break,
+        }
+        let (back, swept) = tokio::task::spawn_blocking(move || {
+            let swept = connections.sweep(true);
+            (connections, swept)
+        })
+        .await
+        .map_err(|err| ResetError::Open(io::Error::other(err)))?;
+        connections = back;
+        let sweep = swept?;
+        let before = progress;
+        progress.ended += sweep.ended;
+        progress.waiting = sweep.busy;
+        progress.done = sweep.busy == 0 || tokio::time::Instant::now() >= deadline;
+        if progress != before {
+            report(progress);
+        }
+    }
+    Ok(progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::VecDeque,
+        sync::{Arc, Mutex},
+    };
+
+    use super::*;
+
+    /// Answers each look with the next scripted sweep, then with the last
+    /// one forever.
+    struct Scripted(VecDeque<Sweep>);
+
+    impl PodConnections for Scripted {
+        fn sweep(&mut self, end_idle: bool) -> Result<Sweep, ResetError> {
+            assert!(end_idle, "a reset ends what is idle");
+            Ok(if self.0.len() > 1 {
+                self.0.pop_front().unwrap()
+            } else {
+                self.0[0]
+            })
+        }
+    }
+
+    fn heard() -> (Arc<Mutex<Vec<Progress>>>, impl Fn(Progress)) {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let sink = heard.clone();
+        (heard, move |progress| sink.lock().unwrap().push(progress))
+    }
+
+    #[tokio::test]
+    async fn busy_connections_are_retried_until_they_are_ended() {
+        let script = Scripted(VecDeque::from([
+            Sweep { ended: 0, busy: 2 },
+            Sweep { ended: 1, busy: 1 },
+            Sweep { ended: 1, busy: 0 },
+        ]));
+        let first = Progress::after_first(Sweep { ended: 3, busy: 2 });
+        let (heard, report) = heard();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let outcome = finish(Box::new(script), first, deadline, CancellationToken::new(), report)
+            .await
+            .unwrap();
+        let done = Progress {
+            ended: 5,
+            waiting: 0,
+            done: true,
+        };
+        assert_eq!(outcome, done);
+        assert_eq!(
+            *heard.lock().unwrap(),
+            [
+                Progress {
+                    ended: 4,
+                    waiting: 1,
+                    done: false
+                },
+                done
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_still_busy_at_the_deadline_are_left_alone() {
+        let script = Scripted(VecDeque::from([Sweep { ended: 0, busy: 1 }]));
+        let first = Progress::after_first(Sweep { ended: 0, busy: 1 });
+        let (heard, report) = heard();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        let outcome = finish(Box::new(script), first, deadline, CancellationToken::new(), report)
+            .await
+            .unwrap();
+        let left = Progress {
+            ended: 0,
+            waiting: 1,
+            done: true,
+        };
+        assert_eq!(outcome, left);
+        assert_eq!(*heard.lock().unwrap(), [left], "one report, at the end");
+    }
+
+    #[tokio::test]
+    async fn an_ending_session_stops_the_reset() {
+        let script = Scripted(VecDeque::from([Sweep { ended: 0, busy: 1 }]));
+        let first = Progress::after_first(Sweep { ended: 0, busy: 1 });
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let outcome = finish(Box::new(script), first, deadline, stop, |_| {})
+            .await
+            .unwrap();
+        assert!(!outcome.done);
+    }
+
+    #[test]
+    fn a_kernel_that_cannot_end_sockets_is_named() {
+        let refused = |errno| NetlinkError::Refused {
+            errno,
+            detail: None,
+        };
+        let unsupported = ResetError::from_probe(refused(libc::EOPNOTSUPP));
+        assert!(matches!(unsupported, ResetError::Unsupported));
+        assert!(
+            unsupported
+                .to_string()
+                .contains("CONFIG_INET_DIAG_DESTROY"),
+            "{unsupported}"
+        );
+        assert!(matches!(
+            ResetError::from_probe(refused(libc::EPERM)),
+            ResetError::NotPermitted(_)
+        ));
+    }
+}

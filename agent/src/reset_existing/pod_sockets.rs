@@ -1,0 +1,140 @@
+//! The pod's own connections to a port, through sock_diag in the pod's
+//! network namespace: listed and ended by the kernel, no shell tool, no
+//! conntrack (remocal's redirection keeps no connection state to flush).
+//!
+//! Which sockets on the port are the pod's to end:
+//! - established, held by a process (a connection still in an accept queue
+//!   belongs to nobody yet);
+//! - not one of the agents' (this agent's stolen connections have the
+//!   pod's address and port too; another agent's during a surge update);
+//! - not talking to a socket in the same namespace: the pod-side ends of the
+//!   agent's pass-through connections, and a sidecar's loopback connections,
+//!   would come back the same way, never into the steal.
+//!
+//! Connections the pod opened itself have another local port and are never
+//! listed.
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
+
+use tracing::debug;
+
+use super::{
+    PodConnections, ResetError, Sweep,
+    idle::{self, Seen, Verdict},
+};
+use crate::{
+    agent_processes,
+    netns::Netns,
+    sock_diag::{PortSide, SockDiag, TCP_ESTABLISHED, TcpSocket},
+};
+
+pub struct PodSockets {
+    diag: SockDiag,
+    port: u16,
+    /// What the last look saw of each connection, by cookie.
+    seen: HashMap<[u8; 8], Seen>,
+    /// Inodes found to be the agents' sockets, and those found not to be.
+    agents: HashSet<u32>,
+    others: HashSet<u32>,
+}
+
+impl PodSockets {
+    /// Opens sock_diag in `netns`, and checks that this kernel can end a
+    /// socket at all (CONFIG_INET_DIAG_DESTROY) before anything relies on it.
+    pub fn open(netns: &Netns, port: u16) -> Result<Self, ResetError> {
+        let mut diag = netns
+            .run_in(SockDiag::open_here)
+            .and_then(|opened| opened)
+            .map_err(ResetError::Open)?;
+        diag.can_destroy().map_err(ResetError::from_probe)?;
+        Ok(Self {
+            diag,
+            port,
+            seen: HashMap::new(),
+            agents: HashSet::new(),
+            others: HashSet::new(),
+        })
+    }
+
+    fn is_agents(&mut self, inode: u32) -> bool {
+        if self.agents.contains(&inode) {
+            return true;
+        }
+        if self.others.contains(&inode) {
+            return false;
+        }
+        // A socket not seen before: the agents' fd tables decide, read
+        // again only now (inodes are unique while their sockets live).
+        let mine = std::process::id();
+        self.agents = std::iter::once(mine)
+            .chain(agent_processes::others())
+            .flat_map(agent_processes::socket_inodes)
+            .collect();
+        let agents = self.agents.contains(&inode);
+        if !agents {
+            self.others.insert(inode);
+        }
+        agents
+    }
+
+    /// The pod's own connections to the port, now.
+    fn pods(&mut self) -> Result<Vec<TcpSocket>, ResetError> {
+        let established = 1 << TCP_ESTABLISHED;
+        let served = self
+            .diag
+            .dump(established, PortSide::Local, self.port)
+            .map_err(ResetError::List)?;
+        let local_peers: HashSet<(SocketAddr, SocketAddr)> = self
+            .diag
+            .dump(established, PortSide::Remote, self.port)
+            .map_err(ResetError::List)?
+            .into_iter()
+            .map(|peer| (canonical(peer.local), canonical(peer.remote)))
+            .collect();
+        Ok(served
+            .into_iter()
+            .filter(|socket| socket.inode != 0)
+            .filter(|socket| {
+                !local_peers.contains(&(canonical(socket.remote), canonical(socket.local)))
+            })
+            .filter(|socket| !self.is_agents(socket.inode))
+            .collect())
+    }
+}
+
+impl PodConnections for PodSockets {
+    fn sweep(&mut self, end_idle: bool) -> Result<Sweep, ResetError> {
+        let pods = self.pods()?;
+        let mut sweep = Sweep::default();
+        let mut seen = HashMap::with_capacity(pods.len());
+        for socket in pods {
+            let verdict = idle::judge(&socket, self.seen.get(&socket.cookie).copied());
+            if let Some(activity) = &socket.activity {
+                seen.insert(socket.cookie, Seen::of(activity));
+            }
+            if !end_idle || verdict != Verdict::Idle {
+                debug!(local = %socket.local, remote = %socket.remote, ?verdict, "pod connection left for now");
+                sweep.busy += 1;
+                continue;
+            }
+            match self.diag.destroy(&socket) {
+                Ok(()) => {
+                    debug!(local = %socket.local, remote = %socket.remote, "ended an idle pod connection");
+                    sweep.ended += 1;
+                }
+                // Closed on its own meanwhile: nothing left to take over.
+                Err(err) if err.errno() == Some(libc::ENOENT) => {}
+                Err(err) => return Err(ResetError::End(err)),
+            }
+        }
+        self.seen = seen;
+        Ok(sweep)
+    }
+}
+
+/// An IPv4 peer of a dual-stack socket shows as ::ffff:a.b.c.d.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
