@@ -71,7 +71,10 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
-        let redirector = LoopbackRedirector::default();
+        Self::start_with(LoopbackRedirector::default()).await
+    }
+
+    async fn start_with(redirector: LoopbackRedirector) -> Self {
         let active = redirector.active.clone();
         let taps = redirector.taps.clone();
         let metrics: Arc<crate::metrics::Metrics> = Arc::default();
@@ -126,7 +129,6 @@ impl Harness {
         port: u32,
         mode: Mode,
     ) -> Result<Session, tonic::Status> {
-        let (requests, outgoing) = mpsc::channel(16);
         let open = OpenSession {
             target,
             port,
@@ -135,6 +137,16 @@ impl Harness {
             filter: None,
             reset_existing: None,
         };
+        Ok(self.open_request(open).await?.0)
+    }
+
+    /// Opens the session `open` asks for; returns it with its `ready`.
+    async fn open_request(
+        &mut self,
+        open: OpenSession,
+    ) -> Result<(Session, remocal_proto::v1::Ready), tonic::Status> {
+        let mode = Mode::try_from(open.mode).unwrap();
+        let (requests, outgoing) = mpsc::channel(16);
         requests
             .send(SessionRequest {
                 kind: Some(session_request::Kind::Open(open)),
@@ -160,12 +172,15 @@ impl Harness {
                 .expect("an active redirection"),
         };
         assert!(ready.standby_calls, "the agent takes standby calls");
-        Ok(Session {
-            id: ready.session_id,
-            requests,
-            events,
-            listener,
-        })
+        Ok((
+            Session {
+                id: ready.session_id.clone(),
+                requests,
+                events,
+                listener,
+            },
+            ready,
+        ))
     }
 
     /// A remote client connects "through the redirection"; the session
@@ -916,4 +931,86 @@ async fn a_client_that_stops_reading_events_cannot_keep_its_mirror_alive() {
         || tap.is_closed(),
     )
     .await;
+}
+
+/// A steal on the harness's namespace, port 80, that asks to reset the
+/// pod's existing connections.
+fn resetting(harness: &Harness, mode: Mode, deadline_ms: u32) -> OpenSession {
+    OpenSession {
+        target: Some(harness.netns.target()),
+        port: 80,
+        mode: mode as i32,
+        client: "tester@laptop".into(),
+        filter: None,
+        reset_existing: Some(remocal_proto::v1::ResetExisting { deadline_ms }),
+    }
+}
+
+#[tokio::test]
+async fn a_reset_reports_what_it_ended_in_ready() {
+    let mut harness = Harness::start_with(LoopbackRedirector {
+        pod_connections: Some(3),
+        ..LoopbackRedirector::default()
+    })
+    .await;
+    let open = resetting(&harness, Mode::Steal, 0);
+    let (_session, ready) = harness.open_request(open).await.unwrap();
+    let reset = ready.reset.expect("a reset was asked for");
+    assert_eq!((reset.ended, reset.waiting, reset.done), (3, 0, true));
+}
+
+#[tokio::test]
+async fn without_a_reset_the_pods_own_connections_are_named_in_a_warning() {
+    let mut harness = Harness::start_with(LoopbackRedirector {
+        pod_connections: Some(2),
+        ..LoopbackRedirector::default()
+    })
+    .await;
+    let mut session = harness.open(80).await.unwrap();
+    let Some(session_event::Kind::Warning(warning)) = next(&mut session.events).await else {
+        panic!("a warning after ready");
+    };
+    assert!(
+        warning.message.starts_with("2 connections to port 80 opened before this steal")
+            && warning.message.contains("--reset-existing"),
+        "{}",
+        warning.message
+    );
+}
+
+#[tokio::test]
+async fn a_reset_the_kernel_cannot_do_is_refused_before_anything_is_redirected() {
+    // The loopback redirector's default stands for a kernel without
+    // CONFIG_INET_DIAG_DESTROY.
+    let mut harness = Harness::start().await;
+    let open = resetting(&harness, Mode::Steal, 0);
+    let err = harness.open_request(open).await.err().expect("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("CONFIG_INET_DIAG_DESTROY")
+            && err.message().contains("steal without it"),
+        "{}",
+        err.message()
+    );
+    assert!(harness.active.lock().unwrap().is_empty(), "nothing redirected");
+    // The same steal without the reset works: nothing was left claimed.
+    harness.open(80).await.expect("a plain steal");
+}
+
+#[tokio::test]
+async fn a_reset_on_a_mirror_or_with_a_deadline_too_long_is_refused() {
+    let mut harness = Harness::start_with(LoopbackRedirector {
+        pod_connections: Some(1),
+        ..LoopbackRedirector::default()
+    })
+    .await;
+    let open = resetting(&harness, Mode::Mirror, 0);
+    let err = harness.open_request(open).await.err().expect("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("read-only"), "{}", err.message());
+    let open = resetting(&harness, Mode::Steal, 121_000);
+    let err = harness.open_request(open).await.err().expect("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most 120 s"), "{}", err.message());
+    assert!(harness.active.lock().unwrap().is_empty(), "nothing redirected");
 }
