@@ -3,6 +3,7 @@
 //! that never loses traffic (redirection off first, then our connections
 //! closed cleanly, then the claim released).
 mod audit;
+mod existing;
 mod limits;
 mod start;
 
@@ -15,13 +16,12 @@ use std::{
 use ring::rand::SecureRandom as _;
 
 use remocal_proto::v1::{
-    Mode, OpenSession, Ready, ResetProgress, SessionEnded, SessionEvent, SessionRequest,
-    session_event,
+    Mode, OpenSession, Ready, SessionEnded, SessionEvent, SessionRequest, session_event,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     auth::{AccessError, Auth, Identity},
@@ -41,6 +41,7 @@ use crate::{
     steal::{self, ClaimError, Membership, Ports, WholeClaim},
 };
 use audit::self_reported;
+use existing::{FirstLook, PodsOwn};
 use limits::Slots;
 use start::Started;
 
@@ -257,26 +258,11 @@ impl Sessions {
                     .map_err(|err| OpenError::claim(err, &netns, port))
             })
             .transpose()?;
-        // The pod's own connections, which a steal leaves to the pod: ended
-        // with --reset-existing, else counted for a warning. A kernel that
-        // cannot end them refuses the reset before anything is applied.
-        let (netns, pod_connections) = if mode == Mode::Steal {
-            let redirector = self.redirector.clone();
-            let (netns, found) = blocking(move || {
-                let found = redirector.pod_connections(&netns, port);
-                (netns, found)
-            })
-            .await;
-            match found {
-                Ok(connections) => (netns, Some(connections)),
-                Err(err) if reset_deadline.is_some() => return Err(err.into()),
-                Err(err) => {
-                    debug!(target = %netns, port, %err, "cannot count the pod's own connections");
-                    (netns, None)
-                }
-            }
+        // The pod's own connections, which a steal leaves to the pod.
+        let (netns, pods_own) = if mode == Mode::Steal {
+            self.pods_own(netns, port, reset_deadline).await?
         } else {
-            (netns, None)
+            (netns, PodsOwn::none())
         };
         let (netns, redirection) = if filter.is_some() {
             // The shared port does the kernel's part, once the session exists.
@@ -329,33 +315,7 @@ impl Sessions {
             ),
             (None, None) => unreachable!("only filtered steals skip the redirection above"),
         };
-        // With the redirection on, a client whose connection ends
-        // reconnects into the steal.
-        let reset_started = tokio::time::Instant::now();
-        let first_look = match pod_connections {
-            Some(mut connections) => {
-                let end_idle = reset_deadline.is_some();
-                let (connections, swept) = blocking(move || {
-                    let swept = connections.sweep(end_idle);
-                    (connections, swept)
-                })
-                .await;
-                match swept {
-                    Ok(sweep) => Some((connections, sweep)),
-                    Err(err) if end_idle => return Err(err.into()),
-                    Err(err) => {
-                        debug!(target = %netns, port, %err, "cannot count the pod's own connections");
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
-        let reset = reset_deadline.zip(first_look.as_ref()).map(|(_, (_, sweep))| {
-            self.metrics
-                .connections_reset(metrics::ResetOutcome::ended, sweep.ended);
-            reset_existing::Progress::after_first(*sweep)
-        });
+        let first_look = pods_own.first_look(&netns).await?;
         live.emit(session_event::Kind::Ready(Ready {
             session_id: id.clone(),
             target: netns.to_string(),
@@ -363,19 +323,8 @@ impl Sessions {
             standby_calls: true,
             user: identity.user.clone(),
             filter: filter.map(|filter| filter.spec().clone()),
-            reset: reset.map(reset_progress),
+            reset: FirstLook::ready(first_look.as_ref()),
         }));
-        if reset.is_none()
-            && let Some((_, sweep)) = &first_look
-            && sweep.busy > 0
-        {
-            live.warn(format!(
-                "{} connection{} to port {port} opened before this steal still go{} to the pod: --reset-existing ends them while idle, and their clients reconnect into the steal",
-                sweep.busy,
-                if sweep.busy == 1 { "" } else { "s" },
-                if sweep.busy == 1 { "es" } else { "" },
-            ));
-        }
         if let Redirected::Filtered(Membership {
             earlier: Some(earlier),
             ..
@@ -395,16 +344,8 @@ impl Sessions {
             // Known to its client and reachable by its calls: route to it.
             membership.route();
         }
-        if let (Some(progress), Some(deadline), Some((connections, _))) =
-            (reset, reset_deadline, first_look)
-            && !progress.done
-        {
-            tokio::spawn(finish_reset(
-                live.clone(),
-                connections,
-                progress,
-                reset_started + deadline,
-            ));
+        if let Some(look) = first_look {
+            look.follow_up(self, &live);
         }
         self.metrics
             .sessions_active
@@ -621,58 +562,6 @@ fn session_id() -> String {
         .fill(&mut bytes)
         .expect("the OS random generator");
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-/// Goes on ending the pod's connections that were busy at the session's
-/// start, telling the client how it goes.
-async fn finish_reset(
-    live: Arc<LiveSession>,
-    connections: Box<dyn reset_existing::PodConnections>,
-    first: reset_existing::Progress,
-    deadline: tokio::time::Instant,
-) {
-    let reporter = live.clone();
-    let outcome = reset_existing::finish(
-        connections,
-        first,
-        deadline,
-        live.ended.clone(),
-        move |progress| reporter.emit(session_event::Kind::Reset(reset_progress(progress))),
-    )
-    .await;
-    match outcome {
-        Ok(progress) => {
-            live.metrics.connections_reset(
-                metrics::ResetOutcome::ended,
-                progress.ended - first.ended,
-            );
-            if progress.done && progress.waiting > 0 {
-                live.metrics
-                    .connections_reset(metrics::ResetOutcome::left_alone, progress.waiting);
-                info!(
-                    target = %live.audit.target,
-                    port = live.audit.port,
-                    left = progress.waiting,
-                    "pod connections still busy at the reset deadline, left to the pod"
-                );
-            }
-        }
-        Err(err) => {
-            warn!(target = %live.audit.target, port = live.audit.port, %err, "ending the pod's connections failed");
-            live.warn(format!(
-                "stopped ending the pod's existing connections: {err}"
-            ));
-        }
-    }
-}
-
-fn reset_progress(progress: reset_existing::Progress) -> ResetProgress {
-    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    ResetProgress {
-        ended: count(progress.ended),
-        waiting: count(progress.waiting),
-        done: progress.done,
-    }
 }
 
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
