@@ -38,11 +38,15 @@ const MSG_LEN: usize = 72;
 
 /// Offsets in struct tcp_info (include/uapi/linux/tcp.h), checked against
 /// libc's definition by a test.
+const LOST_AT: usize = 32;
+const RETRANS_AT: usize = 36;
+const RTT_AT: usize = 68;
 const LAST_DATA_SENT_AT: usize = 44;
 const LAST_DATA_RECV_AT: usize = 52;
-const BYTES_ACKED_AT: usize = 120;
+const LAST_ACK_RECV_AT: usize = 56;
 const BYTES_RECEIVED_AT: usize = 128;
 const NOTSENT_AT: usize = 144;
+const BYTES_SENT_AT: usize = 200;
 
 /// One TCP socket as sock_diag reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,10 +76,20 @@ pub struct Activity {
     /// kernel's tick granularity (4 ms at HZ=250).
     pub since_sent_ms: u32,
     pub since_received_ms: u32,
+    /// Milliseconds since the last acknowledgement came in, data or not.
+    pub since_acknowledged_ms: u32,
     /// Bytes written but not yet sent.
     pub unsent: u32,
-    pub bytes_acked: u64,
+    /// Segments the kernel holds for lost, and segments retransmitted and
+    /// not yet acknowledged.
+    pub lost: u32,
+    pub retransmitting: u32,
+    /// Smoothed round-trip time, microseconds.
+    pub rtt_us: u32,
     pub bytes_received: u64,
+    /// Bytes sent, retransmissions included: it grows when the socket's
+    /// owner speaks, not when the peer acknowledges.
+    pub bytes_sent: u64,
 }
 
 /// Which end of the connection a dump matches the port against.
@@ -98,8 +112,10 @@ impl SockDiag {
     }
 
     /// Every socket of either family in `states` (a bit per TCP state) whose
-    /// `side` port is `port`, with its activity. The kernel filters: a busy
-    /// pod's other sockets cost nothing here.
+    /// `side` port is `port`, with its activity. The kernel filters on the
+    /// port, but walks its whole connection table to do so (shared by all
+    /// namespaces, sized by the node's memory): milliseconds, so for a first
+    /// look, not for polling.
     pub fn dump(
         &mut self,
         states: u32,
@@ -118,17 +134,25 @@ impl SockDiag {
                     }
                 })?;
             if let Some(len) = bad {
-                return Err(io::Error::other(format!("short sock_diag answer ({len} bytes)")).into());
+                return Err(
+                    io::Error::other(format!("short sock_diag answer ({len} bytes)")).into(),
+                );
             }
         }
         Ok(sockets)
     }
 
-    /// The socket bound to `local` and connected to `remote`, in any state.
-    pub fn find(&mut self, local: SocketAddr, remote: SocketAddr) -> Result<TcpSocket, NetlinkError> {
-        let found = self
-            .netlink
-            .query(SOCK_DIAG_BY_FAMILY, &exact_request(local, remote, NO_COOKIE))?;
+    /// The socket bound to `local` and connected to `remote`, in any state,
+    /// with its activity: one hash lookup in the kernel, microseconds.
+    pub fn find(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<TcpSocket, NetlinkError> {
+        let found = self.netlink.query(
+            SOCK_DIAG_BY_FAMILY,
+            &exact_request(local, remote, NO_COOKIE, true),
+        )?;
         parse(&found).ok_or_else(|| io::Error::other("short sock_diag answer").into())
     }
 
@@ -139,7 +163,7 @@ impl SockDiag {
         self.netlink.request(
             SOCK_DESTROY,
             0,
-            &exact_request(socket.local, socket.remote, socket.cookie),
+            &exact_request(socket.local, socket.remote, socket.cookie, false),
         )
     }
     /// Whether this kernel lets us end sockets (CONFIG_INET_DIAG_DESTROY)
@@ -148,10 +172,11 @@ impl SockDiag {
     /// EPERM without CAP_NET_ADMIN there.
     pub fn can_destroy(&mut self) -> Result<(), NetlinkError> {
         let nowhere = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
-        match self
-            .netlink
-            .request(SOCK_DESTROY, 0, &exact_request(nowhere, nowhere, [0; 8]))
-        {
+        match self.netlink.request(
+            SOCK_DESTROY,
+            0,
+            &exact_request(nowhere, nowhere, [0; 8], false),
+        ) {
             Ok(()) => Ok(()),
             Err(err) if matches!(err.errno(), Some(libc::ENOENT | libc::ESTALE)) => Ok(()),
             Err(err) => Err(err),
@@ -180,13 +205,15 @@ fn dump_request(family: u8, states: u32, side: PortSide, port: u16) -> Message {
     Message::new(&req).attr(INET_DIAG_REQ_BYTECODE, &bytecode)
 }
 
-/// struct inet_diag_req_v2 naming one socket.
-fn exact_request(local: SocketAddr, remote: SocketAddr, cookie: [u8; 8]) -> Message {
+/// struct inet_diag_req_v2 naming one socket, asking for its tcp_info
+/// with `info`.
+fn exact_request(local: SocketAddr, remote: SocketAddr, cookie: [u8; 8], info: bool) -> Message {
     let family = match local {
         SocketAddr::V4(_) => libc::AF_INET as u8,
         SocketAddr::V6(_) => libc::AF_INET6 as u8,
     };
-    let mut req = vec![family, libc::IPPROTO_TCP as u8, 0, 0];
+    let ext = if info { 1 << (INET_DIAG_INFO - 1) } else { 0 };
+    let mut req = vec![family, libc::IPPROTO_TCP as u8, ext, 0];
     req.extend_from_slice(&u32::MAX.to_ne_bytes()); // any state
     // struct inet_diag_sockid: ports and addresses in network order.
     req.extend_from_slice(&local.port().to_be_bytes());
@@ -252,9 +279,13 @@ fn activity(info: &[u8]) -> Option<Activity> {
     Some(Activity {
         since_sent_ms: u32_at(LAST_DATA_SENT_AT)?,
         since_received_ms: u32_at(LAST_DATA_RECV_AT)?,
+        since_acknowledged_ms: u32_at(LAST_ACK_RECV_AT)?,
         unsent: u32_at(NOTSENT_AT)?,
-        bytes_acked: u64_at(BYTES_ACKED_AT)?,
+        lost: u32_at(LOST_AT)?,
+        retransmitting: u32_at(RETRANS_AT)?,
+        rtt_us: u32_at(RTT_AT)?,
         bytes_received: u64_at(BYTES_RECEIVED_AT)?,
+        bytes_sent: u64_at(BYTES_SENT_AT)?,
     })
 }
 
@@ -270,11 +301,27 @@ mod tests {
 
     #[test]
     fn tcp_info_offsets_match_the_kernel_header() {
-        assert_eq!(offset_of!(libc::tcp_info, tcpi_last_data_sent), LAST_DATA_SENT_AT);
-        assert_eq!(offset_of!(libc::tcp_info, tcpi_last_data_recv), LAST_DATA_RECV_AT);
-        assert_eq!(offset_of!(libc::tcp_info, tcpi_bytes_acked), BYTES_ACKED_AT);
-        assert_eq!(offset_of!(libc::tcp_info, tcpi_bytes_received), BYTES_RECEIVED_AT);
+        assert_eq!(
+            offset_of!(libc::tcp_info, tcpi_last_data_sent),
+            LAST_DATA_SENT_AT
+        );
+        assert_eq!(
+            offset_of!(libc::tcp_info, tcpi_last_data_recv),
+            LAST_DATA_RECV_AT
+        );
+        assert_eq!(
+            offset_of!(libc::tcp_info, tcpi_last_ack_recv),
+            LAST_ACK_RECV_AT
+        );
+        assert_eq!(
+            offset_of!(libc::tcp_info, tcpi_bytes_received),
+            BYTES_RECEIVED_AT
+        );
         assert_eq!(offset_of!(libc::tcp_info, tcpi_notsent_bytes), NOTSENT_AT);
+        assert_eq!(offset_of!(libc::tcp_info, tcpi_lost), LOST_AT);
+        assert_eq!(offset_of!(libc::tcp_info, tcpi_retrans), RETRANS_AT);
+        assert_eq!(offset_of!(libc::tcp_info, tcpi_rtt), RTT_AT);
+        assert_eq!(offset_of!(libc::tcp_info, tcpi_bytes_sent), BYTES_SENT_AT);
     }
 
     /// Real sockets on loopback (the test's own namespace): the dump finds
@@ -302,12 +349,17 @@ mod tests {
         assert_ne!(socket.inode, 0);
         let activity = socket.activity.expect("tcp_info");
         assert_eq!(activity.bytes_received, 4);
+        assert_eq!(activity.bytes_sent, 5);
         assert_eq!(activity.unsent, 0);
         let from_client = diag
             .dump(1 << TCP_ESTABLISHED, PortSide::Remote, port)
             .unwrap();
         assert_eq!(from_client.len(), 1);
         assert_eq!(from_client[0].local, client.local_addr().unwrap());
+
+        let again = diag.find(socket.local, socket.remote).unwrap();
+        assert_eq!(again.cookie, socket.cookie);
+        assert_eq!(again.activity.expect("tcp_info").bytes_sent, 5);
 
         diag.destroy(socket).unwrap();
         let err = client.read(&mut buf).unwrap_err();

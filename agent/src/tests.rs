@@ -971,7 +971,9 @@ async fn without_a_reset_the_pods_own_connections_are_named_in_a_warning() {
         panic!("a warning after ready");
     };
     assert!(
-        warning.message.starts_with("2 connections to port 80 opened before this steal")
+        warning
+            .message
+            .starts_with("2 connections to port 80 opened before this steal")
             && warning.message.contains("--reset-existing"),
         "{}",
         warning.message
@@ -992,7 +994,10 @@ async fn a_reset_the_kernel_cannot_do_is_refused_before_anything_is_redirected()
         "{}",
         err.message()
     );
-    assert!(harness.active.lock().unwrap().is_empty(), "nothing redirected");
+    assert!(
+        harness.active.lock().unwrap().is_empty(),
+        "nothing redirected"
+    );
     // The same steal without the reset works: nothing was left claimed.
     harness.open(80).await.expect("a plain steal");
 }
@@ -1012,5 +1017,8 @@ async fn a_reset_on_a_mirror_or_with_a_deadline_too_long_is_refused() {
     let err = harness.open_request(open).await.err().expect("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("at most 120 s"), "{}", err.message());
-    assert!(harness.active.lock().unwrap().is_empty(), "nothing redirected");
+    assert!(
+        harness.active.lock().unwrap().is_empty(),
+        "nothing redirected"
+    );
 }

@@ -77,15 +77,14 @@ pub struct ResetArgs {
     #[arg(long)]
     pub reset_existing: bool,
     /// How long busy connections are retried before they are left to the
-    /// pod, in seconds (at most 120).
+    /// pod, in seconds (at most 120) [default: 10]. Only with
+    /// --reset-existing.
     #[arg(
         long,
         value_name = "SECONDS",
-        default_value_t = 10,
-        requires = "reset_existing",
         value_parser = clap::value_parser!(u32).range(1..=120)
     )]
-    pub reset_deadline: u32,
+    pub reset_deadline: Option<u32>,
 }
 
 /// Which HTTP requests a filtered steal takes. Not on `mirror`: a mirror is
@@ -268,7 +267,7 @@ fn steal_only_flag(err: &clap::Error) -> Option<&'static str> {
         "--reset-deadline",
     ]
     .into_iter()
-        .find(|flag| *flag == name)
+    .find(|flag| *flag == name)
 }
 
 #[cfg(test)]

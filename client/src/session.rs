@@ -14,7 +14,7 @@ use tonic::Streaming;
 
 use crate::{
     agent_link::AgentAddress,
-    cli::{SessionArgs, StealArgs},
+    cli::{ResetArgs, SessionArgs, StealArgs},
     credentials::Credentials,
     exit::{Failure, Status},
     filter,
@@ -35,10 +35,23 @@ const STANDBY_CALLS: usize = 16;
 /// contacted, so a typo costs no cluster call.
 pub async fn steal(args: StealArgs) -> Result<(), Failure> {
     let filter = filter::from_args(&args.filter)?;
-    let reset = args.reset.reset_existing.then(|| ResetExisting {
-        deadline_ms: args.reset.reset_deadline.saturating_mul(1000),
-    });
+    let reset = reset_existing(&args.reset)?;
     run(args.session, Mode::Steal, filter, reset).await
+}
+
+/// What `--reset-existing` and `--reset-deadline` ask of the agent.
+fn reset_existing(args: &ResetArgs) -> Result<Option<ResetExisting>, Failure> {
+    match (args.reset_existing, args.reset_deadline) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(Failure::new(
+            Status::Usage,
+            "--reset-deadline only applies to --reset-existing: add --reset-existing, or drop --reset-deadline",
+        )),
+        (true, seconds) => Ok(Some(ResetExisting {
+            // 0: the agent's default (10 s).
+            deadline_ms: seconds.map_or(0, |seconds| seconds.saturating_mul(1000)),
+        })),
+    }
 }
 
 /// A session of `mode`; `filter` only for a filtered steal, `reset` only

@@ -109,6 +109,9 @@ impl EchoClient {
             async move {
                 let socket = socket.ok_or_else(|| std::io::Error::other("no more test sockets"))?;
                 let stream = socket.connect(addr).await?;
+                // As tonic's own connector does: a call's HEADERS and DATA
+                // frames must not wait for each other's acknowledgement.
+                stream.set_nodelay(true)?;
                 seen.lock().unwrap().push(stream.local_addr()?);
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }

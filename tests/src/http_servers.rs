@@ -14,6 +14,8 @@
 //!   and counted, and checked byte for byte against [`Pattern`] when the request
 //!   carries `x-seed: N`;
 //! - `GET /download?bytes=N&seed=S`: N bytes of `Pattern::new(S)`;
+//! - `/slow?ms=N`: the answer line, N milliseconds after the request was
+//!   read (a server busy with one request on a keep-alive connection);
 //! - `GET` with `Upgrade: websocket`: a WebSocket answering each text message
 //!   `NAME: TEXT` and echoing binary messages;
 //! - `content-type: application/grpc...`: the echo service of [`crate::grpc_echo`].
@@ -215,6 +217,12 @@ async fn handle(
         websocket(info, request)
     } else if request.uri().path() == "/download" {
         download(&request)
+    } else if request.uri().path() == "/slow" {
+        tokio::time::sleep(std::time::Duration::from_millis(
+            query_number(&request, "ms").unwrap_or(0),
+        ))
+        .await;
+        answer(info, request).await
     } else {
         answer(info, request).await
     };
@@ -285,6 +293,13 @@ fn status(code: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(Body::new(Full::new(Bytes::from_static(text.as_bytes()))));
     *response.status_mut() = code;
     response
+}
+
+/// The query parameter `name` of `request`, as a number.
+fn query_number(request: &Request<Incoming>, name: &str) -> Option<u64> {
+    form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+        .find(|(key, _)| key == name)
+        .and_then(|(_, value)| value.parse().ok())
 }
 
 /// `bytes` bytes of `Pattern::new(seed)`, with a Content-Length, made as they are sent.

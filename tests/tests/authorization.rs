@@ -481,6 +481,52 @@ async fn a_filtered_steal_needs_its_own_grant() {
     assert_eq!(session.ready.filter, Some(filter));
 }
 
+/// Ending a pod's connections (`--reset-existing`) is a grant of its own,
+/// beside the steal's: without it the CLI exits 6 naming it, and nothing
+/// is redirected; the same user steals without the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_the_pods_connections_needs_its_own_grant() {
+    let secured = Secured::start().await;
+    let api = &secured.cluster.api;
+    // grace may find and steal the pods of shop, not end their connections.
+    api.add_user("grace-token", "grace");
+    api.strict("grace");
+    for verb in ["get", "list"] {
+        api.grant("grace", verb, "", "pods", "shop");
+    }
+    api.grant("grace", "create", "remocal.dev", "pods/steal", "shop");
+    user_roles::bind_role(api, "grace", "remocal-user", "remocal");
+    let local = TcpServer::local(|s| servers::http(s, LOCAL_BODY));
+
+    let finished = secured
+        .remocal("grace-token", &["steal", "pod/web", "--reset-existing"])
+        .local_port(local.port())
+        .run_to_exit()
+        .await;
+    assert_exit(
+        &finished,
+        6,
+        &["\"grace\"", "may not create pods/reset-connections"],
+    );
+    assert!(!finished.stdout.contains("ready"), "{finished:?}");
+    assert_eq!(local.accepted(), 0);
+    secured.assert_untouched().await;
+    let reviews = api.access_reviews();
+    assert!(
+        reviews.iter().any(|review| review.user == "grace"
+            && review.group == "remocal.dev"
+            && review.resource == "pods"
+            && review.subresource == "reset-connections"
+            && review.namespace == "shop"
+            && review.name == "web"
+            && !review.allowed),
+        "the agent asked whether grace may end web's connections: {reviews:#?}"
+    );
+
+    let kubeconfig = api.kubeconfig("dev", "grace-token", Some("shop"));
+    secured.steals_as(&kubeconfig, "grace").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_belongs_to_who_opened_it() {
     let secured = Secured::start().await;

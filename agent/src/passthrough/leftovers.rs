@@ -83,7 +83,10 @@ pub fn ports_of_other_agents(ns: NsKey) -> HashSet<u16> {
 /// a node during a DaemonSet update with surge, and in the end-to-end tests.
 fn held_by_other_agents() -> HashMap<NsKey, HashSet<u16>> {
     let mut held: HashMap<NsKey, HashSet<u16>> = HashMap::new();
-    for task in agent_processes::others().into_iter().flat_map(agent_processes::tasks) {
+    for task in agent_processes::others()
+        .into_iter()
+        .flat_map(agent_processes::tasks)
+    {
         let port = fs::read_to_string(task.join("comm")).ok().and_then(|comm| {
             comm.trim_end()
                 .strip_prefix(maker::THREAD_PREFIX)?

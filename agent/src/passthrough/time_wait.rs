@@ -19,10 +19,7 @@
 //! server still sends) keeps going, and the new one fails.
 use std::net::SocketAddr;
 
-use crate::{
-    netlink::NetlinkError,
-    sock_diag::SockDiag,
-};
+use crate::{netlink::NetlinkError, sock_diag::SockDiag};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForgetError {

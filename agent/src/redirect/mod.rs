@@ -102,10 +102,7 @@ pub mod loopback {
     struct IdleConnections(usize);
 
     impl PodConnections for IdleConnections {
-        fn sweep(
-            &mut self,
-            end_idle: bool,
-        ) -> Result<crate::reset_existing::Sweep, ResetError> {
+        fn sweep(&mut self, end_idle: bool) -> Result<crate::reset_existing::Sweep, ResetError> {
             let open = self.0;
             if end_idle {
                 self.0 = 0;

@@ -1,17 +1,36 @@
-//! When a pod's connection may be ended without cutting anything short.
+//! When a pod's connection may be ended without cutting a request short.
 //!
 //! A connection is idle when all of these hold:
 //! - the pod's server has read everything the client sent (nothing unread);
-//! - everything the server wrote was sent and acknowledged by the client;
-//! - the server spoke last: its last data went out no earlier than the
-//!   client's last data came in, and the client sent nothing since the
-//!   previous look while the server sent nothing (a request it has read but
-//!   not answered yet keeps the connection busy however long it takes);
+//! - everything the server wrote was sent, and reached the client: it was
+//!   acknowledged, or, since clients delay their acknowledgements (up to
+//!   200 ms, or until their next request), it went out more than twice the
+//!   round-trip time ago and nothing of it was lost or retransmitted;
+//! - the server answered: there is evidence that its last data went out
+//!   after the client's last data came in (below);
 //! - no data either way for [`QUIET`].
 //!
-//! tcp_info gives times in milliseconds at the kernel's tick (4 ms at
-//! HZ=250): a request that arrives in the same tick as the answer before it
-//! looks answered until the next look sees its bytes without an answer.
+//! The evidence: tcp_info's times have the kernel's tick (4 ms at HZ=250),
+//! so a request and an answer in the same tick cannot be ordered by them.
+//! The server answered when any of these shows it:
+//! - its last data went out in a later tick than the client's last data
+//!   came in;
+//! - the client acknowledged something in a later tick than its last data:
+//!   its last data acknowledged everything the server had sent before, so
+//!   the server sent more after it;
+//! - between two looks, the server sent and the client did not.
+//!
+//! Without evidence the connection stays busy: a request read in the same
+//! tick as the answer before it, and still being worked on, is never taken
+//! for an answered one. A client that keeps using its connection shows
+//! evidence within a few requests (looks come every few milliseconds); a
+//! connection that fell silent right after an exchange acknowledged at once
+//! may show none, and is left alone at the deadline.
+//!
+//! What TCP cannot show: several requests in flight on one connection
+//! (HTTP/1.1 pipelining, HTTP/2 streams), and protocol frames that are not
+//! answers (HTTP/2 flow control and pings). When the server sent last while
+//! an earlier request is still being worked on, the connection looks idle.
 use std::time::Duration;
 
 use crate::sock_diag::{Activity, TcpSocket};
@@ -21,20 +40,13 @@ use crate::sock_diag::{Activity, TcpSocket};
 /// 50 ms, long enough to span a few ticks.
 pub const QUIET: Duration = Duration::from_millis(20);
 
-/// What the last look at a connection saw.
-#[derive(Clone, Copy, Debug)]
+/// What a look at a connection saw, for the next look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seen {
     bytes_received: u64,
-    bytes_acked: u64,
-}
-
-impl Seen {
-    pub fn of(activity: &Activity) -> Self {
-        Self {
-            bytes_received: activity.bytes_received,
-            bytes_acked: activity.bytes_acked,
-        }
-    }
+    bytes_sent: u64,
+    /// Whether the server is known to have answered the client's last data.
+    answered: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,34 +59,63 @@ pub enum Verdict {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Why {
     Unread,
-    Unacknowledged,
+    /// Unsent, or in flight.
+    Undelivered,
+    /// The client spoke last, or nothing shows yet that the server answered.
     Unanswered,
     Recent,
     /// The kernel gave no tcp_info: nothing can be claimed about it.
     Unknown,
 }
 
-pub fn judge(socket: &TcpSocket, before: Option<Seen>) -> Verdict {
+/// Judges the connection now, given what the previous look saw of it.
+pub fn judge(socket: &TcpSocket, before: Option<Seen>) -> (Verdict, Option<Seen>) {
     let Some(activity) = socket.activity else {
-        return Verdict::Busy(Why::Unknown);
+        return (Verdict::Busy(Why::Unknown), None);
     };
-    if socket.unread != 0 {
-        return Verdict::Busy(Why::Unread);
+    let seen = Seen {
+        bytes_received: activity.bytes_received,
+        bytes_sent: activity.bytes_sent,
+        answered: answered(&activity, before),
+    };
+    let verdict = if socket.unread != 0 {
+        Verdict::Busy(Why::Unread)
+    } else if activity.unsent != 0 || (socket.unacknowledged != 0 && !delivered(&activity)) {
+        Verdict::Busy(Why::Undelivered)
+    } else if !seen.answered {
+        Verdict::Busy(Why::Unanswered)
+    } else if u128::from(activity.since_sent_ms.min(activity.since_received_ms)) < QUIET.as_millis()
+    {
+        Verdict::Busy(Why::Recent)
+    } else {
+        Verdict::Idle
+    };
+    (verdict, Some(seen))
+}
+
+/// Unacknowledged data that surely arrived: sent long enough ago, and
+/// nothing lost or retransmitted on the way.
+fn delivered(activity: &Activity) -> bool {
+    activity.lost == 0
+        && activity.retransmitting == 0
+        && u64::from(activity.since_sent_ms) * 1000 >= 2 * u64::from(activity.rtt_us)
+        && u128::from(activity.since_sent_ms) >= QUIET.as_millis()
+}
+
+fn answered(activity: &Activity, before: Option<Seen>) -> bool {
+    let by_ticks = activity.since_sent_ms < activity.since_received_ms
+        || activity.since_acknowledged_ms < activity.since_received_ms;
+    let Some(before) = before else {
+        return by_ticks;
+    };
+    let client_spoke = activity.bytes_received != before.bytes_received;
+    let server_spoke = activity.bytes_sent != before.bytes_sent;
+    match (client_spoke, server_spoke) {
+        (false, false) => before.answered,
+        (false, true) => true,
+        (true, false) => false,
+        (true, true) => by_ticks,
     }
-    if socket.unacknowledged != 0 || activity.unsent != 0 {
-        return Verdict::Busy(Why::Unacknowledged);
-    }
-    let client_spoke_since = before.is_some_and(|before| {
-        activity.bytes_received > before.bytes_received && activity.bytes_acked == before.bytes_acked
-    });
-    if activity.since_sent_ms > activity.since_received_ms || client_spoke_since {
-        return Verdict::Busy(Why::Unanswered);
-    }
-    let quiet = activity.since_sent_ms.min(activity.since_received_ms);
-    if u128::from(quiet) < QUIET.as_millis() {
-        return Verdict::Busy(Why::Recent);
-    }
-    Verdict::Idle
 }
 
 #[cfg(test)]
@@ -98,71 +139,144 @@ mod tests {
         Activity {
             since_sent_ms,
             since_received_ms,
+            since_acknowledged_ms: since_received_ms,
             unsent: 0,
-            bytes_acked: 1000,
+            lost: 0,
+            retransmitting: 0,
+            rtt_us: 100,
             bytes_received: 500,
+            bytes_sent: 1000,
         }
     }
 
+    fn verdict(socket: &TcpSocket, before: Option<Seen>) -> Verdict {
+        judge(socket, before).0
+    }
+
     #[test]
-    fn an_answered_quiet_connection_is_idle() {
-        assert_eq!(judge(&socket(0, 0, activity(30, 32)), None), Verdict::Idle);
-        // The answer in the same tick as the request.
-        assert_eq!(judge(&socket(0, 0, activity(40, 40)), None), Verdict::Idle);
+    fn an_answer_in_a_later_tick_than_the_request_makes_a_quiet_connection_idle() {
+        assert_eq!(
+            verdict(&socket(0, 0, activity(28, 32)), None),
+            Verdict::Idle
+        );
+    }
+
+    #[test]
+    fn a_request_and_an_answer_in_one_tick_need_more_evidence() {
+        let (first, seen) = judge(&socket(0, 0, activity(40, 40)), None);
+        assert_eq!(first, Verdict::Busy(Why::Unanswered));
+        // Nothing moved since: still no evidence, however long it stays so
+        // (a request read in the answer's tick may still be worked on).
+        let (later, seen) = judge(&socket(0, 0, activity(3000, 3000)), seen);
+        assert_eq!(later, Verdict::Busy(Why::Unanswered));
+        // The client asked again and a look caught it unanswered...
+        let mut asked = activity(45, 1);
+        asked.bytes_received += 80;
+        let (asking, seen) = judge(&socket(0, 0, asked), seen);
+        assert_eq!(asking, Verdict::Busy(Why::Unanswered));
+        // ...and the next look saw the server's answer alone: evidence.
+        let mut answer = asked;
+        answer.bytes_sent += 200;
+        (answer.since_sent_ms, answer.since_received_ms) = (1, 2);
+        assert_eq!(
+            judge(&socket(0, 0, answer), seen).0,
+            Verdict::Busy(Why::Recent)
+        );
+        (answer.since_sent_ms, answer.since_received_ms) = (24, 25);
+        let (quiet, seen) = judge(&socket(0, 0, answer), seen);
+        assert_eq!(quiet, Verdict::Idle);
+        // The evidence holds while nothing moves.
+        assert_eq!(judge(&socket(0, 0, answer), seen).0, Verdict::Idle);
+    }
+
+    #[test]
+    fn an_acknowledgement_after_the_clients_last_data_shows_an_answer() {
+        let mut acked = activity(40, 40);
+        acked.since_acknowledged_ms = 8;
+        assert_eq!(verdict(&socket(0, 0, acked), None), Verdict::Idle);
     }
 
     #[test]
     fn a_request_read_but_not_answered_keeps_it_busy_however_old() {
         assert_eq!(
-            judge(&socket(0, 0, activity(3000, 2000)), None),
+            verdict(&socket(0, 0, activity(3000, 2000)), None),
             Verdict::Busy(Why::Unanswered)
         );
     }
 
     #[test]
     fn bytes_from_the_client_since_the_last_look_without_an_answer_keep_it_busy() {
-        let before = Seen::of(&activity(0, 0));
-        let mut now = activity(40, 40);
+        let (_, before) = judge(&socket(0, 0, activity(28, 32)), None);
+        let mut now = activity(60, 40);
         now.bytes_received += 80;
         assert_eq!(
-            judge(&socket(0, 0, now), Some(before)),
+            verdict(&socket(0, 0, now), before),
             Verdict::Busy(Why::Unanswered)
         );
-        // Answered since: both counters moved.
-        now.bytes_acked += 200;
-        assert_eq!(judge(&socket(0, 0, now), Some(before)), Verdict::Idle);
+        // Both spoke since: the ticks decide.
+        now.bytes_sent += 200;
+        assert_eq!(
+            verdict(&socket(0, 0, now), before),
+            Verdict::Busy(Why::Unanswered)
+        );
+        (now.since_sent_ms, now.since_received_ms) = (24, 28);
+        assert_eq!(verdict(&socket(0, 0, now), before), Verdict::Idle);
     }
 
     #[test]
-    fn unread_unsent_or_unacknowledged_bytes_keep_it_busy() {
+    fn unread_unsent_or_undelivered_bytes_keep_it_busy() {
         assert_eq!(
-            judge(&socket(12, 0, activity(30, 32)), None),
+            verdict(&socket(12, 0, activity(28, 32)), None),
             Verdict::Busy(Why::Unread)
         );
-        assert_eq!(
-            judge(&socket(0, 300, activity(30, 32)), None),
-            Verdict::Busy(Why::Unacknowledged)
-        );
-        let mut unsent = activity(30, 32);
+        let mut unsent = activity(28, 32);
         unsent.unsent = 5;
         assert_eq!(
-            judge(&socket(0, 0, unsent), None),
-            Verdict::Busy(Why::Unacknowledged)
+            verdict(&socket(0, 5, unsent), None),
+            Verdict::Busy(Why::Undelivered)
+        );
+        let mut lost = activity(28, 32);
+        lost.lost = 1;
+        assert_eq!(
+            verdict(&socket(0, 300, lost), None),
+            Verdict::Busy(Why::Undelivered)
+        );
+        let mut retransmitted = activity(28, 32);
+        retransmitted.retransmitting = 1;
+        assert_eq!(
+            verdict(&socket(0, 300, retransmitted), None),
+            Verdict::Busy(Why::Undelivered)
+        );
+        // Sent less than two round trips ago: maybe still on its way.
+        let mut far = activity(28, 32);
+        far.rtt_us = 20_000;
+        assert_eq!(
+            verdict(&socket(0, 300, far), None),
+            Verdict::Busy(Why::Undelivered)
+        );
+    }
+
+    #[test]
+    fn data_the_client_has_not_acknowledged_yet_but_surely_got_does_not() {
+        // A delayed acknowledgement: sent 28 ms ago over a 100 us path.
+        assert_eq!(
+            verdict(&socket(0, 300, activity(28, 32)), None),
+            Verdict::Idle
         );
     }
 
     #[test]
     fn recent_traffic_keeps_it_busy_until_quiet() {
         assert_eq!(
-            judge(&socket(0, 0, activity(8, 12)), None),
+            verdict(&socket(0, 0, activity(8, 12)), None),
             Verdict::Busy(Why::Recent)
         );
     }
 
     #[test]
     fn without_tcp_info_nothing_is_ended() {
-        let mut unknown = socket(0, 0, activity(30, 32));
+        let mut unknown = socket(0, 0, activity(28, 32));
         unknown.activity = None;
-        assert_eq!(judge(&unknown, None), Verdict::Busy(Why::Unknown));
+        assert_eq!(verdict(&unknown, None), Verdict::Busy(Why::Unknown));
     }
 }

@@ -26,9 +26,11 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 /// The longest deadline a client may ask for: a session start must not
 /// leave a sweeper running for long after its purpose is gone.
 pub const MAX_DEADLINE: Duration = Duration::from_secs(120);
-/// Between two looks at busy connections: well inside the gaps of a client
-/// that polls every 50 ms, at a few netlink round trips per look.
-const RETRY_EVERY: Duration = Duration::from_millis(5);
+/// Between two looks at busy connections: often enough to catch a client's
+/// request before its answer now and then (the evidence `idle` needs when
+/// both fall in one tick), at one netlink lookup per connection per look
+/// (a few microseconds each).
+const RETRY_EVERY: Duration = Duration::from_millis(1);
 
 /// A pod's own connections to one port.
 pub trait PodConnections: Send + 'static {
@@ -167,9 +169,15 @@ mod tests {
         let first = Progress::after_first(Sweep { ended: 3, busy: 2 });
         let (heard, report) = heard();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let outcome = finish(Box::new(script), first, deadline, CancellationToken::new(), report)
-            .await
-            .unwrap();
+        let outcome = finish(
+            Box::new(script),
+            first,
+            deadline,
+            CancellationToken::new(),
+            report,
+        )
+        .await
+        .unwrap();
         let done = Progress {
             ended: 5,
             waiting: 0,
@@ -195,9 +203,15 @@ mod tests {
         let first = Progress::after_first(Sweep { ended: 0, busy: 1 });
         let (heard, report) = heard();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
-        let outcome = finish(Box::new(script), first, deadline, CancellationToken::new(), report)
-            .await
-            .unwrap();
+        let outcome = finish(
+            Box::new(script),
+            first,
+            deadline,
+            CancellationToken::new(),
+            report,
+        )
+        .await
+        .unwrap();
         let left = Progress {
             ended: 0,
             waiting: 1,
@@ -229,9 +243,7 @@ mod tests {
         let unsupported = ResetError::from_probe(refused(libc::EOPNOTSUPP));
         assert!(matches!(unsupported, ResetError::Unsupported));
         assert!(
-            unsupported
-                .to_string()
-                .contains("CONFIG_INET_DIAG_DESTROY"),
+            unsupported.to_string().contains("CONFIG_INET_DIAG_DESTROY"),
             "{unsupported}"
         );
         assert!(matches!(

@@ -33,6 +33,11 @@ use crate::{
 pub struct PodSockets {
     diag: SockDiag,
     port: u16,
+    /// The pod's connections still open at the last look. Once the
+    /// redirection is on the pod gets no new ones from outside, so after a
+    /// first look (a dump of the kernel's tables) each later look asks for
+    /// these by their addresses only.
+    known: Option<Vec<TcpSocket>>,
     /// What the last look saw of each connection, by cookie.
     seen: HashMap<[u8; 8], Seen>,
     /// Inodes found to be the agents' sockets, and those found not to be.
@@ -52,6 +57,7 @@ impl PodSockets {
         Ok(Self {
             diag,
             port,
+            known: None,
             seen: HashMap::new(),
             agents: HashSet::new(),
             others: HashSet::new(),
@@ -102,21 +108,51 @@ impl PodSockets {
             .filter(|socket| !self.is_agents(socket.inode))
             .collect())
     }
+
+    /// The known connections as they are now; those closed meanwhile (or
+    /// replaced by another socket with the same addresses) are dropped.
+    fn refresh(&mut self, known: Vec<TcpSocket>) -> Result<Vec<TcpSocket>, ResetError> {
+        let mut open = Vec::with_capacity(known.len());
+        for socket in known {
+            match self.diag.find(socket.local, socket.remote) {
+                Ok(now) if now.cookie == socket.cookie && now.state == TCP_ESTABLISHED => {
+                    open.push(now);
+                }
+                Ok(_) => {}
+                Err(err) if err.errno() == Some(libc::ENOENT) => {}
+                Err(err) => return Err(ResetError::List(err)),
+            }
+        }
+        Ok(open)
+    }
 }
 
 impl PodConnections for PodSockets {
     fn sweep(&mut self, end_idle: bool) -> Result<Sweep, ResetError> {
-        let pods = self.pods()?;
+        let pods = match self.known.take() {
+            None => self.pods()?,
+            Some(known) => self.refresh(known)?,
+        };
+        let mut still_open = Vec::with_capacity(pods.len());
         let mut sweep = Sweep::default();
         let mut seen = HashMap::with_capacity(pods.len());
         for socket in pods {
-            let verdict = idle::judge(&socket, self.seen.get(&socket.cookie).copied());
-            if let Some(activity) = &socket.activity {
-                seen.insert(socket.cookie, Seen::of(activity));
+            let (verdict, now) = idle::judge(&socket, self.seen.get(&socket.cookie).copied());
+            if let Some(now) = now {
+                seen.insert(socket.cookie, now);
             }
             if !end_idle || verdict != Verdict::Idle {
-                debug!(local = %socket.local, remote = %socket.remote, ?verdict, "pod connection left for now");
+                debug!(
+                    local = %socket.local,
+                    remote = %socket.remote,
+                    ?verdict,
+                    unread = socket.unread,
+                    unacknowledged = socket.unacknowledged,
+                    activity = ?socket.activity,
+                    "pod connection left for now"
+                );
                 sweep.busy += 1;
+                still_open.push(socket);
                 continue;
             }
             match self.diag.destroy(&socket) {
@@ -130,6 +166,7 @@ impl PodConnections for PodSockets {
             }
         }
         self.seen = seen;
+        self.known = Some(still_open);
         Ok(sweep)
     }
 }

@@ -148,7 +148,9 @@ impl FirstLook {
                 }
                 Err(err) => {
                     warn!(target = %live.audit.target, port, %err, "ending the pod's connections failed");
-                    live.warn(format!("stopped ending the pod's existing connections: {err}"));
+                    live.warn(format!(
+                        "stopped ending the pod's existing connections: {err}"
+                    ));
                 }
             }
         });

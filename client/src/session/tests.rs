@@ -210,10 +210,53 @@ async fn the_agents_refusal_of_a_filter_is_a_usage_error() {
 async fn a_mirror_sends_no_filter() {
     let (addr, seen) = fake_agent(Answer::RefuseFilter).await;
     let args = steal_args(addr, FilterArgs::default()).session;
-    let failure = run(args, Mode::Mirror, None, None).await.expect_err("refused");
+    let failure = run(args, Mode::Mirror, None, None)
+        .await
+        .expect_err("refused");
     // Without a filter, the agent's INVALID_ARGUMENT keeps its own status.
     assert_eq!(failure.status(), Status::Rejected, "{}", failure.message());
     let seen = seen.lock().unwrap();
     assert_eq!(seen.opened[0].filter, None);
     assert_eq!(seen.opened[0].mode, Mode::Mirror as i32);
+}
+
+#[tokio::test]
+async fn a_reset_deadline_without_the_reset_is_refused_before_the_agent_is_called() {
+    let (addr, seen) = fake_agent(Answer::IgnoreFilter).await;
+    let mut args = steal_args(addr, FilterArgs::default());
+    args.reset.reset_deadline = Some(5);
+    let failure = steal(args).await.expect_err("refused");
+    assert_eq!(failure.status(), Status::Usage);
+    assert!(
+        failure
+            .message()
+            .starts_with("--reset-deadline only applies to --reset-existing"),
+        "{}",
+        failure.message()
+    );
+    assert!(seen.lock().unwrap().opened.is_empty());
+}
+
+#[tokio::test]
+async fn a_reset_asks_the_agent_with_its_deadline() {
+    let (addr, seen) = fake_agent(Answer::IgnoreFilter).await;
+    let mut args = steal_args(addr, FilterArgs::default());
+    args.reset = ResetArgs {
+        reset_existing: true,
+        reset_deadline: Some(7),
+    };
+    // The stand-in agent confirms, then the session runs: end it from
+    // outside once the agent saw the open.
+    let session = tokio::spawn(steal(args));
+    let opened = loop {
+        if let Some(open) = seen.lock().unwrap().opened.first().cloned() {
+            break open;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    session.abort();
+    assert_eq!(
+        opened.reset_existing,
+        Some(remocal_proto::v1::ResetExisting { deadline_ms: 7000 })
+    );
 }
