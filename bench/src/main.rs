@@ -10,6 +10,7 @@ mod bed;
 mod chart;
 mod iperf;
 mod measure;
+mod polling_client;
 mod probe;
 mod process_memory;
 mod profile;

@@ -73,11 +73,17 @@ pub async fn once(
     tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
         let mut stream = stream;
         stream.set_read_timeout(Some(limit))?;
-        let answer = exchange(&mut stream, &ask.request(), &mut [0u8; 4096])?;
-        Ok(String::from_utf8_lossy(body(&answer)).trim().to_string())
+        answer_body(&mut stream, &ask)
     })
     .await
     .context("the probe died")?
+}
+
+/// One request on `stream`, an open connection: the body of its answer,
+/// trimmed (`bed::POD_BODY` or `bed::LOCAL_BODY`).
+pub fn answer_body(stream: &mut TcpStream, ask: &Ask) -> anyhow::Result<String> {
+    let answer = exchange(stream, &ask.request(), &mut [0u8; 4096])?;
+    Ok(String::from_utf8_lossy(body(&answer)).trim().to_string())
 }
 
 fn requests(mut stream: TcpStream, duration: Duration, ask: Ask) -> anyhow::Result<RequestRun> {

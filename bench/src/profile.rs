@@ -23,6 +23,9 @@ pub struct Profile {
     pub mirror_rates_gbit: &'static [f64],
     pub mirror_bytes: u64,
     pub startup_trials: usize,
+    /// Starts of `remocal steal --reset-existing` under a client that holds
+    /// a keep-alive connection to the pod.
+    pub reset_trials: usize,
     /// Rounds of the filtered steal's paths, side by side in each.
     pub filtered_rounds: usize,
     /// Each path's probe run, and then its wrk run, per round.
@@ -42,6 +45,7 @@ impl Profile {
         mirror_rates_gbit: &[1.0],
         mirror_bytes: 32 * MIB,
         startup_trials: 2,
+        reset_trials: 2,
         filtered_rounds: 1,
         filtered_run: Duration::from_secs(1),
     };
@@ -60,6 +64,7 @@ impl Profile {
         mirror_rates_gbit: &[2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 0.0],
         mirror_bytes: GIB,
         startup_trials: 9,
+        reset_trials: 7,
         filtered_rounds: 5,
         filtered_run: Duration::from_secs(2),
     };

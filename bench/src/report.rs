@@ -108,6 +108,18 @@ pub fn targets(results: &Results) -> Vec<Check> {
             measured: format!("{:.0} ms (median)", results.startup.median_ms),
             met: results.startup.median_ms <= 200.0,
         },
+        Check {
+            target: "held keep-alive client stolen <= 1 s after ready",
+            measured: format!(
+                "{} (median; max {})",
+                ms_or_never(results.reset_takeover.median_ms),
+                ms_or_never(results.reset_takeover.max_ms)
+            ),
+            met: results
+                .reset_takeover
+                .median_ms
+                .is_some_and(|ms| ms <= 1000.0),
+        },
     ];
     checks.extend([
         Check {
@@ -307,12 +319,18 @@ pub fn table(results: &Results, checks: &[Check]) -> String {
         "steal active after: median {:.0} ms over {} starts (each: {})",
         startup.median_ms,
         startup.trials_ms.len(),
-        startup
-            .trials_ms
-            .iter()
-            .map(|ms| format!("{ms:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        each_ms(startup.trials_ms.iter().copied().map(Some))
+    );
+    let takeover = &results.reset_takeover;
+    let _ = writeln!(
+        out,
+        "held keep-alive client (a poll every {:.0} ms) stolen after ready, --reset-existing: median {}, max {} over {} starts (each: {}; reset {})",
+        takeover.poll_every_ms,
+        ms_or_never(takeover.median_ms),
+        ms_or_never(takeover.max_ms),
+        takeover.trials_ms.len(),
+        each_ms(takeover.trials_ms.iter().copied()),
+        takeover.resets.join(", ")
     );
 
     let _ = writeln!(out, "\ntargets:");
@@ -484,6 +502,19 @@ fn row(out: &mut String, label: &str, pair: Pair, unit: fn(f64) -> String, note:
         pair.ratio(),
         note.unwrap_or_default()
     );
+}
+
+/// Each start's figure in ms, for the table: `41, 38, never, 57`.
+fn each_ms(trials_ms: impl Iterator<Item = Option<f64>>) -> String {
+    trials_ms
+        .map(|ms| ms.map_or("never".to_string(), |ms| format!("{ms:.0}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A time in ms, or `never` for what did not happen in time.
+fn ms_or_never(ms: Option<f64>) -> String {
+    ms.map_or("never".to_string(), |ms| format!("{ms:.0} ms"))
 }
 
 fn micros(value: f64) -> String {

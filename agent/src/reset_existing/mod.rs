@@ -13,8 +13,16 @@
 mod idle;
 mod pod_sockets;
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use pod_sockets::PodSockets;
@@ -30,7 +38,7 @@ pub const MAX_DEADLINE: Duration = Duration::from_secs(120);
 /// request before its answer now and then (the evidence `idle` needs when
 /// both fall in one tick), at one netlink lookup per connection per look
 /// (a few microseconds each).
-const RETRY_EVERY: Duration = Duration::from_millis(1);
+const RETRY_EVERY: Duration = Duration::from_micros(250);
 
 /// A pod's own connections to one port.
 pub trait PodConnections: Send + 'static {
@@ -98,43 +106,60 @@ impl Progress {
 /// Retries the busy connections left by the first look until none is left,
 /// `deadline` (from the start of the session) passes, or `stop` fires.
 /// `report` hears every change and, last, the outcome with `done` set.
+///
+/// The looks run on one blocking thread: their spacing is finer than the
+/// runtime's timer, and a look never waits for the runtime.
 pub async fn finish(
     mut connections: Box<dyn PodConnections>,
-    mut progress: Progress,
-    deadline: tokio::time::Instant,
+    progress: Progress,
+    deadline: Instant,
     stop: CancellationToken,
     report: impl Fn(Progress),
 ) -> Result<Progress, ResetError> {
-    while !progress.done {
-        tokio::select! {
-            () = tokio::time::sleep(RETRY_EVERY) => {}
-            () = stop.cancelled() => break,
-        }
-        let (back, swept) = tokio::task::spawn_blocking(move || {
-            let swept = connections.sweep(true);
-            (connections, swept)
+    let (changes, mut heard) = mpsc::unbounded_channel();
+    let stopped = Arc::new(AtomicBool::new(false));
+    let looker = {
+        let stopped = stopped.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut progress = progress;
+            while !progress.done && !stopped.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let sweep = connections.sweep(true)?;
+                let before = progress;
+                progress.ended += sweep.ended;
+                progress.waiting = sweep.busy;
+                progress.done = sweep.busy == 0 || Instant::now() >= deadline;
+                if progress != before {
+                    let _ = changes.send(progress);
+                }
+                // A look over many connections takes longer: space them so
+                // that looking takes at most a fifth of a core.
+                std::thread::sleep(RETRY_EVERY.max(started.elapsed() * 4));
+            }
+            Ok(progress)
         })
-        .await
-        .map_err(|err| ResetError::Open(io::Error::other(err)))?;
-        connections = back;
-        let sweep = swept?;
-        let before = progress;
-        progress.ended += sweep.ended;
-        progress.waiting = sweep.busy;
-        progress.done = sweep.busy == 0 || tokio::time::Instant::now() >= deadline;
-        if progress != before {
-            report(progress);
+    };
+    tokio::pin!(looker);
+    loop {
+        tokio::select! {
+            Some(progress) = heard.recv() => report(progress),
+            () = stop.cancelled(), if !stopped.load(Ordering::Relaxed) => {
+                stopped.store(true, Ordering::Relaxed);
+            }
+            outcome = &mut looker => {
+                // Changes sent before the thread ended come first.
+                while let Ok(progress) = heard.try_recv() {
+                    report(progress);
+                }
+                return outcome.map_err(|err| ResetError::Open(io::Error::other(err)))?;
+            }
         }
     }
-    Ok(progress)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::VecDeque,
-        sync::{Arc, Mutex},
-    };
+    use std::{collections::VecDeque, sync::Mutex};
 
     use super::*;
 
@@ -168,7 +193,7 @@ mod tests {
         ]));
         let first = Progress::after_first(Sweep { ended: 3, busy: 2 });
         let (heard, report) = heard();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         let outcome = finish(
             Box::new(script),
             first,
@@ -202,7 +227,7 @@ mod tests {
         let script = Scripted(VecDeque::from([Sweep { ended: 0, busy: 1 }]));
         let first = Progress::after_first(Sweep { ended: 0, busy: 1 });
         let (heard, report) = heard();
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        let deadline = Instant::now() + Duration::from_millis(50);
         let outcome = finish(
             Box::new(script),
             first,
@@ -227,7 +252,7 @@ mod tests {
         let first = Progress::after_first(Sweep { ended: 0, busy: 1 });
         let stop = CancellationToken::new();
         stop.cancel();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         let outcome = finish(Box::new(script), first, deadline, stop, |_| {})
             .await
             .unwrap();

@@ -1,10 +1,12 @@
 //! A steal and the connections the pod already served when it started:
 //! counted for a warning, or with `--reset-existing` ended while idle so
 //! that their clients reconnect into the steal (see `reset_existing`).
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use remocal_proto::v1::{ResetProgress, session_event};
-use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{OpenError, Sessions, blocking};

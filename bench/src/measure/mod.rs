@@ -7,6 +7,7 @@ pub mod filtered;
 mod floor;
 mod latency;
 mod mirror_rate;
+mod reset_takeover;
 mod startup;
 mod stream;
 
@@ -22,6 +23,7 @@ pub use filtered::Filtered;
 pub use floor::Floor;
 pub use latency::Latency;
 pub use mirror_rate::MirrorRate;
+pub use reset_takeover::ResetTakeover;
 pub use startup::Startup;
 pub use stream::Streams;
 
@@ -44,6 +46,9 @@ pub struct Results {
     pub bystander: Bystander,
     pub mirror: MirrorRate,
     pub startup: Startup,
+    /// A client holding a keep-alive connection to the pod, reached by
+    /// `remocal steal --reset-existing`.
+    pub reset_takeover: ResetTakeover,
 }
 
 pub async fn all(profile: &Profile) -> anyhow::Result<Results> {
@@ -64,6 +69,8 @@ pub async fn all(profile: &Profile) -> anyhow::Result<Results> {
     let mirror = mirror_rate::measure(&bed, profile).await?;
     step("time to the first stolen connection");
     let startup = startup::measure(&bed, profile).await?;
+    step("a held keep-alive connection, stolen with --reset-existing");
+    let reset_takeover = reset_takeover::measure(&bed, profile).await?;
     step(&format!(
         "{} concurrent stolen connections",
         profile.concurrent_connections
@@ -87,6 +94,7 @@ pub async fn all(profile: &Profile) -> anyhow::Result<Results> {
         bystander,
         mirror,
         startup,
+        reset_takeover,
     })
 }
 
