@@ -17,6 +17,7 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const INET_DIAG_INFO: u16 = 2;
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_BC_JMP: u8 = 1;
 const INET_DIAG_BC_S_EQ: u8 = 11;
 const INET_DIAG_BC_D_EQ: u8 = 12;
 /// No cookie: find the socket by its addresses.
@@ -92,13 +93,6 @@ pub struct Activity {
     pub bytes_sent: u64,
 }
 
-/// Which end of the connection a dump matches the port against.
-#[derive(Clone, Copy, Debug)]
-pub enum PortSide {
-    Local,
-    Remote,
-}
-
 pub struct SockDiag {
     netlink: Netlink,
 }
@@ -111,20 +105,15 @@ impl SockDiag {
         })
     }
 
-    /// Every socket of either family in `states` (a bit per TCP state) whose
-    /// `side` port is `port`, with its activity. The kernel filters on the
+    /// Every socket of either family in `states` (a bit per TCP state) with
+    /// `port` at either end, with its activity. The kernel filters on the
     /// port, but walks its whole connection table to do so (shared by all
     /// namespaces, sized by the node's memory): milliseconds, so for a first
     /// look, not for polling.
-    pub fn dump(
-        &mut self,
-        states: u32,
-        side: PortSide,
-        port: u16,
-    ) -> Result<Vec<TcpSocket>, NetlinkError> {
+    pub fn dump(&mut self, states: u32, port: u16) -> Result<Vec<TcpSocket>, NetlinkError> {
         let mut sockets = Vec::new();
         for family in [libc::AF_INET, libc::AF_INET6] {
-            let header = dump_request(family as u8, states, side, port);
+            let header = dump_request(family as u8, states, port);
             let mut bad = None;
             self.netlink
                 .dump(SOCK_DIAG_BY_FAMILY, header.bytes(), |_, body| {
@@ -184,24 +173,31 @@ impl SockDiag {
     }
 }
 
-/// struct inet_diag_req_v2 for a dump, with a bytecode filter on the port.
-fn dump_request(family: u8, states: u32, side: PortSide, port: u16) -> Message {
+/// struct inet_diag_req_v2 for a dump, with a bytecode filter: local port
+/// or remote port equal to `port`.
+fn dump_request(family: u8, states: u32, port: u16) -> Message {
     let mut req = vec![family, libc::IPPROTO_TCP as u8];
     req.push(1 << (INET_DIAG_INFO - 1)); // idiag_ext: tcp_info
     req.push(0);
     req.extend_from_slice(&states.to_ne_bytes());
     req.extend_from_slice(&[0; 48]); // any socket: the bytecode picks
-    // Two inet_diag_bc_op {code, yes, no}: "port equal" jumps 8 bytes to
-    // the end (accept) or 12 (past the end: reject); the second op only
-    // carries the port in its `no`.
-    let code = match side {
-        PortSide::Local => INET_DIAG_BC_S_EQ,
-        PortSide::Remote => INET_DIAG_BC_D_EQ,
-    };
-    let mut bytecode = vec![code, 8];
-    bytecode.extend_from_slice(&12u16.to_ne_bytes());
-    bytecode.extend_from_slice(&[0, 0]);
-    bytecode.extend_from_slice(&port.to_ne_bytes());
+    // inet_diag_bc_op {code, yes, no} steps, as `ss` compiles an OR: a
+    // port comparison is its op and one carrying the port in `no`; `yes`
+    // goes on 8 bytes, `no` skips 12. Matching the local port lands on the
+    // JMP, which always takes its `no` to the end (accept); not matching it
+    // skips to the remote port's comparison, whose `no` lands past the end
+    // (reject). The kernel checks that every jump lands on an op.
+    let mut bytecode = Vec::with_capacity(20);
+    for (code, yes, no) in [
+        (INET_DIAG_BC_S_EQ, 8u8, 12u16),
+        (0, 0, port),
+        (INET_DIAG_BC_JMP, 4, 12),
+        (INET_DIAG_BC_D_EQ, 8, 12),
+        (0, 0, port),
+    ] {
+        bytecode.extend_from_slice(&[code, yes]);
+        bytecode.extend_from_slice(&no.to_ne_bytes());
+    }
     Message::new(&req).attr(INET_DIAG_REQ_BYTECODE, &bytecode)
 }
 
@@ -339,11 +335,12 @@ mod tests {
         client.read_exact(&mut [0; 5]).unwrap();
 
         let mut diag = SockDiag::open_here().unwrap();
-        let found = diag
-            .dump(1 << TCP_ESTABLISHED, PortSide::Local, port)
-            .unwrap();
-        assert_eq!(found.len(), 1, "{found:?}");
-        let socket = &found[0];
+        let found = diag.dump(1 << TCP_ESTABLISHED, port).unwrap();
+        assert_eq!(found.len(), 2, "both ends: {found:?}");
+        let socket = found
+            .iter()
+            .find(|socket| socket.local.port() == port)
+            .expect("the server's end");
         assert_eq!(socket.local, served.local_addr().unwrap());
         assert_eq!(socket.remote, client.local_addr().unwrap());
         assert_ne!(socket.inode, 0);
@@ -351,11 +348,20 @@ mod tests {
         assert_eq!(activity.bytes_received, 4);
         assert_eq!(activity.bytes_sent, 5);
         assert_eq!(activity.unsent, 0);
-        let from_client = diag
-            .dump(1 << TCP_ESTABLISHED, PortSide::Remote, port)
+        let other = found.iter().find(|socket| socket.remote.port() == port);
+        assert_eq!(
+            other.expect("the client's end").local,
+            client.local_addr().unwrap()
+        );
+        let unrelated = diag
+            .dump(1 << TCP_ESTABLISHED, port.wrapping_add(1))
             .unwrap();
-        assert_eq!(from_client.len(), 1);
-        assert_eq!(from_client[0].local, client.local_addr().unwrap());
+        assert!(
+            unrelated
+                .iter()
+                .all(|socket| socket.local.port() != port && socket.remote.port() != port),
+            "{unrelated:?}"
+        );
 
         let again = diag.find(socket.local, socket.remote).unwrap();
         assert_eq!(again.cookie, socket.cookie);

@@ -124,6 +124,22 @@ pub struct SessionArgs {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub link: LinkArgs,
+    /// With a COMMAND: how long it may take to listen on --local-host and
+    /// --local-port, in seconds.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub listen_timeout: u64,
+    /// Your local process, started by remocal (after `--`): the session
+    /// opens once it listens on --local-host:--local-port, Ctrl-C ends the
+    /// session and then the command, and the command's exit ends the
+    /// session (remocal exits with its status). It finds REMOCAL_TARGET,
+    /// REMOCAL_PORT and REMOCAL_MODE in its environment.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 /// Where the traffic comes from: a pod, or a network namespace on the

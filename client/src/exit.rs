@@ -20,6 +20,9 @@ pub enum Status {
 pub struct Failure {
     status: Status,
     message: String,
+    /// The exit code, when it is not the status's: that of a local
+    /// command remocal ran and exits as.
+    code: Option<u8>,
 }
 
 impl Failure {
@@ -27,6 +30,16 @@ impl Failure {
         Self {
             status,
             message: message.into(),
+            code: None,
+        }
+    }
+
+    /// Exits with `code` (a local command's), saying `message` when it is
+    /// not empty.
+    pub fn with_code(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::new(Status::Unexpected, message)
         }
     }
 
@@ -75,7 +88,7 @@ impl Failure {
         if !self.message.is_empty() {
             eprintln!("error: {}", self.message);
         }
-        ExitCode::from(self.status as u8)
+        ExitCode::from(self.code.unwrap_or(self.status as u8))
     }
 }
 

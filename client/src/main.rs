@@ -9,6 +9,7 @@ mod credentials;
 mod exit;
 mod filter;
 mod forward;
+mod local_command;
 mod output;
 mod session;
 mod target;

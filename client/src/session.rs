@@ -1,30 +1,35 @@
 //! `remocal steal` and `remocal mirror`: one session on the agent, one
 //! forwarded connection per stolen or mirrored connection, and a clean end
 //! on Ctrl-C or SIGTERM: the agent confirms the redirection is gone before
-//! we exit.
+//! we exit. With a COMMAND, its process lives as long as the session.
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use remocal_proto::v1::{
     CloseSession, HttpFilter, Mode, OpenSession, ResetExisting, SessionEvent, SessionRequest,
-    session_event, session_request,
+    Target, session_event, session_request,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
 use crate::{
-    agent_link::AgentAddress,
+    agent_link::{Agent, AgentAddress},
     cli::{ResetArgs, SessionArgs, StealArgs},
     credentials::Credentials,
     exit::{Failure, Status},
     filter,
     forward::{self, Forwarding, Local},
+    local_command::{self, LocalCommand, SessionEnv},
     output::Printer,
     target::{self, Named},
 };
 
 /// How long we wait for the agent to confirm the end of the session.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a local command may take to exit after Ctrl-C before it is
+/// killed.
+const COMMAND_GRACE: Duration = Duration::from_secs(10);
 /// Calls kept open for connections to come. Each used one is replaced at
 /// once, so this only needs to cover the connections that arrive within one
 /// round trip to the agent; more arriving are announced, which costs them
@@ -71,17 +76,121 @@ pub async fn run(
         port: args.local.local_port.unwrap_or(args.port),
     };
     let named = Named::parse(&args.target)?;
+    let target_env = named.to_string();
     let located = target::locate(named, &args.cluster, args.link.agent.as_deref()).await?;
     let address = located.agent;
     let credentials = located.credentials;
-    let mut agent = address.connect(&credentials).await?;
+    let agent = address.connect(&credentials).await?;
+    // The local process first, so that no connection arrives before it
+    // listens; after the agent answered, so that a bad target starts nothing.
+    let mut command = match args.command.as_slice() {
+        [] => None,
+        argv => {
+            let env = SessionEnv {
+                target: target_env,
+                port: args.port,
+                mode: mode_name(mode),
+            };
+            let mut command = LocalCommand::start(argv, &env)?;
+            command
+                .wait_listening(&local, Duration::from_secs(args.listen_timeout))
+                .await?;
+            Some(command)
+        }
+    };
+    let link = Link {
+        agent,
+        address,
+        credentials,
+        target: located.target,
+        port: args.port,
+        printer,
+        local,
+    };
+    let ended = serve(link, mode, filter, reset, command.as_mut()).await;
+    match (ended, command) {
+        (Ok(Ended::Stopped(_)), None) => Ok(()),
+        (Ok(Ended::Stopped(signal)), Some(mut command)) => {
+            let status = command.stop(signal, COMMAND_GRACE).await;
+            command_exit(status, "")
+        }
+        (Ok(Ended::CommandExited(status)), Some(command)) => command_exit(
+            status,
+            &format!(
+                "{} {}; the session is closed",
+                command.name(),
+                local_command::describe(status)
+            ),
+        ),
+        (Ok(Ended::CommandExited(_)), None) => unreachable!("no command to exit"),
+        (Err(failure), Some(mut command)) => {
+            command.stop(Signal::SIGTERM, COMMAND_GRACE).await;
+            Err(failure)
+        }
+        (Err(failure), None) => Err(failure),
+    }
+}
+
+/// What a session was opened with, toward the agent and the local side.
+struct Link {
+    agent: Agent,
+    address: AgentAddress,
+    credentials: Credentials,
+    target: Target,
+    port: u16,
+    printer: Printer,
+    local: Local,
+}
+
+/// How a session ended when it did not fail.
+enum Ended {
+    /// Ctrl-C or SIGTERM.
+    Stopped(Signal),
+    /// The local command exited on its own.
+    CommandExited(std::process::ExitStatus),
+}
+
+/// remocal exits as its command did: 0 quietly, else its code.
+fn command_exit(status: std::process::ExitStatus, message: &str) -> Result<(), Failure> {
+    match local_command::exit_code(status) {
+        0 => Ok(()),
+        code => Err(Failure::with_code(code, message)),
+    }
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    if mode == Mode::Mirror {
+        "mirror"
+    } else {
+        "steal"
+    }
+}
+
+/// Opens the session and serves it until Ctrl-C, the command's exit, or a
+/// failure.
+async fn serve(
+    link: Link,
+    mode: Mode,
+    filter: Option<HttpFilter>,
+    reset: Option<ResetExisting>,
+    mut command: Option<&mut LocalCommand>,
+) -> Result<Ended, Failure> {
+    let Link {
+        mut agent,
+        address,
+        credentials,
+        target,
+        port,
+        printer,
+        local,
+    } = link;
 
     let (requests, outgoing) = mpsc::channel(64);
     let filtered = filter.is_some();
     let resetting = reset.is_some();
     let open = OpenSession {
-        target: Some(located.target),
-        port: args.port.into(),
+        target: Some(target),
+        port: port.into(),
         mode: mode as i32,
         client: whoami(),
         filter,
@@ -114,13 +223,8 @@ pub async fn run(
             ),
         ));
     }
-    let mode_name = if mode == Mode::Mirror {
-        "mirror"
-    } else {
-        "steal"
-    };
     let mut stop = Box::pin(stop_requested());
-    printer.ready(mode_name, &ready, &local.to_string());
+    printer.ready(mode_name(mode), &ready, &local.to_string());
     if resetting && ready.reset.is_none() {
         printer.warning(&format!(
             "{address} is older than this remocal and ignored --reset-existing: the pod's existing connections keep going to the pod; upgrade the remocal agent"
@@ -143,7 +247,7 @@ pub async fn run(
             tokio::spawn(forward::stand_by(forwarding.clone()));
         }
     }
-    loop {
+    let ended = loop {
         tokio::select! {
             Some(()) = replace_standby.recv() => {
                 tokio::spawn(forward::stand_by(forwarding.clone()));
@@ -181,11 +285,20 @@ pub async fn run(
                     )));
                 }
             },
-            () = &mut stop => break,
+            signal = &mut stop => break Ended::Stopped(signal),
+            status = exited(&mut command) => break Ended::CommandExited(status),
         }
-    }
+    };
     close(&requests, &mut events, printer).await;
-    Ok(())
+    Ok(ended)
+}
+
+/// The command's exit; never, without one.
+async fn exited(command: &mut Option<&mut LocalCommand>) -> std::process::ExitStatus {
+    match command {
+        Some(command) => command.exited().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A broken link may have a better reason than its status (the port-forward
@@ -260,21 +373,23 @@ fn request(kind: session_request::Kind) -> SessionRequest {
     SessionRequest { kind: Some(kind) }
 }
 
-/// Ctrl-C or SIGTERM. The handlers are installed when this is called, not
-/// when the future is first polled: a signal right after the `ready` line
-/// must end the session cleanly, not kill the process.
-fn stop_requested() -> impl Future<Output = ()> {
+/// Ctrl-C or SIGTERM, whichever came (a local command gets the same). The
+/// handlers are installed when this is called, not when the future is
+/// first polled: a signal right after the `ready` line must end the
+/// session cleanly, not kill the process.
+fn stop_requested() -> impl Future<Output = Signal> {
     use tokio::signal::unix::{SignalKind, signal};
     let handlers = signal(SignalKind::terminate())
         .and_then(|term| signal(SignalKind::interrupt()).map(|interrupt| (term, interrupt)));
     async move {
         match handlers {
             Ok((mut term, mut interrupt)) => tokio::select! {
-                _ = term.recv() => {},
-                _ = interrupt.recv() => {},
+                _ = term.recv() => Signal::SIGTERM,
+                _ = interrupt.recv() => Signal::SIGINT,
             },
             Err(_) => {
                 let _ = tokio::signal::ctrl_c().await;
+                Signal::SIGINT
             }
         }
     }

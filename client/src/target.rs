@@ -19,6 +19,18 @@ pub enum Named {
     Kube(Workload),
 }
 
+/// As the user would write it again: the local command's REMOCAL_TARGET.
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Named::Netns(path) => write!(f, "{path}"),
+            Named::Pid(pid) => write!(f, "pid/{pid}"),
+            Named::Kube(Workload::Pod(name)) => write!(f, "pod/{name}"),
+            Named::Kube(Workload::Deployment(name)) => write!(f, "deploy/{name}"),
+        }
+    }
+}
+
 impl Named {
     pub fn parse(args: &TargetArgs) -> Result<Self, Failure> {
         if let Some(path) = &args.netns {

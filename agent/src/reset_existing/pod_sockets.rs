@@ -27,7 +27,7 @@ use super::{
 use crate::{
     agent_processes,
     netns::Netns,
-    sock_diag::{PortSide, SockDiag, TCP_ESTABLISHED, TcpSocket},
+    sock_diag::{SockDiag, TCP_ESTABLISHED, TcpSocket},
 };
 
 pub struct PodSockets {
@@ -87,15 +87,13 @@ impl PodSockets {
 
     /// The pod's own connections to the port, now.
     fn pods(&mut self) -> Result<Vec<TcpSocket>, ResetError> {
-        let established = 1 << TCP_ESTABLISHED;
-        let served = self
+        let (served, peers): (Vec<_>, Vec<_>) = self
             .diag
-            .dump(established, PortSide::Local, self.port)
-            .map_err(ResetError::List)?;
-        let local_peers: HashSet<(SocketAddr, SocketAddr)> = self
-            .diag
-            .dump(established, PortSide::Remote, self.port)
+            .dump(1 << TCP_ESTABLISHED, self.port)
             .map_err(ResetError::List)?
+            .into_iter()
+            .partition(|socket| socket.local.port() == self.port);
+        let local_peers: HashSet<(SocketAddr, SocketAddr)> = peers
             .into_iter()
             .map(|peer| (canonical(peer.local), canonical(peer.remote)))
             .collect();

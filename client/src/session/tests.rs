@@ -138,6 +138,8 @@ fn steal_args(agent: SocketAddr, filter: FilterArgs) -> StealArgs {
                 verbose: false,
                 output: OutputFormat::Text,
             },
+            listen_timeout: 30,
+            command: Vec::new(),
         },
         filter,
         reset: ResetArgs::default(),
