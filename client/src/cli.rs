@@ -1,8 +1,8 @@
 //! Command line. Errors come out as one line each, so scripts and people both
 //! get what is wrong without scrolling past usage text.
-use std::path::PathBuf;
+use std::{ffi::OsString, path::PathBuf, sync::OnceLock};
 
-use clap::{Args, Parser, Subcommand, error::ErrorKind};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, error::ErrorKind};
 
 use crate::exit::{Failure, Status};
 
@@ -39,6 +39,14 @@ pub enum Command {
     /// List the remocal agents of the cluster, one per node, with their health
     /// and version. Exits with 3 when an agent is not healthy.
     Agents(AgentsArgs),
+    /// Print a shell completion script: `remocal completions bash >
+    /// /etc/bash_completion.d/remocal`, or `source <(remocal completions
+    /// zsh)` in ~/.zshrc, or `remocal completions fish >
+    /// ~/.config/fish/completions/remocal.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args)]
@@ -212,14 +220,49 @@ pub enum OutputFormat {
     Json,
 }
 
+/// How the user runs remocal: `remocal`, or `kubectl remocal` when it is
+/// installed as the kubectl plugin `kubectl-remocal`. Help, usage and
+/// errors name it that way.
+pub fn program() -> &'static str {
+    PROGRAM.get().map_or("remocal", String::as_str)
+}
+
+static PROGRAM: OnceLock<String> = OnceLock::new();
+
+/// The name for an executable file called `file`: kubectl runs plugins as
+/// `kubectl-NAME` (dashes in NAME stand for spaces, underscores for dashes).
+fn program_for(file: &str) -> String {
+    match file.strip_prefix("kubectl-") {
+        Some(plugin) => format!("kubectl {}", plugin.replace('-', " ").replace('_', "-")),
+        None => "remocal".into(),
+    }
+}
+
 pub fn parse() -> Result<Cli, Failure> {
     parse_from(std::env::args_os())
 }
 
-fn parse_from(
-    args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
-) -> Result<Cli, Failure> {
-    Cli::try_parse_from(args).map_err(usage_failure)
+fn parse_from(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> Result<Cli, Failure> {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let file = args
+        .first()
+        .and_then(|arg0| std::path::Path::new(arg0).file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let program = PROGRAM.get_or_init(|| program_for(&file));
+    let command = Cli::command()
+        .bin_name(program.as_str())
+        .name(program.as_str());
+    command
+        .try_get_matches_from(args)
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+        .map_err(usage_failure)
+}
+
+/// Writes the completion script for `shell`.
+pub fn completions(shell: clap_complete::Shell) {
+    let mut command = Cli::command();
+    clap_complete::generate(shell, &mut command, program(), &mut std::io::stdout());
 }
 
 fn usage_failure(err: clap::Error) -> Failure {
@@ -231,7 +274,10 @@ fn usage_failure(err: clap::Error) -> Failure {
         };
         return Failure::new(
             Status::Usage,
-            format!("{flag} is for `remocal steal` only: {why}; drop {flag}"),
+            format!(
+                "{flag} is for `{} steal` only: {why}; drop {flag}",
+                program()
+            ),
         );
     }
     match err.kind() {
@@ -260,7 +306,10 @@ fn usage_failure(err: clap::Error) -> Failure {
                 .collect();
             let summary = summary.join(" ");
             let summary = summary.strip_prefix("error: ").unwrap_or(&summary);
-            Failure::new(Status::Usage, format!("{summary} (see `remocal --help`)"))
+            Failure::new(
+                Status::Usage,
+                format!("{summary} (see `{} --help`)", program()),
+            )
         }
     }
 }

@@ -26,6 +26,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(failure) => return failure.report(),
     };
+    if let Command::Completions { shell } = cli.command {
+        cli::completions(shell);
+        return ExitCode::SUCCESS;
+    }
     raise_fd_limit();
     // kube's TLS uses rustls' process-wide provider; naming it keeps that true
     // even if another dependency ever compiles a second provider in.
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
             Command::Steal(args) => session::steal(args).await,
             Command::Mirror(args) => session::run(args, Mode::Mirror, None, None).await,
             Command::Agents(args) => agents::run(args).await,
+            Command::Completions { .. } => Ok(()),
         }
     });
     // Connections still draining must not keep a finished session alive.

@@ -54,7 +54,8 @@ impl Named {
                 return Err(Failure::new(
                     Status::Usage,
                     format!(
-                        "remocal cannot target a {kind}: name a pod (pod/NAME) or a deployment (deploy/NAME)"
+                        "{} cannot target a {kind}: name a pod (pod/NAME) or a deployment (deploy/NAME)",
+                        crate::cli::program()
                     ),
                 ));
             }

@@ -28,7 +28,9 @@ fn local_port_defaults_to_the_stolen_port() {
             .command
         {
             Command::Steal(StealArgs { session, .. }) | Command::Mirror(session) => session,
-            Command::Agents(_) => panic!("{mode} is a session command"),
+            Command::Agents(_) | Command::Completions { .. } => {
+                panic!("{mode} is a session command")
+            }
         };
         assert_eq!(args.local.local_port, None);
         assert_eq!(args.local.local_host, "127.0.0.1");
@@ -171,4 +173,40 @@ fn a_reset_deadline_must_be_a_sane_number_of_seconds() {
     };
     assert!(steal.reset.reset_existing);
     assert_eq!(steal.reset.reset_deadline, None, "the agent's default");
+}
+
+#[test]
+fn a_kubectl_plugin_is_named_as_kubectl_runs_it() {
+    assert_eq!(program_for("remocal"), "remocal");
+    assert_eq!(program_for("kubectl-remocal"), "kubectl remocal");
+    assert_eq!(program_for("kubectl-remocal-dev"), "kubectl remocal dev");
+    assert_eq!(program_for("kubectl-re_mocal"), "kubectl re-mocal");
+}
+
+#[test]
+fn a_command_after_the_double_dash_is_kept_whole() {
+    let Command::Steal(steal) = parse_from([
+        "remocal",
+        "steal",
+        "pod/web",
+        "--port",
+        "80",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "--bind",
+        "127.0.0.1",
+    ])
+    .ok()
+    .unwrap()
+    .command
+    else {
+        panic!("steal");
+    };
+    assert_eq!(
+        steal.session.command,
+        ["python3", "-m", "http.server", "--bind", "127.0.0.1"]
+    );
+    assert_eq!(steal.session.listen_timeout, 30);
 }
