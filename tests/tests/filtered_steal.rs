@@ -2016,11 +2016,9 @@ async fn after_kill_9_of_the_agent_the_pod_serves_and_a_new_agent_removes_the_le
 
     // The rules the dead agent left are inert: the pod's own traffic, to
     // loopback and to its own address, on the port, is served as ever.
+    // (Another test's agent starting meanwhile may have removed them
+    // already, as any agent starting on the node does.)
     let left = passthrough_rules(&shared.scenario.pod(0).netns);
-    assert!(
-        !left.is_empty(),
-        "kill -9 left the rules behind (for the next agent to remove)"
-    );
     let netns = &shared.scenario.pod(0).netns;
     for addr in [
         "127.0.0.1".parse::<IpAddr>().unwrap(),
