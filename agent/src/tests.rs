@@ -780,21 +780,38 @@ async fn assert_reset(remote: &mut TcpStream) {
 
 #[tokio::test]
 async fn a_stalled_connection_does_not_stall_another() {
+    use std::{
+        cell::Cell,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
     let mut harness = Harness::start().await;
     let mut session = harness.open(80).await.unwrap();
     let (mut stalled_remote, _stalled) = harness.stolen(&mut session).await;
     let (mut remote, mut connection) = harness.stolen(&mut session).await;
 
     // Nobody reads the first connection's stream: its remote fills every buffer.
-    let flood = tokio::spawn(async move {
-        let chunk = vec![0u8; 64 * 1024];
-        loop {
-            if stalled_remote.write_all(&chunk).await.is_err() {
-                break;
+    let written = Arc::new(AtomicUsize::new(0));
+    let flood = tokio::spawn({
+        let written = written.clone();
+        async move {
+            let chunk = vec![0u8; 64 * 1024];
+            while let Ok(n) = stalled_remote.write(&chunk).await {
+                written.fetch_add(n, Ordering::Relaxed);
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Full is when the flood's writes block: nothing more written for 300 ms.
+    let (last, unchanged) = (Cell::new(0), Cell::new(0));
+    until("the stalled connection's buffers never filled up", || {
+        let now = written.load(Ordering::Relaxed);
+        unchanged.set(if now > 0 && now == last.replace(now) {
+            unchanged.get() + 1
+        } else {
+            0
+        });
+        unchanged.get() == 15 // polls of 20 ms
+    })
+    .await;
     let data = pattern(1 << 20, 3);
     let writer = tokio::spawn(async move {
         remote.write_all(&data).await.unwrap();

@@ -159,7 +159,8 @@ pub async fn finish(
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::VecDeque, sync::Mutex};
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
 
     use super::*;
 
@@ -178,72 +179,66 @@ mod tests {
         }
     }
 
-    fn heard() -> (Arc<Mutex<Vec<Progress>>>, impl Fn(Progress)) {
+    /// Runs `finish` over the script after a first look that found
+    /// `first`; returns its outcome and every report it made.
+    async fn finish_script(
+        script: &[Sweep],
+        first: Sweep,
+        deadline: Duration,
+    ) -> (Progress, Vec<Progress>) {
         let heard = Arc::new(Mutex::new(Vec::new()));
         let sink = heard.clone();
-        (heard, move |progress| sink.lock().unwrap().push(progress))
+        let outcome = finish(
+            Box::new(Scripted(script.iter().copied().collect())),
+            Progress::after_first(first),
+            Instant::now() + deadline,
+            CancellationToken::new(),
+            move |progress| sink.lock().unwrap().push(progress),
+        )
+        .await
+        .unwrap();
+        let heard = heard.lock().unwrap().clone();
+        (outcome, heard)
     }
 
     #[tokio::test]
     async fn busy_connections_are_retried_until_they_are_ended() {
-        let script = Scripted(VecDeque::from([
+        let script = [
             Sweep { ended: 0, busy: 2 },
             Sweep { ended: 1, busy: 1 },
             Sweep { ended: 1, busy: 0 },
-        ]));
-        let first = Progress::after_first(Sweep { ended: 3, busy: 2 });
-        let (heard, report) = heard();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let outcome = finish(
-            Box::new(script),
-            first,
-            deadline,
-            CancellationToken::new(),
-            report,
+        ];
+        let (outcome, heard) = finish_script(
+            &script,
+            Sweep { ended: 3, busy: 2 },
+            Duration::from_secs(10),
         )
-        .await
-        .unwrap();
+        .await;
         let done = Progress {
             ended: 5,
             waiting: 0,
             done: true,
         };
         assert_eq!(outcome, done);
-        assert_eq!(
-            *heard.lock().unwrap(),
-            [
-                Progress {
-                    ended: 4,
-                    waiting: 1,
-                    done: false
-                },
-                done
-            ]
-        );
+        let midway = Progress {
+            ended: 4,
+            waiting: 1,
+            done: false,
+        };
+        assert_eq!(heard, [midway, done]);
     }
 
     #[tokio::test]
     async fn connections_still_busy_at_the_deadline_are_left_alone() {
-        let script = Scripted(VecDeque::from([Sweep { ended: 0, busy: 1 }]));
-        let first = Progress::after_first(Sweep { ended: 0, busy: 1 });
-        let (heard, report) = heard();
-        let deadline = Instant::now() + Duration::from_millis(50);
-        let outcome = finish(
-            Box::new(script),
-            first,
-            deadline,
-            CancellationToken::new(),
-            report,
-        )
-        .await
-        .unwrap();
+        let busy = Sweep { ended: 0, busy: 1 };
+        let (outcome, heard) = finish_script(&[busy], busy, Duration::from_millis(50)).await;
         let left = Progress {
             ended: 0,
             waiting: 1,
             done: true,
         };
         assert_eq!(outcome, left);
-        assert_eq!(*heard.lock().unwrap(), [left], "one report, at the end");
+        assert_eq!(heard, [left], "one report, at the end");
     }
 
     #[tokio::test]
