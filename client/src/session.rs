@@ -2,7 +2,7 @@
 //! forwarded connection per stolen or mirrored connection, and a clean end
 //! on Ctrl-C or SIGTERM: the agent confirms the redirection is gone before
 //! we exit. With a COMMAND, its process lives as long as the session.
-use std::time::Duration;
+use std::{pin::Pin, time::Duration};
 
 use nix::sys::signal::Signal;
 use remocal_proto::v1::{
@@ -81,6 +81,8 @@ pub async fn run(
     let address = located.agent;
     let credentials = located.credentials;
     let agent = address.connect(&credentials).await?;
+    // From here on Ctrl-C ends what was started cleanly, whenever it comes.
+    let mut stop = Box::pin(stop_requested());
     // The local process first, so that no connection arrives before it
     // listens; after the agent answered, so that a bad target starts nothing.
     let mut command = match args.command.as_slice() {
@@ -92,9 +94,14 @@ pub async fn run(
                 mode: mode_name(mode),
             };
             let mut command = LocalCommand::start(argv, &env)?;
-            command
-                .wait_listening(&local, Duration::from_secs(args.listen_timeout))
-                .await?;
+            let limit = Duration::from_secs(args.listen_timeout);
+            tokio::select! {
+                listening = command.wait_listening(&local, limit) => listening?,
+                signal = &mut stop => {
+                    let status = command.stop(signal, COMMAND_GRACE).await;
+                    return command_exit(status, "");
+                }
+            }
             Some(command)
         }
     };
@@ -107,7 +114,7 @@ pub async fn run(
         printer,
         local,
     };
-    let ended = serve(link, mode, filter, reset, command.as_mut()).await;
+    let ended = serve(link, mode, filter, reset, command.as_mut(), stop).await;
     match (ended, command) {
         (Ok(Ended::Stopped(_)), None) => Ok(()),
         (Ok(Ended::Stopped(signal)), Some(mut command)) => {
@@ -174,6 +181,7 @@ async fn serve(
     filter: Option<HttpFilter>,
     reset: Option<ResetExisting>,
     mut command: Option<&mut LocalCommand>,
+    mut stop: Pin<Box<impl Future<Output = Signal>>>,
 ) -> Result<Ended, Failure> {
     let Link {
         mut agent,
@@ -223,7 +231,6 @@ async fn serve(
             ),
         ));
     }
-    let mut stop = Box::pin(stop_requested());
     printer.ready(mode_name(mode), &ready, &local.to_string());
     if resetting && ready.reset.is_none() {
         printer.warning(&format!(

@@ -418,6 +418,15 @@ impl Steal {
         Process::spawn("remocal", command)
     }
 
+    /// Runs the session without waiting for its `ready` line (which may
+    /// never come); the returned client's `ready_line` is empty.
+    pub fn spawn_running(&self) -> Client {
+        Client {
+            process: self.spawn(),
+            ready_line: String::new(),
+        }
+    }
+
     /// Runs the session and returns once it printed its `ready` line.
     pub async fn start(&self) -> Client {
         let mut process = self.spawn();

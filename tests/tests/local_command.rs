@@ -160,3 +160,48 @@ async fn a_command_that_dies_first_is_reported_with_its_status() {
     );
     assert!(scenario.tcx_programs(0).is_empty(), "nothing attached");
 }
+
+#[tokio::test]
+async fn ctrl_c_while_the_command_starts_stops_it_and_opens_nothing() {
+    let scenario = Scenario::start(1, &[PORT]).await;
+    let pid_file = std::env::temp_dir().join(format!("remocal-cmd-{}", std::process::id()));
+    let _ = std::fs::remove_file(&pid_file);
+    let script = format!("echo $$ > {}; exec sleep 30", pid_file.display());
+    let steal = Steal::new(&scenario.agent.url())
+        .target(&scenario.pod_target(0))
+        .port(PORT)
+        .local_port(free_port())
+        .arg("--")
+        .arg("sh")
+        .arg("-c")
+        .arg(&script);
+    let mut session = steal.spawn_running();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    kill(Pid::from_raw(session.pid() as i32), Signal::SIGINT).unwrap();
+    let finished = session.wait_exit(Duration::from_secs(15)).await;
+    let _ = std::fs::remove_file(&pid_file);
+    assert_eq!(
+        finished.code,
+        Some(130),
+        "sleep ended by SIGINT: {finished:?}"
+    );
+    assert!(!finished.stdout.contains("ready"), "{finished:?}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the command is gone"
+    );
+    assert!(scenario.tcx_programs(0).is_empty(), "nothing attached");
+}
