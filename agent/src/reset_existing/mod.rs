@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub use pod_sockets::PodSockets;
@@ -39,6 +39,11 @@ pub const MAX_DEADLINE: Duration = Duration::from_secs(120);
 /// both fall in one tick), at one netlink lookup per connection per look
 /// (a few microseconds each).
 const RETRY_EVERY: Duration = Duration::from_micros(250);
+/// Resets looking at once on one agent, each taking at most a fifth of a
+/// core: callers with the grant cannot take more than most of one core
+/// with them, however many sessions they open.
+const MAX_LOOKERS: usize = 4;
+static LOOKERS: Semaphore = Semaphore::const_new(MAX_LOOKERS);
 
 /// A pod's own connections to one port.
 pub trait PodConnections: Send + 'static {
@@ -116,6 +121,17 @@ pub async fn finish(
     stop: CancellationToken,
     report: impl Fn(Progress),
 ) -> Result<Progress, ResetError> {
+    // A turn among the agent's resets; one that waits past its deadline
+    // leaves its busy connections alone.
+    let turn = tokio::select! {
+        turn = LOOKERS.acquire() => turn.expect("the semaphore is never closed"),
+        () = tokio::time::sleep_until(deadline.into()) => {
+            let left = Progress { done: true, ..progress };
+            report(left);
+            return Ok(left);
+        }
+        () = stop.cancelled() => return Ok(progress),
+    };
     let (changes, mut heard) = mpsc::unbounded_channel();
     let stopped = Arc::new(AtomicBool::new(false));
     let looker = {
@@ -147,6 +163,7 @@ pub async fn finish(
                 stopped.store(true, Ordering::Relaxed);
             }
             outcome = &mut looker => {
+                drop(turn);
                 // Changes sent before the thread ended come first.
                 while let Ok(progress) = heard.try_recv() {
                     report(progress);
