@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use remocal_tests::processes::free_port;
+use remocal_tests::retry::until_ok;
 use remocal_tests::scenario::Scenario;
 use remocal_tests::servers::{self, TcpServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,14 +55,51 @@ async fn known_traffic(scenario: &Scenario) -> (usize, usize, u64) {
         stream.read_to_end(&mut echo).await.unwrap();
         assert_eq!(echo.len(), upload.len());
     }
-    // The copies are counted when they end: give them a moment to drain.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sink.accepted() < 2 && Instant::now() < deadline {
-        sleep(Duration::from_millis(50)).await;
-    }
-    sleep(Duration::from_millis(500)).await;
+    let (stolen, mirrored, mirrored_bytes) = (3, 2, 2 * upload.len() as u64);
+    // The copies are counted when they end, after the remote client saw its
+    // echo: stopping the mirror before would cut them short.
+    let metrics = scenario.agent.metrics_addr();
+    metrics_showing(metrics, &counted(stolen, mirrored, mirrored_bytes)).await;
     mirror.stop().await;
-    (3, 2, 2 * upload.len() as u64)
+    (stolen, mirrored, mirrored_bytes)
+}
+
+/// The counter lines `known_traffic` leaves in `/metrics`.
+fn counted(stolen: usize, mirrored: usize, mirrored_bytes: u64) -> Vec<String> {
+    vec![
+        format!("remocal_connections_total{{mode=\"steal\"}} {stolen}"),
+        format!("remocal_connections_total{{mode=\"mirror\"}} {mirrored}"),
+        format!(
+            "remocal_bytes_total{{mode=\"mirror\",direction=\"from_remote\"}} {mirrored_bytes}"
+        ),
+        format!(
+            "remocal_ebpf_packets_total{{program=\"remocal_steal\",verdict=\"redirected\"}} {stolen}"
+        ),
+    ]
+}
+
+/// Polls `/metrics` until it has every one of `lines` (the agent updates them
+/// as connections and sessions end, a moment after their clients see the
+/// end), and returns that body.
+async fn metrics_showing(metrics: SocketAddr, lines: &[String]) -> String {
+    let seen = until_ok(
+        Instant::now() + Duration::from_secs(30),
+        Duration::from_millis(100),
+        async || {
+            let (ok, body) = http_get(metrics, "/metrics");
+            let missing: Vec<_> = lines
+                .iter()
+                .filter(|line| !body.lines().any(|l| l == line.as_str()))
+                .collect();
+            if ok && missing.is_empty() {
+                Ok(body)
+            } else {
+                Err(format!("missing {missing:?} in\n{body}"))
+            }
+        },
+    )
+    .await;
+    seen.unwrap_or_else(|err| panic!("GET /metrics: {err}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,8 +110,16 @@ async fn promtool_accepts_the_metrics_and_they_count_known_traffic() {
     assert!(http_get(metrics, "/readyz").0, "/readyz answers");
     let (stolen, mirrored, mirrored_bytes) = known_traffic(&scenario).await;
 
-    let (ok, body) = http_get(metrics, "/metrics");
-    assert!(ok, "GET /metrics");
+    let mut expected = counted(stolen, mirrored, mirrored_bytes);
+    expected.extend([
+        "remocal_sessions_active{mode=\"steal\"} 0".to_string(),
+        "remocal_connections_active{mode=\"steal\"} 0".to_string(),
+        format!(
+            "remocal_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+    ]);
+    let body = metrics_showing(metrics, &expected).await;
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -95,27 +141,6 @@ async fn promtool_accepts_the_metrics_and_they_count_known_traffic() {
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
-    for line in [
-        format!("remocal_connections_total{{mode=\"steal\"}} {stolen}"),
-        format!("remocal_connections_total{{mode=\"mirror\"}} {mirrored}"),
-        format!(
-            "remocal_bytes_total{{mode=\"mirror\",direction=\"from_remote\"}} {mirrored_bytes}"
-        ),
-        "remocal_sessions_active{mode=\"steal\"} 0".to_string(),
-        "remocal_connections_active{mode=\"steal\"} 0".to_string(),
-        format!(
-            "remocal_ebpf_packets_total{{program=\"remocal_steal\",verdict=\"redirected\"}} {stolen}"
-        ),
-        format!(
-            "remocal_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        ),
-    ] {
-        assert!(
-            body.lines().any(|l| l == line),
-            "missing `{line}` in\n{body}"
-        );
-    }
 }
 
 /// A real Prometheus server scrapes the agent during the traffic; its query API

@@ -22,11 +22,7 @@ enum Command {
     /// Install what building remocal needs (idempotent: skips what is present).
     Setup,
     /// Set up if needed, build, and run every unit and end-to-end test (as root).
-    Test {
-        /// Extra arguments for the test binaries (after `--`).
-        #[arg(last = true)]
-        test_args: Vec<String>,
-    },
+    Test(test::Options),
     /// Show a steal end to end on a simulated node in network namespaces (as root).
     Demo(demo::Options),
     /// Measure remocal against going direct, side by side (release build, as root).
@@ -43,7 +39,7 @@ fn main() -> ExitCode {
     run::remember_xtask_exe();
     let result = match Cli::parse().command {
         Command::Setup => setup::ensure(),
-        Command::Test { test_args } => test::run(&test_args),
+        Command::Test(options) => test::run(&options),
         Command::Demo(options) => demo::run(&options),
         Command::Bench(options) => bench::run(&options),
         Command::DemoHttp(options) => demo_http::serve(&options),
