@@ -163,6 +163,10 @@ impl Sessions {
     /// In the agent's log and the pod's events: whose steal ended how many
     /// of the pod's connections.
     fn record_reset(&self, live: &LiveSession, progress: Progress) {
+        if progress.ended == 0 && progress.waiting == 0 {
+            // The pod had no connection to take over: nothing to tell.
+            return;
+        }
         let port = live.audit.port;
         info!(
             user = %live.owner,
