@@ -35,12 +35,17 @@ class Answer(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(("127.0.0.1", port), Answer).serve_forever()
 "#;
 
-/// `remocal steal --netns <pod 0> --port PORT --local-port LOCAL -- python3 -c SERVER LOCAL EXTRA...`.
-fn steal_running(scenario: &Scenario, local: u16, extra: &[&str]) -> Steal {
-    let steal = Steal::new(&scenario.agent.url())
+/// `remocal steal --netns <pod 0> --port PORT --local-port LOCAL`.
+fn steal(scenario: &Scenario, local: u16) -> Steal {
+    Steal::new(&scenario.agent.url())
         .target(&scenario.pod_target(0))
         .port(PORT)
         .local_port(local)
+}
+
+/// The same, `-- python3 -c SERVER LOCAL EXTRA...`.
+fn steal_running(scenario: &Scenario, local: u16, extra: &[&str]) -> Steal {
+    let steal = steal(scenario, local)
         .arg("--")
         .arg("python3")
         .arg("-c")
@@ -115,10 +120,7 @@ async fn ctrl_c_ends_the_session_then_the_command() {
 async fn a_command_that_never_listens_opens_no_session() {
     let scenario = Scenario::start(1, &[PORT]).await;
     let local = free_port();
-    let finished = Steal::new(&scenario.agent.url())
-        .target(&scenario.pod_target(0))
-        .port(PORT)
-        .local_port(local)
+    let finished = steal(&scenario, local)
         .arg("--listen-timeout")
         .arg("1")
         .arg("--")
@@ -141,10 +143,7 @@ async fn a_command_that_never_listens_opens_no_session() {
 #[tokio::test]
 async fn a_command_that_dies_first_is_reported_with_its_status() {
     let scenario = Scenario::start(1, &[PORT]).await;
-    let finished = Steal::new(&scenario.agent.url())
-        .target(&scenario.pod_target(0))
-        .port(PORT)
-        .local_port(free_port())
+    let finished = steal(&scenario, free_port())
         .arg("--")
         .arg("sh")
         .arg("-c")
@@ -167,15 +166,12 @@ async fn ctrl_c_while_the_command_starts_stops_it_and_opens_nothing() {
     let pid_file = std::env::temp_dir().join(format!("remocal-cmd-{}", std::process::id()));
     let _ = std::fs::remove_file(&pid_file);
     let script = format!("echo $$ > {}; exec sleep 30", pid_file.display());
-    let steal = Steal::new(&scenario.agent.url())
-        .target(&scenario.pod_target(0))
-        .port(PORT)
-        .local_port(free_port())
+    let mut session = steal(&scenario, free_port())
         .arg("--")
         .arg("sh")
         .arg("-c")
-        .arg(&script);
-    let mut session = steal.spawn_running();
+        .arg(&script)
+        .spawn_running();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let pid = loop {
         if let Some(pid) = std::fs::read_to_string(&pid_file)
