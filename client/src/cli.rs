@@ -79,9 +79,11 @@ pub struct ResetArgs {
     /// remocal says how many.
     ///
     /// A connection is ended only between requests: nothing unread or
-    /// unacknowledged, the pod answered last, and no traffic for 20 ms. A
-    /// busy one is retried until --reset-deadline, then left alone. Its
-    /// client sees a reset and reconnects, as it does when a server restarts.
+    /// undelivered, the pod answered last, and no traffic for 20 ms (TCP
+    /// shows the last request, not several in flight on one HTTP/2 or
+    /// pipelined connection). A busy one is retried until --reset-deadline,
+    /// then left alone. Its client sees a reset and reconnects, as it does
+    /// when a server restarts.
     #[arg(long)]
     pub reset_existing: bool,
     /// How long busy connections are retried before they are left to the

@@ -23,7 +23,7 @@
 //! Without evidence the connection stays busy: a request read in the same
 //! tick as the answer before it, and still being worked on, is never taken
 //! for an answered one. A client that keeps using its connection shows
-//! evidence within a few requests (looks come every few milliseconds); a
+//! evidence within a few requests (looks come every 250 µs); a
 //! connection that fell silent right after an exchange acknowledged at once
 //! may show none, and is left alone at the deadline.
 //!

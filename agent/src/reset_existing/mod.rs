@@ -3,7 +3,7 @@
 //! that hold keep-alive connections would never reach the developer. Once
 //! the redirection is on, the agent ends those connections while they are
 //! idle (see [`idle`]), and their clients reconnect, into the steal. A
-//! busy connection is looked at again every few milliseconds until it is
+//! busy connection is looked at again every 250 µs until it is
 //! idle or the deadline passes; then it is left alone and reported.
 //!
 //! Without the flag, the same look only counts them, for a warning.
