@@ -4,9 +4,11 @@
 mod agent_processes;
 mod auth;
 mod bpf_counters;
+mod bpf_syscall;
 mod grpc;
 mod health;
 mod http_route;
+mod kernel_btf;
 mod kube;
 mod live_session;
 mod logging;
@@ -38,6 +40,7 @@ use crate::{
     logging::LogFormat,
     metrics::Metrics,
     redirect::EbpfRedirector,
+    reset_existing::EndWith,
     session::{Sessions, Settings},
 };
 
@@ -70,6 +73,12 @@ struct Cli {
     /// DaemonSet's memory limit with it (see the README's "Memory under abuse").
     #[arg(long, env = "REMOCAL_MIRROR_BUDGET", default_value_t = mirror::DEFAULT_BUDGET)]
     mirror_budget: usize,
+    /// How `--reset-existing` ends the pod's idle connections: in the
+    /// kernel (a socket iterator calling bpf_sock_destroy, which checks
+    /// under each socket's lock that it is still idle; kernel 6.5+), with
+    /// netlink SOCK_DESTROY, or the first of them this kernel offers.
+    #[arg(long, value_enum, default_value_t = EndWith::Auto)]
+    end_connections_with: EndWith,
     /// This node's name as Kubernetes knows it; pods named by clients must run
     /// here (the DaemonSet sets NODE_NAME from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
@@ -135,6 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let settings = Settings {
         mirror_flow_limit: cli.mirror_flow_limit,
+        end_connections_with: cli.end_connections_with,
     };
     let pods = PodLookup::connect(cli.kubeconfig.as_deref(), cli.node_name)
         .await

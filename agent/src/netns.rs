@@ -240,6 +240,9 @@ fn is_network_namespace(file: &File) -> bool {
 }
 
 #[cfg(test)]
+pub mod throwaway;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -85,6 +85,7 @@ impl Harness {
             auth.clone(),
             crate::session::Settings {
                 mirror_flow_limit: 1 << 20,
+                end_connections_with: crate::reset_existing::EndWith::Auto,
             },
             metrics,
         );

@@ -220,6 +220,29 @@ impl AgentAddress {
         }
     }
 
+    /// What a failed call means when it is not the agent's own answer: the
+    /// agent did not know who we are (and what we sent), or the link broke
+    /// (the port-forward may say why).
+    pub async fn call_failure(
+        &self,
+        status: &tonic::Status,
+        credentials: &Credentials,
+    ) -> Option<Failure> {
+        match status.code() {
+            Code::Unauthenticated => Some(Failure::new(
+                Status::PermissionDenied,
+                format!(
+                    "{self} does not know who you are: {} (remocal sent {})",
+                    status.message(),
+                    credentials.describe()
+                ),
+            )),
+            // A forwarded stream that dies mid-call surfaces as Cancelled.
+            Code::Unavailable | Code::Unknown | Code::Cancelled => self.explain().await,
+            _ => None,
+        }
+    }
+
     fn remedy(&self) -> &'static str {
         match self {
             AgentAddress::Url(_) => {

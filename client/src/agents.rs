@@ -12,6 +12,7 @@ use crate::{
     cluster::{self, AgentPod, Cluster, PortForward},
     credentials::Credentials,
     exit::{Failure, Status},
+    output,
 };
 
 /// An agent that does not answer within this is reported unreachable.
@@ -41,13 +42,7 @@ pub async fn run(args: AgentsArgs) -> Result<(), Failure> {
     let namespace = &args.cluster.agent_namespace;
     let agents = cluster::list_agents(&cluster, namespace, None).await?;
     if agents.is_empty() {
-        return Err(Failure::new(
-            Status::AgentUnreachable,
-            format!(
-                "no remocal agents in namespace {namespace} (context {}): install remocal with `kubectl apply -k manifests/` (see the README)",
-                cluster.context
-            ),
-        ));
+        return Err(cluster::no_agents(&cluster, namespace));
     }
     let credentials = cluster.credentials()?;
     let checks = agents
@@ -105,12 +100,12 @@ fn print(health: &[Health], format: OutputFormat) {
             }
         }
         OutputFormat::Text => {
-            let rows: Vec<[String; 6]> = health
+            let rows: Vec<Vec<String>> = health
                 .iter()
                 .map(|entry| {
                     let info = entry.answer.as_ref().ok();
                     let field = |value: Option<String>| value.unwrap_or_else(|| "-".into());
-                    [
+                    vec![
                         entry.agent.node.clone(),
                         entry.agent.name.clone(),
                         field(info.map(|info| info.version.clone())),
@@ -120,22 +115,10 @@ fn print(health: &[Health], format: OutputFormat) {
                     ]
                 })
                 .collect();
-            let header =
-                ["NODE", "POD", "VERSION", "SESSIONS", "KERNEL", "STATE"].map(String::from);
-            let mut widths = header.clone().map(|title| title.len());
-            for row in &rows {
-                for (width, cell) in widths.iter_mut().zip(row) {
-                    *width = (*width).max(cell.len());
-                }
-            }
-            for row in std::iter::once(&header).chain(&rows) {
-                let line: Vec<String> = row
-                    .iter()
-                    .zip(widths)
-                    .map(|(cell, width)| format!("{cell:width$}"))
-                    .collect();
-                println!("{}", line.join("  ").trim_end());
-            }
+            output::print_table(
+                &["NODE", "POD", "VERSION", "SESSIONS", "KERNEL", "STATE"],
+                &rows,
+            );
         }
     }
 }

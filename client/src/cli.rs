@@ -39,6 +39,15 @@ pub enum Command {
     /// List the remocal agents of the cluster, one per node, with their health
     /// and version. Exits with 3 when an agent is not healthy.
     Agents(AgentsArgs),
+    /// List who intercepts what: the sessions on every agent of the cluster
+    /// (or on --agent), with target, port, mode, filter, user, age and
+    /// connections served.
+    ///
+    /// You see your own sessions, those on pods you may `get`, and those on
+    /// namespaces or processes of a node only as its admin. Sessions on a
+    /// node's namespace or process belong to no namespace and are listed
+    /// whatever -n says. Exits with 3 when an agent did not answer.
+    Sessions(SessionsArgs),
     /// Print a shell completion script: `remocal completions bash >
     /// /etc/bash_completion.d/remocal`, or `source <(remocal completions
     /// zsh)` in ~/.zshrc, or `remocal completions fish >
@@ -53,6 +62,22 @@ pub enum Command {
 pub struct AgentsArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    /// Output format of stdout lines.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Args)]
+pub struct SessionsArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Sessions on pods of every namespace.
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
+    /// URL of one agent's gRPC endpoint to ask, instead of every agent of
+    /// the cluster through the port-forward API.
+    #[arg(long, env = "REMOCAL_AGENT")]
+    pub agent: Option<String>,
     /// Output format of stdout lines.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,

@@ -12,6 +12,7 @@ mod forward;
 mod local_command;
 mod output;
 mod session;
+mod sessions;
 mod target;
 
 use std::process::ExitCode;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
             Command::Steal(args) => session::steal(args).await,
             Command::Mirror(args) => session::run(args, Mode::Mirror, None, None).await,
             Command::Agents(args) => agents::run(args).await,
+            Command::Sessions(args) => sessions::run(args).await,
             Command::Completions { .. } => Ok(()),
         }
     });

@@ -119,6 +119,26 @@ impl Printer {
     }
 }
 
+/// Columns aligned as kubectl aligns them: two spaces apart, each as wide
+/// as its widest cell, no trailing blanks.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let header: Vec<String> = header.iter().map(|title| title.to_string()).collect();
+    let mut widths: Vec<usize> = header.iter().map(String::len).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
 fn reset_counts(progress: &ResetProgress) -> String {
     let done = if progress.done { " done" } else { "" };
     format!(

@@ -308,30 +308,15 @@ async fn exited(command: &mut Option<&mut LocalCommand>) -> std::process::ExitSt
     }
 }
 
-/// A broken link may have a better reason than its status (the port-forward
-/// says why); anything else is the agent's own answer.
+/// Who we were taken for, or why the link broke, when that explains the
+/// refusal; anything else is the agent's own answer.
 async fn session_refused(
     status: &tonic::Status,
     address: &AgentAddress,
     credentials: &Credentials,
     filtered: bool,
 ) -> Failure {
-    if status.code() == tonic::Code::Unauthenticated {
-        return Failure::new(
-            crate::exit::Status::PermissionDenied,
-            format!(
-                "{address} does not know who you are: {} (remocal sent {})",
-                status.message(),
-                credentials.describe()
-            ),
-        );
-    }
-    if matches!(
-        status.code(),
-        // A forwarded stream that dies mid-call surfaces as Cancelled.
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    ) && let Some(failure) = address.explain().await
-    {
+    if let Some(failure) = address.call_failure(status, credentials).await {
         return failure;
     }
     refused(status, address, filtered)

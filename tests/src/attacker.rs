@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use remocal_proto::v1::{
-    AgentInfo, Attach, ConnectionDownstream, ConnectionUpstream, HttpFilter, InfoRequest, Mode,
-    OpenSession, PodRef, Ready, SessionEvent, SessionRequest, Standby, Target,
-    agent_client::AgentClient, connection_upstream, session_event, session_request, target,
+    AgentInfo, Attach, ConnectionDownstream, ConnectionUpstream, HttpFilter, InfoRequest,
+    ListSessionsRequest, Mode, OpenSession, PodRef, Ready, SessionEvent, SessionList,
+    SessionRequest, Standby, Target, agent_client::AgentClient, connection_upstream, session_event,
+    session_request, target,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -73,6 +74,15 @@ impl RawAgent {
         limited(client.info(InfoRequest {}))
             .await
             .map(tonic::Response::into_inner)
+    }
+
+    pub async fn list_sessions(&self, namespace: &str) -> Result<SessionList, Status> {
+        let mut client = self.client.clone();
+        limited(client.list_sessions(ListSessionsRequest {
+            namespace: namespace.to_string(),
+        }))
+        .await
+        .map(tonic::Response::into_inner)
     }
 
     pub async fn open(&self, target: Target, port: u16, mode: Mode) -> Result<RawSession, Status> {

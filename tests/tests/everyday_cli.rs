@@ -48,7 +48,14 @@ fn completions_cover_the_commands_and_flags_for_each_shell() {
         let output = run(&binary("remocal"), &["completions", shell]);
         assert!(output.status.success(), "{shell}: {}", text(&output.stderr));
         let script = text(&output.stdout);
-        for word in ["steal", "mirror", "agents", "reset-existing", "header"] {
+        for word in [
+            "steal",
+            "mirror",
+            "agents",
+            "sessions",
+            "reset-existing",
+            "header",
+        ] {
             assert!(script.contains(word), "{shell} completions lack {word}");
         }
     }

@@ -61,7 +61,17 @@ impl Pod {
 
     /// The pod's servers: `(port, name)`.
     async fn with_servers(servers: &[(u16, &'static str)]) -> Pod {
-        let scenario = Scenario::start(1, &[]).await;
+        Pod::with_agent(servers, &[]).await
+    }
+
+    /// An agent that ends connections only `with` one way
+    /// (`--end-connections-with`).
+    async fn ending_with(with: &str) -> Pod {
+        Pod::with_agent(&[(PORT, "pod")], &["--end-connections-with", with]).await
+    }
+
+    async fn with_agent(servers: &[(u16, &'static str)], agent_args: &[&str]) -> Pod {
+        let scenario = Scenario::start_with(1, &[], agent_args).await;
         let servers = servers
             .iter()
             .map(|&(port, name)| HttpServer::in_netns(&scenario.pod(0).netns, port, name))
@@ -74,8 +84,10 @@ impl Pod {
 
     /// The pod's server on PORT listening on its IPv4 address alone (its
     /// connections are IPv4 sockets, not IPv4-mapped IPv6 ones).
+    /// Its agent ends connections with netlink, the fallback for kernels
+    /// without the iterator's kfunc.
     async fn ipv4_only() -> Pod {
-        let scenario = Scenario::start(1, &[]).await;
+        let scenario = Scenario::start_with(1, &[], &["--end-connections-with", "netlink"]).await;
         let server =
             HttpServer::in_netns_at(&scenario.pod(0).netns, scenario.pod(0).v4(PORT), "pod");
         Pod {
@@ -592,7 +604,7 @@ impl JsonSession {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keepalive_client_connected_before_the_steal_reaches_it_within_a_second() {
-    let pod = Pod::start().await;
+    let pod = Pod::ending_with("kernel-iterator").await;
     let local = HttpServer::local("local");
     let client = Poller::start("client", pod.node(), pod.addr(), None);
     client.served_by("pod").await;
@@ -628,7 +640,8 @@ async fn a_keepalive_client_connected_before_the_steal_reaches_it_within_a_secon
 }
 
 /// A server listening on the pod's IPv4 address alone has IPv4 sockets (a
-/// dual-stack one has IPv4-mapped IPv6 ones): ended all the same.
+/// dual-stack one has IPv4-mapped IPv6 ones): ended all the same, here by
+/// the netlink fallback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_of_an_ipv4_only_server_are_ended_too() {
     let pod = Pod::ipv4_only().await;

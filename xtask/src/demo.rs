@@ -175,6 +175,21 @@ fn steps(options: &Options, bin: &Path, me: &Path) -> anyhow::Result<()> {
     expect("while stolen", &v4, LOCAL_BODY)?;
     expect("while stolen", &v6, LOCAL_BODY)?;
 
+    step("remocal sessions: who intercepts what on the node");
+    let listed = Command::new(bin.join("remocal"))
+        .args(["sessions", "-A", "--agent", &format!("http://{agent}")])
+        .output()
+        .context("cannot run remocal sessions")?;
+    let table = String::from_utf8_lossy(&listed.stdout);
+    print!("{table}");
+    if !listed.status.success() || !table.contains(&format!("netns=/var/run/netns/{POD}")) {
+        bail!(
+            "remocal sessions should list the steal ({}): {}",
+            listed.status,
+            String::from_utf8_lossy(&listed.stderr)
+        );
+    }
+
     step("Ctrl-C to remocal: the session ends, the redirection goes");
     interrupt(remocal.id());
     let status = wait_with_timeout(&mut remocal, Duration::from_secs(10))?;

@@ -11,8 +11,8 @@ use crate::kube::within_timeout;
 
 pub const API_GROUP: &str = "remocal.dev";
 
-/// What a session asks to do, in RBAC's terms.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a caller asks to do, in RBAC's terms.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Access {
     /// `create` on `pods/SUBRESOURCE` (steal, steal-filtered, mirror,
     /// reset-connections) of one pod.
@@ -24,23 +24,48 @@ pub enum Access {
     /// `create` on `nodes/targets` of this node: any namespace or process on
     /// it, which only node admins may touch.
     Node { node: String },
+    /// `get` on a pod (core API group): who may read a pod may see who
+    /// intercepts it.
+    ReadPod { namespace: String, name: String },
 }
 
 impl Access {
     fn attributes(&self) -> ResourceAttributes {
-        let (resource, subresource, namespace, name) = match self {
+        let (group, verb, resource, subresource, namespace, name) = match self {
             Access::Pod {
                 namespace,
                 name,
                 subresource,
-            } => ("pods", *subresource, Some(namespace.clone()), name.clone()),
-            Access::Node { node } => ("nodes", "targets", None, node.clone()),
+            } => (
+                API_GROUP,
+                "create",
+                "pods",
+                Some(*subresource),
+                Some(namespace.clone()),
+                name.clone(),
+            ),
+            Access::Node { node } => (
+                API_GROUP,
+                "create",
+                "nodes",
+                Some("targets"),
+                None,
+                node.clone(),
+            ),
+            Access::ReadPod { namespace, name } => (
+                "",
+                "get",
+                "pods",
+                None,
+                Some(namespace.clone()),
+                name.clone(),
+            ),
         };
         ResourceAttributes {
-            group: Some(API_GROUP.to_string()),
+            group: Some(group.to_string()),
             resource: Some(resource.to_string()),
-            subresource: Some(subresource.to_string()),
-            verb: Some("create".to_string()),
+            subresource: subresource.map(str::to_string),
+            verb: Some(verb.to_string()),
             namespace,
             name: Some(name),
             ..Default::default()
@@ -51,11 +76,12 @@ impl Access {
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
     #[error(
-        "user {user:?} may not create {resource} in API group {API_GROUP} {scope}{reason}: ask a cluster admin for it (manifests/user-roles.yaml: {role})"
+        "user {user:?} may not {action} {scope}{reason}: ask a cluster admin for it (manifests/user-roles.yaml: {role})"
     )]
     Denied {
         user: String,
-        resource: String,
+        /// The verb and resource, with its API group.
+        action: String,
         scope: String,
         reason: String,
         role: &'static str,
@@ -101,13 +127,13 @@ impl AccessReviewer {
 }
 
 fn denied(identity: &Identity, access: &Access, reason: Option<String>) -> AccessError {
-    let (resource, scope, role) = match access {
+    let (action, scope, role) = match access {
         Access::Pod {
             namespace,
             name,
             subresource,
         } => (
-            format!("pods/{subresource}"),
+            format!("create pods/{subresource} in API group {API_GROUP}"),
             format!("for pod {name} in namespace {namespace:?}"),
             if *subresource == "mirror" {
                 "remocal-user or remocal-mirror-only, bound in that namespace"
@@ -116,14 +142,19 @@ fn denied(identity: &Identity, access: &Access, reason: Option<String>) -> Acces
             },
         ),
         Access::Node { node } => (
-            "nodes/targets".to_string(),
+            format!("create nodes/targets in API group {API_GROUP}"),
             format!("on node {node} (namespaces and processes on the node)"),
             "remocal-node-admin",
+        ),
+        Access::ReadPod { namespace, name } => (
+            "get pods".to_string(),
+            format!("for pod {name} in namespace {namespace:?}"),
+            "remocal-user or remocal-mirror-only, bound in that namespace",
         ),
     };
     AccessError::Denied {
         user: identity.user.clone(),
-        resource,
+        action,
         scope,
         reason: reason
             .filter(|reason| !reason.is_empty())
@@ -167,5 +198,25 @@ mod tests {
         .attributes();
         assert_eq!(node.namespace, None, "nodes are cluster-scoped");
         assert_eq!(node.name.as_deref(), Some("node-a"));
+        let read = Access::ReadPod {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        let attributes = read.attributes();
+        assert_eq!(
+            (
+                attributes.group.as_deref(),
+                attributes.verb.as_deref(),
+                attributes.resource.as_deref(),
+                attributes.subresource,
+            ),
+            (Some(""), Some("get"), Some("pods"), None),
+            "the core group's own permission"
+        );
+        let message = denied(&identity, &read, None).to_string();
+        assert!(
+            message.contains("may not get pods for pod web"),
+            "{message}"
+        );
     }
 }

@@ -8,8 +8,8 @@ use std::{
 };
 
 use remocal_proto::v1::{
-    AgentInfo, ConnectionDownstream, ConnectionUpstream, InfoRequest, SessionEvent, SessionRequest,
-    agent_server, session_request,
+    AgentInfo, ConnectionDownstream, ConnectionUpstream, InfoRequest, ListSessionsRequest,
+    SessionEvent, SessionList, SessionRequest, agent_server, session_request,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
@@ -23,7 +23,7 @@ use crate::{
     netns::TargetError,
     redirect::RedirectError,
     reset_existing::ResetError,
-    session::{OpenError, Sessions},
+    session::{ListError, OpenError, Sessions},
 };
 
 mod connection_call;
@@ -144,6 +144,28 @@ impl agent_server::Agent for AgentService {
             uptime_seconds: self.started.elapsed().as_secs(),
         }))
     }
+
+    async fn list_sessions(
+        &self,
+        request: Request<ListSessionsRequest>,
+    ) -> Result<Response<SessionList>, Status> {
+        let identity = caller(request.extensions())?;
+        let namespace = request.into_inner().namespace;
+        if !namespace.is_empty() && !crate::kube::is_object_name(&namespace) {
+            return Err(Status::invalid_argument(format!(
+                "{namespace:?} is not a namespace name: lowercase letters, digits, '-' and '.'"
+            )));
+        }
+        let listed = self
+            .sessions
+            .list(&identity, &namespace)
+            .await
+            .map_err(|err| match err {
+                ListError::Busy => Status::resource_exhausted(err.to_string()),
+                ListError::Access(err) => Status::unavailable(err.to_string()),
+            })?;
+        Ok(Response::new(listed))
+    }
 }
 
 async fn first_message<T>(
@@ -181,9 +203,9 @@ fn open_status(err: OpenError) -> Status {
         | OpenError::FilterOnMirror
         | OpenError::ResetOnMirror
         | OpenError::ResetDeadline(_) => Status::invalid_argument(message),
-        OpenError::Reset(ResetError::Unsupported | ResetError::NotPermitted(_)) => {
-            Status::failed_precondition(message)
-        }
+        OpenError::Reset(
+            ResetError::Unsupported | ResetError::NotPermitted(_) | ResetError::NoIterator(_),
+        ) => Status::failed_precondition(message),
         OpenError::Reset(_) => Status::internal(message),
         OpenError::Target(
             TargetError::NoSuchNamespace(_)

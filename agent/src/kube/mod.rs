@@ -27,3 +27,13 @@ pub async fn within_timeout<T>(
         )),
     }
 }
+
+/// A Kubernetes object name (DNS-1123 subdomain): anything else could only
+/// be an attempt to reach another path of the API.
+pub fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}

@@ -11,7 +11,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use remocal_agent_common::FlowStats;
@@ -25,6 +25,7 @@ use tracing::debug;
 
 use crate::{
     auth::Identity,
+    http_route::Filter,
     kube::ScheduledPod,
     metrics::{self, Metrics},
     netns::NsId,
@@ -84,8 +85,10 @@ pub struct Audit {
     /// Where the owner runs, as they said (user@host).
     pub client: String,
     pub pod: Option<ScheduledPod>,
-    /// A filtered steal's filter, as CLI flags.
-    pub filter: Option<String>,
+    /// A filtered steal's filter.
+    pub filter: Option<Arc<Filter>>,
+    /// When it became ready, for `remocal sessions`.
+    pub started: SystemTime,
 }
 
 impl Audit {
@@ -199,6 +202,11 @@ impl LiveSession {
                 bytes_received: stats.bytes_received,
             }),
         }));
+    }
+
+    /// Connections given to the client so far (connection ids start at 1).
+    pub fn connections_handed(&self) -> u64 {
+        self.next_connection.load(Ordering::Relaxed) - 1
     }
 
     pub fn sender(&self) -> Option<mpsc::Sender<SessionEvent>> {

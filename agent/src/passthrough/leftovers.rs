@@ -3,7 +3,8 @@
 //! this is tidiness, and nothing here may stop the agent from starting.
 use std::{
     collections::{HashMap, HashSet},
-    fs::{self, File},
+    fs,
+    os::unix::fs::OpenOptionsExt as _,
     path::PathBuf,
     time::Instant,
 };
@@ -129,6 +130,12 @@ fn candidates(own: Option<NsKey>) -> Vec<(NsKey, PathBuf)> {
         let Ok(stat) = nix::sys::stat::stat(&path) else {
             continue;
         };
+        // A namespace file is a regular file of nsfs. Anything else under
+        // /var/run/netns (a FIFO would block its open until a writer came)
+        // is no namespace.
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            continue;
+        }
         let key = (stat.st_dev, stat.st_ino);
         if Some(key) != own {
             unique.entry(key).or_insert(path);
@@ -142,7 +149,12 @@ fn clean_all(candidates: Vec<(NsKey, PathBuf)>, own: Option<NsKey>) -> usize {
     for (key, path) in candidates {
         // The path may now name another namespace (a reused PID): what is
         // opened is what is checked.
-        let Ok(file) = File::open(&path) else {
+        // Non-blocking: the file may have been replaced since the stat.
+        let Ok(file) = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+        else {
             continue;
         };
         match registry::ns_key(&file) {
@@ -177,4 +189,26 @@ fn clean_all(candidates: Vec<(NsKey, PathBuf)>, own: Option<NsKey>) -> usize {
         }
     }
     cleaned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A FIFO among the named namespaces (an agent starting beside a test
+    /// that plants one hung in its open, before it logged anything).
+    #[test]
+    fn a_fifo_among_the_named_namespaces_is_no_candidate() {
+        fs::create_dir_all(NAMED).unwrap();
+        let fifo = PathBuf::from(NAMED).join(format!("remocal-unit-fifo-{}", std::process::id()));
+        let _ = fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let listed = candidates(None);
+        let _ = fs::remove_file(&fifo);
+        assert!(listed.iter().all(|(_, path)| *path != fifo), "{listed:?}");
+        assert!(
+            listed.iter().any(|(_, path)| path.starts_with(PROC)),
+            "processes' namespaces are candidates: {listed:?}"
+        );
+    }
 }

@@ -5,11 +5,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener},
-    process::Command,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        mpsc,
-    },
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -17,44 +13,15 @@ use socket2::{Domain, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{connector::canonical, *};
-use crate::netns::TargetSpec;
+use crate::netns::throwaway::TestNs;
 
-/// A named namespace with `lo` up, deleted on drop.
-struct TestNs {
-    name: String,
+/// What a pass-through leaves in a test namespace.
+trait Inspect {
+    fn ours(&self) -> String;
+    fn time_wait(&self) -> String;
 }
 
-impl TestNs {
-    fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "rp-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn netns(&self) -> Netns {
-        Netns::open(&TargetSpec::Path(format!("/var/run/netns/{}", self.name)))
-            .expect("open the test namespace")
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut all = vec!["netns", "exec", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
+impl Inspect for TestNs {
     /// remocal's rules and routes in the namespace, as `ip` shows them.
     fn ours(&self) -> String {
         let table = rules::TABLE.to_string();
@@ -73,27 +40,6 @@ impl TestNs {
     fn time_wait(&self) -> String {
         self.exec(&["ss", "-Htan", "state", "time-wait"])
     }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .expect("run ip (tests need root and iproute2)");
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// An echo server inside the namespace on `[::]:port` (`0.0.0.0:port` when

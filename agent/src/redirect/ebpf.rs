@@ -47,7 +47,7 @@ use crate::{
         capture_ring::{self, Taps},
     },
     netns::{Netns, NsId},
-    reset_existing::{PodConnections, PodSockets, ResetError},
+    reset_existing::{EndWith, PodConnections, PodSockets, ResetError},
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/remocal"));
@@ -177,8 +177,9 @@ impl Redirector for EbpfRedirector {
         &self,
         target: &Netns,
         port: u16,
+        ending: Option<EndWith>,
     ) -> Result<Box<dyn PodConnections>, ResetError> {
-        Ok(Box::new(PodSockets::open(target, port)?))
+        Ok(Box::new(PodSockets::open(target, port, ending)?))
     }
 
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError> {

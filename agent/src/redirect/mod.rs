@@ -13,7 +13,7 @@ use crate::{
     live_session::FlowStatsSource,
     mirror::Tap,
     netns::Netns,
-    reset_existing::{PodConnections, ResetError},
+    reset_existing::{EndWith, PodConnections, ResetError},
 };
 
 /// Something that can send new connections for a port of a target to a
@@ -24,11 +24,13 @@ pub trait Redirector: FlowStatsSource + 'static {
     /// the tap until it is dropped.
     fn mirror(&self, target: &Netns, port: u16) -> Result<Tap, RedirectError>;
     /// The connections the pod itself serves on `port` of `target`: those
-    /// open before a steal, which it leaves to the pod.
+    /// open before a steal, which it leaves to the pod. With `ending`, ready
+    /// to end them that way (refused where the kernel cannot).
     fn pod_connections(
         &self,
         target: &Netns,
         port: u16,
+        ending: Option<EndWith>,
     ) -> Result<Box<dyn PodConnections>, ResetError>;
 }
 
@@ -140,6 +142,7 @@ pub mod loopback {
             &self,
             _target: &Netns,
             _port: u16,
+            _ending: Option<EndWith>,
         ) -> Result<Box<dyn PodConnections>, ResetError> {
             match self.pod_connections {
                 Some(open) => Ok(Box::new(IdleConnections(open))),

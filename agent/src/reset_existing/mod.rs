@@ -10,6 +10,7 @@
 //!
 //! The kernel-facing part is behind [`PodConnections`], so that the session
 //! logic can be tested in-process.
+mod destroy_iterator;
 mod idle;
 mod pod_sockets;
 
@@ -45,6 +46,17 @@ const RETRY_EVERY: Duration = Duration::from_micros(250);
 const MAX_LOOKERS: usize = 4;
 static LOOKERS: Semaphore = Semaphore::const_new(MAX_LOOKERS);
 
+/// How idle connections are ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EndWith {
+    /// The kernel iterator where this kernel can run it, else netlink.
+    Auto,
+    /// Only the kernel iterator: a reset is refused where it cannot run.
+    KernelIterator,
+    /// Only netlink SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY).
+    Netlink,
+}
+
 /// A pod's own connections to one port.
 pub trait PodConnections: Send + 'static {
     /// One look at them; with `end_idle`, those idle now are ended.
@@ -75,6 +87,12 @@ pub enum ResetError {
     List(NetlinkError),
     #[error("cannot end a connection of the target: {0}")]
     End(NetlinkError),
+    #[error("cannot end a connection of the target with the socket iterator: {0}")]
+    EndInKernel(io::Error),
+    #[error(
+        "this agent ends connections only with the kernel's socket iterator (--end-connections-with kernel-iterator), and this node's kernel cannot run it ({0}): start the agent with --end-connections-with auto"
+    )]
+    NoIterator(destroy_iterator::Unavailable),
 }
 
 impl ResetError {

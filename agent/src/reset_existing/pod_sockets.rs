@@ -18,10 +18,11 @@ use std::{
     net::SocketAddr,
 };
 
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::{
-    PodConnections, ResetError, Sweep,
+    EndWith, PodConnections, ResetError, Sweep,
+    destroy_iterator::{DestroyIterator, Outcome},
     idle::{self, Seen, Verdict},
 };
 use crate::{
@@ -43,18 +44,55 @@ pub struct PodSockets {
     /// Inodes found to be the agents' sockets, and those found not to be.
     agents: HashSet<u32>,
     others: HashSet<u32>,
+    /// How idle connections are ended; none when they are only counted.
+    ender: Option<Ender>,
 }
 
+/// In the kernel's socket iterator, which checks under each socket's lock
+/// that it is still as judged; or, on kernels without the
+/// `bpf_sock_destroy` kfunc, with netlink's SOCK_DESTROY.
+enum Ender {
+    Iterator(DestroyIterator),
+    Netlink,
+}
+
+/// The fallback is logged once per agent, not once per reset.
+static NETLINK_SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 impl PodSockets {
-    /// Opens sock_diag in `netns`, and checks that this kernel can end a
-    /// socket at all (CONFIG_INET_DIAG_DESTROY) before anything relies on it.
-    pub fn open(netns: &Netns, port: u16) -> Result<Self, ResetError> {
+    /// Opens sock_diag in `netns`; with `ending`, also what ends sockets,
+    /// checking that this kernel can (the kfunc, else
+    /// CONFIG_INET_DIAG_DESTROY) before anything relies on it.
+    pub fn open(netns: &Netns, port: u16, ending: Option<EndWith>) -> Result<Self, ResetError> {
         let mut diag = netns
             .run_in(SockDiag::open_here)
             .and_then(|opened| opened)
             .map_err(ResetError::Open)?;
-        diag.can_destroy().map_err(ResetError::from_probe)?;
+        let iterator = match ending {
+            None | Some(EndWith::Netlink) => None,
+            Some(EndWith::KernelIterator) => {
+                Some(DestroyIterator::load(netns).map_err(ResetError::NoIterator)?)
+            }
+            Some(EndWith::Auto) => match DestroyIterator::load(netns) {
+                Ok(iterator) => Some(iterator),
+                Err(why) => {
+                    if !NETLINK_SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        info!(%why, "ending idle connections with netlink SOCK_DESTROY: the kernel cannot run the socket iterator that checks each is still idle as it ends it");
+                    }
+                    None
+                }
+            },
+        };
+        let ender = match (ending, iterator) {
+            (None, _) => None,
+            (Some(_), Some(iterator)) => Some(Ender::Iterator(iterator)),
+            (Some(_), None) => {
+                diag.can_destroy().map_err(ResetError::from_probe)?;
+                Some(Ender::Netlink)
+            }
+        };
         Ok(Self {
+            ender,
             diag,
             port,
             known: None,
@@ -123,6 +161,49 @@ impl PodSockets {
         }
         Ok(open)
     }
+
+    /// Ends `idle` connections; those found busy again stay in `still_open`.
+    fn end(
+        &mut self,
+        idle: Vec<TcpSocket>,
+        sweep: &mut Sweep,
+        still_open: &mut Vec<TcpSocket>,
+    ) -> Result<(), ResetError> {
+        let outcomes = match &self.ender {
+            None => return Ok(()),
+            Some(Ender::Iterator(iterator)) => {
+                let sockets: Vec<&TcpSocket> = idle.iter().collect();
+                iterator.end(&sockets).map_err(ResetError::EndInKernel)?
+            }
+            Some(Ender::Netlink) => {
+                let mut outcomes = Vec::with_capacity(idle.len());
+                for socket in &idle {
+                    outcomes.push(match self.diag.destroy(socket) {
+                        Ok(()) => Outcome::Ended,
+                        Err(err) if err.errno() == Some(libc::ENOENT) => Outcome::Gone,
+                        Err(err) => return Err(ResetError::End(err)),
+                    });
+                }
+                outcomes
+            }
+        };
+        for (socket, outcome) in idle.into_iter().zip(outcomes) {
+            match outcome {
+                Outcome::Ended => {
+                    debug!(local = %socket.local, remote = %socket.remote, "ended an idle pod connection");
+                    sweep.ended += 1;
+                }
+                Outcome::Busy => {
+                    debug!(local = %socket.local, remote = %socket.remote, "pod connection busy again as it was to end: left for now");
+                    sweep.busy += 1;
+                    still_open.push(socket);
+                }
+                // Closed on its own meanwhile: nothing left to take over.
+                Outcome::Gone => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl PodConnections for PodSockets {
@@ -132,6 +213,7 @@ impl PodConnections for PodSockets {
             Some(known) => self.refresh(known)?,
         };
         let mut still_open = Vec::with_capacity(pods.len());
+        let mut idle = Vec::new();
         let mut sweep = Sweep::default();
         let mut seen = HashMap::with_capacity(pods.len());
         for socket in pods {
@@ -139,7 +221,7 @@ impl PodConnections for PodSockets {
             if let Some(now) = now {
                 seen.insert(socket.cookie, now);
             }
-            if !end_idle || verdict != Verdict::Idle {
+            if !end_idle || self.ender.is_none() || verdict != Verdict::Idle {
                 debug!(
                     local = %socket.local,
                     remote = %socket.remote,
@@ -153,16 +235,9 @@ impl PodConnections for PodSockets {
                 still_open.push(socket);
                 continue;
             }
-            match self.diag.destroy(&socket) {
-                Ok(()) => {
-                    debug!(local = %socket.local, remote = %socket.remote, "ended an idle pod connection");
-                    sweep.ended += 1;
-                }
-                // Closed on its own meanwhile: nothing left to take over.
-                Err(err) if err.errno() == Some(libc::ENOENT) => {}
-                Err(err) => return Err(ResetError::End(err)),
-            }
+            idle.push(socket);
         }
+        self.end(idle, &mut sweep, &mut still_open)?;
         self.seen = seen;
         self.known = Some(still_open);
         Ok(sweep)

@@ -42,8 +42,9 @@ impl Sessions {
         reset: Option<Duration>,
     ) -> Result<(Netns, PodsOwn), OpenError> {
         let redirector = self.redirector.clone();
+        let ending = reset.map(|_| self.settings.end_connections_with);
         let (netns, found) = blocking(move || {
-            let found = redirector.pod_connections(&netns, port);
+            let found = redirector.pod_connections(&netns, port, ending);
             (netns, found)
         })
         .await;

@@ -5,6 +5,7 @@
 mod audit;
 mod existing;
 mod limits;
+mod listing;
 mod start;
 
 use std::{
@@ -43,6 +44,7 @@ use crate::{
 use audit::self_reported;
 use existing::{FirstLook, PodsOwn};
 use limits::Slots;
+pub use listing::ListError;
 use start::Started;
 
 /// What the kernel side set up for a session.
@@ -173,6 +175,8 @@ pub struct Sessions {
 pub struct Settings {
     /// Bytes a mirrored connection may hold while its local side is slow.
     pub mirror_flow_limit: usize,
+    /// How `--reset-existing` ends connections.
+    pub end_connections_with: reset_existing::EndWith,
 }
 
 impl Sessions {
@@ -287,7 +291,8 @@ impl Sessions {
             mode,
             client,
             pod,
-            filter: filter.as_ref().map(|filter| filter.to_string()),
+            filter: filter.clone(),
+            started: std::time::SystemTime::now(),
         };
         let live = Arc::new(LiveSession {
             id: id.clone(),

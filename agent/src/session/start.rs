@@ -9,7 +9,7 @@ use super::{OpenError, Sessions, blocking, limits::Slot};
 use crate::{
     auth::{Access, AuthMode, Identity},
     http_route::Filter,
-    kube::{PodLookupError, ScheduledPod},
+    kube::{PodLookupError, ScheduledPod, is_object_name},
     netns::{Netns, TargetError, TargetSpec},
     reset_existing,
 };
@@ -162,16 +162,6 @@ fn reset_deadline(deadline_ms: u32) -> Result<Duration, OpenError> {
         return Err(OpenError::ResetDeadline(deadline_ms));
     }
     Ok(deadline)
-}
-
-/// A Kubernetes object name (DNS-1123 subdomain): anything else could only
-/// be an attempt to reach another path of the API.
-fn is_object_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
 /// A pod named without a namespace is in `default`, as kubectl has it.

@@ -53,6 +53,12 @@ impl agent_server::Agent for Reverser {
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<AgentInfo>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+    async fn list_sessions(
+        &self,
+        _: Request<remocal_proto::v1::ListSessionsRequest>,
+    ) -> Result<Response<remocal_proto::v1::SessionList>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
 }
 
 async fn stock_server() -> SocketAddr {

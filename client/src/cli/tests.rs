@@ -28,7 +28,7 @@ fn local_port_defaults_to_the_stolen_port() {
             .command
         {
             Command::Steal(StealArgs { session, .. }) | Command::Mirror(session) => session,
-            Command::Agents(_) | Command::Completions { .. } => {
+            Command::Agents(_) | Command::Sessions(_) | Command::Completions { .. } => {
                 panic!("{mode} is a session command")
             }
         };

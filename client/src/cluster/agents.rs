@@ -67,6 +67,17 @@ pub async fn list_agents(
     Ok(agents)
 }
 
+/// What to say when `namespace` holds no agent at all.
+pub fn no_agents(cluster: &Cluster, namespace: &str) -> Failure {
+    Failure::new(
+        Status::AgentUnreachable,
+        format!(
+            "no remocal agents in namespace {namespace} (context {}): install remocal with `kubectl apply -k manifests/` (see the README)",
+            cluster.context
+        ),
+    )
+}
+
 /// The ready agent on `node`; during a rolling update the old and the new
 /// pod may both be listed.
 pub async fn agent_on_node(

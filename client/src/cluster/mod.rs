@@ -10,7 +10,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig, KubeconfigError},
 };
 
-pub use agents::{AgentPod, agent_on_node, list_agents};
+pub use agents::{AgentPod, agent_on_node, list_agents, no_agents};
 pub use pods::{Workload, find_pod};
 pub use port_forward::PortForward;
 

@@ -95,6 +95,12 @@ impl agent_server::Agent for FakeAgent {
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<AgentInfo>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+    async fn list_sessions(
+        &self,
+        _: Request<remocal_proto::v1::ListSessionsRequest>,
+    ) -> Result<Response<remocal_proto::v1::SessionList>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
 }
 
 async fn fake_agent(answer: Answer) -> (SocketAddr, Arc<Mutex<Seen>>) {

@@ -55,6 +55,12 @@ impl Agent for Echo {
             ..AgentInfo::default()
         }))
     }
+    async fn list_sessions(
+        &self,
+        _: Request<remocal_proto::v1::ListSessionsRequest>,
+    ) -> Result<Response<remocal_proto::v1::SessionList>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
 }
 
 async fn grpc_server(name: &'static str) -> std::net::SocketAddr {
