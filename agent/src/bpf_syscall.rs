@@ -33,21 +33,34 @@ pub struct Insn {
     pub imm: i32,
 }
 
+/// A signal during a command (the verifier can take a while) makes it fail
+/// with EINTR or EAGAIN; it is tried again, as libbpf does.
+const ATTEMPTS: usize = 5;
+
 fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, initialized `#[repr(C)]` attribute struct of
-    // the command, and its size is passed, so the kernel reads no further.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            std::ptr::from_mut(attr),
-            size_of::<T>(),
-        )
-    };
-    if result < 0 {
-        return Err(io::Error::last_os_error());
+    let mut attempts = 0;
+    loop {
+        // SAFETY: `attr` is a live, initialized `#[repr(C)]` attribute struct
+        // of the command, its pointers point at buffers of the sizes it
+        // gives (see the callers), and its size is passed, so the kernel
+        // reads no further.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                command,
+                std::ptr::from_mut(attr),
+                size_of::<T>(),
+            )
+        };
+        if result >= 0 {
+            return Ok(result);
+        }
+        let err = io::Error::last_os_error();
+        attempts += 1;
+        if attempts >= ATTEMPTS || !matches!(err.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
+            return Err(err);
+        }
     }
-    Ok(result)
 }
 
 fn new_fd(command: libc::c_long, attr: &mut impl Sized) -> io::Result<OwnedFd> {
@@ -71,19 +84,78 @@ struct MapCreate {
     map_flags: u32,
 }
 
-/// A hash map of `max_entries` fixed-size keys and values.
-pub fn hash_map(key_size: usize, value_size: usize, max_entries: u32) -> io::Result<OwnedFd> {
-    let size = |size: usize| u32::try_from(size).map_err(|_| io::Error::other("too large"));
-    new_fd(
-        BPF_MAP_CREATE,
-        &mut MapCreate {
-            map_type: BPF_MAP_TYPE_HASH,
-            key_size: size(key_size)?,
-            value_size: size(value_size)?,
-            max_entries,
-            map_flags: 0,
-        },
-    )
+/// A hash map of fixed-size keys and values. Its accessors check the sizes:
+/// the kernel reads and writes exactly the map's sizes through the pointers.
+pub struct HashMap {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
+}
+
+impl HashMap {
+    pub fn create(key_size: usize, value_size: usize, max_entries: u32) -> io::Result<Self> {
+        let size = |size: usize| u32::try_from(size).map_err(|_| io::Error::other("too large"));
+        let fd = new_fd(
+            BPF_MAP_CREATE,
+            &mut MapCreate {
+                map_type: BPF_MAP_TYPE_HASH,
+                key_size: size(key_size)?,
+                value_size: size(value_size)?,
+                max_entries,
+                map_flags: 0,
+            },
+        )?;
+        Ok(Self {
+            fd,
+            key_size,
+            value_size,
+        })
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn element(&self, key: &[u8], value: *const u8) -> MapElement {
+        assert_eq!(key.len(), self.key_size, "a key of the map's size");
+        MapElement {
+            map_fd: raw(&self.fd),
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: value as u64,
+            flags: 0,
+        }
+    }
+
+    /// Sets `key` to `value`.
+    pub fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
+        assert_eq!(value.len(), self.value_size, "a value of the map's size");
+        bpf(BPF_MAP_UPDATE_ELEM, &mut self.element(key, value.as_ptr())).map(drop)
+    }
+
+    /// The value of `key` into `value`; false when there is none.
+    pub fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+        assert_eq!(value.len(), self.value_size, "room for the map's value");
+        match bpf(
+            BPF_MAP_LOOKUP_ELEM,
+            &mut self.element(key, value.as_mut_ptr()),
+        ) {
+            Ok(_) => Ok(true),
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    pub fn delete(&self, key: &[u8]) -> io::Result<()> {
+        match bpf(
+            BPF_MAP_DELETE_ELEM,
+            &mut self.element(key, std::ptr::null()),
+        ) {
+            Ok(_) => Ok(()),
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
 }
 
 #[repr(C)]
@@ -93,50 +165,6 @@ struct MapElement {
     key: u64,
     value: u64,
     flags: u64,
-}
-
-impl MapElement {
-    fn new(map: &OwnedFd, key: &[u8], value: *const u8) -> Self {
-        Self {
-            map_fd: raw(map),
-            _pad: 0,
-            key: key.as_ptr() as u64,
-            value: value as u64,
-            flags: 0,
-        }
-    }
-}
-
-/// Sets `key` to `value`; both must be the map's sizes.
-pub fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
-    bpf(
-        BPF_MAP_UPDATE_ELEM,
-        &mut MapElement::new(map, key, value.as_ptr()),
-    )
-    .map(drop)
-}
-
-/// The value of `key` into `value`; false when there is none.
-pub fn map_lookup(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
-    match bpf(
-        BPF_MAP_LOOKUP_ELEM,
-        &mut MapElement::new(map, key, value.as_mut_ptr()),
-    ) {
-        Ok(_) => Ok(true),
-        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(err) => Err(err),
-    }
-}
-
-pub fn map_delete(map: &OwnedFd, key: &[u8]) -> io::Result<()> {
-    match bpf(
-        BPF_MAP_DELETE_ELEM,
-        &mut MapElement::new(map, key, std::ptr::null()),
-    ) {
-        Ok(_) => Ok(()),
-        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(err) => Err(err),
-    }
 }
 
 /// union bpf_attr for BPF_PROG_LOAD, up to the fields an iterator needs.
@@ -257,6 +285,12 @@ pub fn run_iterator(link: &OwnedFd) -> io::Result<()> {
     let mut file = std::fs::File::from(fd);
     // The program prints nothing; reading to the end runs it on every socket.
     let mut sink = [0u8; 256];
-    while file.read(&mut sink)? > 0 {}
-    Ok(())
+    loop {
+        match file.read(&mut sink) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
 }

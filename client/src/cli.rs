@@ -44,9 +44,10 @@ pub enum Command {
     /// connections served.
     ///
     /// You see your own sessions, those on pods you may `get`, and those on
-    /// namespaces or processes of a node only as its admin. Sessions on a
-    /// node's namespace or process belong to no namespace and are listed
-    /// whatever -n says. Exits with 3 when an agent did not answer.
+    /// namespaces or processes of a node only as its admin (with -A, a line
+    /// says how many more there are). Sessions on a node's namespace or
+    /// process belong to no namespace and are listed whatever -n says.
+    /// Exits with 3 when an agent did not answer.
     Sessions(SessionsArgs),
     /// Print a shell completion script: `remocal completions bash >
     /// /etc/bash_completion.d/remocal`, or `source <(remocal completions

@@ -78,7 +78,14 @@ struct KubernetesAuth {
     tokens: TokenReviewer,
     certificates: CertificateChecker,
     access: AccessReviewer,
+    /// Verdicts on what callers may see (not do), kept briefly.
+    sights: cache::VerdictCache<bool>,
 }
+
+/// How long a verdict on what a caller may see is kept: someone listing in
+/// a loop costs the API server one review per target per this, and a
+/// revoked `get` stops showing sessions at most this late.
+const SIGHT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Auth {
     pub fn none(metrics: Arc<Metrics>) -> Self {
@@ -95,6 +102,7 @@ impl Auth {
                 tokens: TokenReviewer::new(client.clone()),
                 certificates: CertificateChecker::new(client.clone()),
                 access: AccessReviewer::new(client),
+                sights: cache::VerdictCache::default(),
             }),
             metrics,
             refusals: LogBudget::default(),
@@ -149,6 +157,30 @@ impl Auth {
             }
             status
         })
+    }
+
+    /// Whether `identity` may `access` something to be shown what exists
+    /// there (never to do it: that is [`Auth::authorize`], asked afresh);
+    /// always on an agent without authentication.
+    pub async fn allows_seeing(
+        &self,
+        identity: &Identity,
+        access: &Access,
+    ) -> Result<bool, AccessError> {
+        let Some(kubernetes) = &self.kubernetes else {
+            return Ok(true);
+        };
+        let key = cache::key(format!("{identity:?}\n{access:?}").as_bytes());
+        if let Some(verdict) = kubernetes.sights.get(&key) {
+            return Ok(verdict);
+        }
+        let verdict = match kubernetes.access.check(identity, access).await {
+            Ok(()) => true,
+            Err(AccessError::Denied { .. }) => false,
+            Err(err) => return Err(err),
+        };
+        kubernetes.sights.put(key, verdict, SIGHT_LIFETIME);
+        Ok(verdict)
     }
 
     /// Whether `identity` may do `access`; always on an agent without

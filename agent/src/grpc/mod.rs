@@ -161,7 +161,9 @@ impl agent_server::Agent for AgentService {
             .list(&identity, &namespace)
             .await
             .map_err(|err| match err {
-                ListError::Busy => Status::resource_exhausted(err.to_string()),
+                ListError::Busy | ListError::AlreadyListing => {
+                    Status::resource_exhausted(err.to_string())
+                }
                 ListError::Access(err) => Status::unavailable(err.to_string()),
             })?;
         Ok(Response::new(listed))

@@ -149,10 +149,11 @@ fn clean_all(candidates: Vec<(NsKey, PathBuf)>, own: Option<NsKey>) -> usize {
     for (key, path) in candidates {
         // The path may now name another namespace (a reused PID): what is
         // opened is what is checked.
-        // Non-blocking: the file may have been replaced since the stat.
+        // The file may have been replaced since the stat: nothing that
+        // blocks, follows a link or takes a terminal.
         let Ok(file) = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
             .open(&path)
         else {
             continue;

@@ -2,14 +2,15 @@
 //! walks the sockets of the pod's namespace and calls the `bpf_sock_destroy`
 //! kfunc (kernel 6.5+) on those userspace judged idle, while it holds each
 //! socket's lock, and only if the socket is still exactly as judged:
-//! nothing unread, nothing waiting in its backlog, and not one byte
-//! received or sent since the look. A request that arrives between the
-//! look and the end (even one the pod already read) saves the connection,
+//! nothing unread, nothing waiting in its backlog, nothing written and not
+//! yet sent, and not one byte received or sent since the look. A request
+//! that arrives between the look and the end (even one the pod already
+//! read), or an answer the pod starts writing then, saves the connection,
 //! which netlink's SOCK_DESTROY, ending whatever the socket is by then,
 //! cannot promise.
 //!
 //! aya 0.14 cannot relocate kfunc calls, so the program is assembled here
-//! (34 instructions) with the BTF ids and field offsets of the running
+//! (38 instructions) with the BTF ids and field offsets of the running
 //! kernel, and loaded with bpf(2) directly (see [`crate::bpf_syscall`]).
 use std::{io, os::fd::OwnedFd, sync::OnceLock};
 
@@ -49,13 +50,17 @@ pub enum Outcome {
     Ended,
     /// It was not as judged any more (traffic since the look): left open.
     Busy,
+    /// The walk did not reach it: closed meanwhile, or passed over (a walk
+    /// is not guaranteed to see every socket of a busy table); the next
+    /// look tells.
+    Unreached,
     /// It was not in the namespace any more: closed meanwhile.
     Gone,
 }
 
 pub struct DestroyIterator {
     netns: Netns,
-    expectations: OwnedFd,
+    expectations: bpf_syscall::HashMap,
     link: OwnedFd,
     _program: OwnedFd,
 }
@@ -74,22 +79,24 @@ impl DestroyIterator {
             |what: &str, err: &dyn std::fmt::Display| Unavailable(format!("{what}: {err}"));
         // The kernel's BTF (5 MB here) is read once per agent: it does not
         // change while the kernel runs.
-        static LAYOUT: OnceLock<Result<Layout, String>> = OnceLock::new();
-        let layout = LAYOUT
-            .get_or_init(|| {
-                KernelBtf::load()
+        static LAYOUT: OnceLock<Layout> = OnceLock::new();
+        let layout = match LAYOUT.get() {
+            Some(layout) => layout,
+            // A failure is not kept: the next reset reads again.
+            None => {
+                let read = KernelBtf::load()
                     .and_then(|btf| Layout::of(&btf))
-                    .map_err(|err| err.to_string())
-            })
-            .as_ref()
-            .map_err(|err| unavailable("kernel BTF", err))?;
-        let expectations = bpf_syscall::hash_map(
+                    .map_err(|err| unavailable("kernel BTF", &err))?;
+                LAYOUT.get_or_init(|| read)
+            }
+        };
+        let expectations = bpf_syscall::HashMap::create(
             size_of::<Cookie>(),
             size_of::<Expectation>(),
             PER_WALK as u32,
         )
         .map_err(|err| unavailable("creating its map", &err))?;
-        let insns = program(layout, &expectations);
+        let insns = program(layout, expectations.fd());
         let program = bpf_syscall::load_iterator("remocal_end_idle", &insns, layout.iter_tcp)
             .map_err(|err| unavailable("loading the socket iterator", &err))?;
         let link = bpf_syscall::attach_iterator(&program)
@@ -109,46 +116,67 @@ impl DestroyIterator {
     pub fn end(&self, sockets: &[&TcpSocket]) -> io::Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(sockets.len());
         for walk in sockets.chunks(PER_WALK) {
+            let found = self.walk(walk);
+            // The map is left empty whatever happened.
             for socket in walk {
-                // A socket without tcp_info is never judged idle; if one
-                // came here, no byte count would match and it stays open.
-                let activity = socket.activity;
-                let expected = Expectation {
-                    bytes_received: activity.map_or(u64::MAX, |seen| seen.bytes_received),
-                    bytes_sent: activity.map_or(u64::MAX, |seen| seen.bytes_sent),
-                    ..Expectation::default()
-                };
-                bpf_syscall::map_update(&self.expectations, &socket.cookie, bytes_of(&expected))?;
+                self.expectations.delete(&key(socket))?;
             }
-            let walked = self
-                .netns
-                .run_in(|| bpf_syscall::run_iterator(&self.link))
-                .and_then(|walked| walked);
-            for socket in walk {
-                let mut found = Expectation::default();
-                let known = bpf_syscall::map_lookup(
-                    &self.expectations,
-                    &socket.cookie,
-                    bytes_of_mut(&mut found),
-                );
-                bpf_syscall::map_delete(&self.expectations, &socket.cookie)?;
-                outcomes.push(match (known?, found.outcome) {
-                    (true, ENDED) if found.error != 0 => {
-                        return Err(io::Error::from_raw_os_error(-found.error as i32));
-                    }
-                    (true, ENDED) => Outcome::Ended,
-                    (true, CHANGED) => Outcome::Busy,
-                    // Not walked: the socket left the namespace's tables.
-                    (false, _) | (true, NOT_WALKED) => Outcome::Gone,
-                    (true, other) => {
-                        return Err(io::Error::other(format!("unknown outcome {other}")));
-                    }
-                });
-            }
-            walked?;
+            outcomes.extend(found?);
         }
         Ok(outcomes)
     }
+
+    fn walk(&self, sockets: &[&TcpSocket]) -> io::Result<Vec<Outcome>> {
+        for socket in sockets {
+            // A socket without tcp_info is never judged idle; if one came
+            // here, no byte count would match and it would stay open.
+            let activity = socket.activity;
+            let expected = Expectation {
+                bytes_received: activity.map_or(u64::MAX, |seen| seen.bytes_received),
+                bytes_sent: activity.map_or(u64::MAX, |seen| seen.bytes_sent),
+                ..Expectation::default()
+            };
+            self.expectations
+                .update(&key(socket), bytes_of(&expected))?;
+        }
+        self.netns
+            .run_in(|| bpf_syscall::run_iterator(&self.link))
+            .and_then(|walked| walked)?;
+        sockets
+            .iter()
+            .map(|socket| {
+                let mut found = Expectation::default();
+                let known = self
+                    .expectations
+                    .lookup(&key(socket), bytes_of_mut(&mut found))?;
+                // bpf_sock_destroy returns an int: the register's upper
+                // half is not its.
+                let error = found.error as i32;
+                Ok(match (known, found.outcome) {
+                    (true, ENDED) if error != 0 => {
+                        return Err(io::Error::from_raw_os_error(error.saturating_neg()));
+                    }
+                    (true, ENDED) => Outcome::Ended,
+                    (true, CHANGED) => Outcome::Busy,
+                    (false, _) | (true, NOT_WALKED) => Outcome::Unreached,
+                    (true, other) => {
+                        return Err(io::Error::other(format!("unknown outcome {other}")));
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+/// The map's key for a socket: its cookie as the kernel's u64. sock_diag
+/// gives it as two u32s, the low one first.
+fn key(socket: &TcpSocket) -> Cookie {
+    let half = |at: usize| {
+        u64::from(u32::from_ne_bytes(
+            socket.cookie[at..at + 4].try_into().expect("4 bytes"),
+        ))
+    };
+    (half(4) << 32 | half(0)).to_ne_bytes()
 }
 
 fn bytes_of(value: &Expectation) -> &[u8] {
@@ -172,6 +200,8 @@ struct Layout {
     copied_seq: i16,
     rcv_nxt: i16,
     backlog_len: i16,
+    write_seq: i16,
+    snd_nxt: i16,
     bytes_received: i16,
     bytes_sent: i16,
 }
@@ -193,6 +223,8 @@ impl Layout {
             copied_seq: field(&["copied_seq"])?,
             rcv_nxt: field(&["rcv_nxt"])?,
             backlog_len: field(&["inet_conn", "icsk_inet", "sk", "sk_backlog", "len"])?,
+            write_seq: field(&["write_seq"])?,
+            snd_nxt: field(&["snd_nxt"])?,
             bytes_received: field(&["bytes_received"])?,
             bytes_sent: field(&["bytes_sent"])?,
         })
@@ -252,6 +284,7 @@ enum Label {
 /// expected = expectations[bpf_get_socket_cookie(sk)]; if !expected: out
 /// tp = bpf_skc_to_tcp_sock(sk); if !tp: out
 /// if tp->copied_seq != tp->rcv_nxt || tp->sk_backlog.len != 0
+///    || tp->write_seq != tp->snd_nxt
 ///    || tp->bytes_received != expected->bytes_received
 ///    || tp->bytes_sent != expected->bytes_sent: expected->outcome = CHANGED; out
 /// expected->error = bpf_sock_destroy(sk); expected->outcome = ENDED
@@ -288,6 +321,9 @@ fn program(layout: &Layout, expectations: &OwnedFd) -> Vec<Insn> {
     p.jump(insn(JNE_X, R1, R2, 0, 0), Label::Changed);
     p.op(insn(LDX_W, R1, R8, layout.backlog_len, 0));
     p.jump(insn(JNE_K, R1, 0, 0, 0), Label::Changed);
+    p.op(insn(LDX_W, R1, R8, layout.write_seq, 0));
+    p.op(insn(LDX_W, R2, R8, layout.snd_nxt, 0));
+    p.jump(insn(JNE_X, R1, R2, 0, 0), Label::Changed);
     p.op(insn(LDX_DW, R1, R8, layout.bytes_received, 0));
     p.op(insn(LDX_DW, R2, R7, 0, 0));
     p.jump(insn(JNE_X, R1, R2, 0, 0), Label::Changed);

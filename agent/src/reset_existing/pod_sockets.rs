@@ -193,8 +193,9 @@ impl PodSockets {
                     debug!(local = %socket.local, remote = %socket.remote, "ended an idle pod connection");
                     sweep.ended += 1;
                 }
-                Outcome::Busy => {
-                    debug!(local = %socket.local, remote = %socket.remote, "pod connection busy again as it was to end: left for now");
+                // Looked at again next time (which drops it if it closed).
+                Outcome::Busy | Outcome::Unreached => {
+                    debug!(local = %socket.local, remote = %socket.remote, ?outcome, "pod connection not ended: left for now");
                     sweep.busy += 1;
                     still_open.push(socket);
                 }

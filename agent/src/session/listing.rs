@@ -1,11 +1,11 @@
 //! `ListSessions`: who intercepts what on this node, shown to each caller
 //! only as far as the cluster lets them see the targets. A session names its
 //! owner, where they run and their filter (a header value may be personal):
-//! nothing a caller could not learn from `kubectl get pod` and the pod's
-//! events, which already name whoever intercepts it.
+//! whoever may `get` a pod may see who intercepts it and how, as the pod's
+//! events tell whoever may read those.
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, UNIX_EPOCH},
 };
 
@@ -19,18 +19,26 @@ use crate::{
     live_session::LiveSession,
 };
 
-/// Listings served at once per agent; later ones wait for a turn. With at
-/// most [`REVIEWS_AT_ONCE`] reviews each, a caller listing in a loop keeps
-/// at most 4 × 8 SubjectAccessReviews in flight to the API server, one per
-/// distinct pod with a session (at most 256, the agent's session limit).
+/// Listings served at once per agent, one per caller; later ones wait for a
+/// turn. With at most [`REVIEWS_AT_ONCE`] reviews each, at most 4 × 8
+/// SubjectAccessReviews are in flight to the API server, one per distinct
+/// target with a session (at most 256, the agent's session limit), and a
+/// caller listing in a loop asks again about a target every 10 s at most
+/// (`Auth::allows_seeing` keeps verdicts that long).
 const LISTINGS_AT_ONCE: usize = 4;
 static LISTINGS: Semaphore = Semaphore::const_new(LISTINGS_AT_ONCE);
 const REVIEWS_AT_ONCE: usize = 8;
 /// How long a listing waits for its turn before it is refused as busy.
 const TURN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Callers with a listing in progress: one each, so that no one caller
+/// takes every turn.
+static LISTING: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
 #[derive(Debug, thiserror::Error)]
 pub enum ListError {
+    #[error("a listing of yours is in progress on this agent: wait for it, then ask again")]
+    AlreadyListing,
     #[error(
         "this agent is serving {LISTINGS_AT_ONCE} session listings already and none finished within {TURN_TIMEOUT:?}; try again shortly"
     )]
@@ -43,8 +51,11 @@ pub enum ListError {
 
 impl Sessions {
     /// The sessions `caller` may see, on pods of `namespace` (all for "")
-    /// and on namespaces or processes of the node, oldest first.
+    /// and on namespaces or processes of the node, oldest first. How many
+    /// others there are is said only for all namespaces: per namespace it
+    /// would tell what `Info`'s total does not.
     pub async fn list(&self, caller: &Identity, namespace: &str) -> Result<SessionList, ListError> {
+        let _mine = OwnListing::start(caller)?;
         let mut asked: Vec<Arc<LiveSession>> = self
             .live
             .lock()
@@ -72,10 +83,15 @@ impl Sessions {
                     .needed_to_see(live)
                     .is_some_and(|access| seen.contains(&access))
         });
+        let not_shown = if namespace.is_empty() {
+            hidden.len()
+        } else {
+            0
+        };
         Ok(SessionList {
             node_name: self.pods.node().unwrap_or_default().to_string(),
             sessions: shown.iter().map(|live| info(live)).collect(),
-            not_shown: u32::try_from(hidden.len()).unwrap_or(u32::MAX),
+            not_shown: u32::try_from(not_shown).unwrap_or(u32::MAX),
         })
     }
 
@@ -107,9 +123,9 @@ impl Sessions {
             .filter(|live| !live.owner.same_as(caller))
             .filter_map(|live| self.needed_to_see(live))
             .collect();
-        let verdicts: HashMap<Access, Result<(), AccessError>> = stream::iter(needed)
+        let verdicts: HashMap<Access, Result<bool, AccessError>> = stream::iter(needed)
             .map(|access| async move {
-                let verdict = self.auth.authorize(caller, &access).await;
+                let verdict = self.auth.allows_seeing(caller, &access).await;
                 (access, verdict)
             })
             .buffer_unordered(REVIEWS_AT_ONCE)
@@ -117,15 +133,35 @@ impl Sessions {
             .await;
         let mut allowed = HashSet::new();
         for (access, verdict) in verdicts {
-            match verdict {
-                Ok(()) => {
-                    allowed.insert(access);
-                }
-                Err(AccessError::Denied { .. }) => {}
-                Err(err) => return Err(ListError::Access(err)),
+            if verdict.map_err(ListError::Access)? {
+                allowed.insert(access);
             }
         }
         Ok(allowed)
+    }
+}
+
+/// A caller's place in [`LISTING`], given up on drop.
+struct OwnListing((String, String));
+
+impl OwnListing {
+    fn start(caller: &Identity) -> Result<Self, ListError> {
+        let who = (caller.user.clone(), caller.uid.clone());
+        let mut listing = LISTING.lock().expect("listing lock");
+        if listing.contains(&who) {
+            return Err(ListError::AlreadyListing);
+        }
+        listing.push(who.clone());
+        Ok(Self(who))
+    }
+}
+
+impl Drop for OwnListing {
+    fn drop(&mut self) {
+        LISTING
+            .lock()
+            .expect("listing lock")
+            .retain(|who| *who != self.0);
     }
 }
 
