@@ -639,6 +639,30 @@ async fn a_keepalive_client_connected_before_the_steal_reaches_it_within_a_secon
     assert_eq!(finished.code, Some(0), "{finished:?}");
 }
 
+/// A pooled connection that served one request and fell silent: request,
+/// answer and acknowledgement took far less than a kernel tick, so no look
+/// can order them, and only the socket itself (in the kernel iterator)
+/// shows that the answer came last. Ended all the same, and the client's
+/// next request, on a new connection, reaches the local process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_silent_since_its_answer_is_taken_over() {
+    let pod = Pod::ending_with("kernel-iterator").await;
+    let local = HttpServer::local("local");
+    let mut pooled = Http1::connect(pod.node(), pod.addr()).await.unwrap();
+    assert_eq!(exchange(&mut pooled, "/pooled", None).await.by, "pod");
+
+    let mut session = pod.steal(&local, &[RESET]).start().await;
+    assert_eq!(reset_done(&session).await, "ended=1 waiting=0 done");
+    let again = timeout(EXCHANGE_LIMIT, pooled.get("/pooled/again", None))
+        .await
+        .expect("an answer or an error, not a hang");
+    assert!(again.is_err(), "the pooled connection was ended: {again:?}");
+    let mut fresh = Http1::connect(pod.node(), pod.addr()).await.unwrap();
+    assert_eq!(exchange(&mut fresh, "/fresh", None).await.by, "local");
+    let finished = session.stop().await;
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+}
+
 /// A server listening on the pod's IPv4 address alone has IPv4 sockets (a
 /// dual-stack one has IPv4-mapped IPv6 ones): ended all the same, here by
 /// the netlink fallback.

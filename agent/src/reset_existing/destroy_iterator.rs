@@ -10,7 +10,7 @@
 //! cannot promise.
 //!
 //! aya 0.14 cannot relocate kfunc calls, so the program is assembled here
-//! (38 instructions) with the BTF ids and field offsets of the running
+//! (46 instructions) with the BTF ids and field offsets of the running
 //! kernel, and loaded with bpf(2) directly (see [`crate::bpf_syscall`]).
 use std::{io, os::fd::OwnedFd, sync::OnceLock};
 
@@ -38,6 +38,19 @@ struct Expectation {
     outcome: u64,
     /// bpf_sock_destroy's answer when ENDED: 0, or a negative errno.
     error: i64,
+    /// 1: end it only if the socket shows that the server answered.
+    needs_proof: u64,
+}
+
+/// How sure userspace is that a connection it hands over is idle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proof {
+    /// Its look showed the server answered the client's last data.
+    Judged,
+    /// The look could not order request and answer (one tick): the program
+    /// ends it only if the client's last segment came after all its data
+    /// and acknowledged everything the server sent.
+    KernelMustShowAnswer,
 }
 
 const NOT_WALKED: u64 = 0;
@@ -113,12 +126,12 @@ impl DestroyIterator {
 
     /// Ends each of `sockets` that is still as it was when looked at; one
     /// outcome per socket, in order.
-    pub fn end(&self, sockets: &[&TcpSocket]) -> io::Result<Vec<Outcome>> {
+    pub fn end(&self, sockets: &[(&TcpSocket, Proof)]) -> io::Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(sockets.len());
         for walk in sockets.chunks(PER_WALK) {
             let found = self.walk(walk);
             // The map is left empty whatever happened.
-            for socket in walk {
+            for (socket, _) in walk {
                 self.expectations.delete(&key(socket))?;
             }
             outcomes.extend(found?);
@@ -126,14 +139,15 @@ impl DestroyIterator {
         Ok(outcomes)
     }
 
-    fn walk(&self, sockets: &[&TcpSocket]) -> io::Result<Vec<Outcome>> {
-        for socket in sockets {
+    fn walk(&self, sockets: &[(&TcpSocket, Proof)]) -> io::Result<Vec<Outcome>> {
+        for (socket, proof) in sockets {
             // A socket without tcp_info is never judged idle; if one came
             // here, no byte count would match and it would stay open.
             let activity = socket.activity;
             let expected = Expectation {
                 bytes_received: activity.map_or(u64::MAX, |seen| seen.bytes_received),
                 bytes_sent: activity.map_or(u64::MAX, |seen| seen.bytes_sent),
+                needs_proof: u64::from(*proof == Proof::KernelMustShowAnswer),
                 ..Expectation::default()
             };
             self.expectations
@@ -144,7 +158,7 @@ impl DestroyIterator {
             .and_then(|walked| walked)?;
         sockets
             .iter()
-            .map(|socket| {
+            .map(|(socket, _)| {
                 let mut found = Expectation::default();
                 let known = self
                     .expectations
@@ -202,6 +216,8 @@ struct Layout {
     backlog_len: i16,
     write_seq: i16,
     snd_nxt: i16,
+    snd_una: i16,
+    snd_wl1: i16,
     bytes_received: i16,
     bytes_sent: i16,
 }
@@ -225,6 +241,8 @@ impl Layout {
             backlog_len: field(&["inet_conn", "icsk_inet", "sk", "sk_backlog", "len"])?,
             write_seq: field(&["write_seq"])?,
             snd_nxt: field(&["snd_nxt"])?,
+            snd_una: field(&["snd_una"])?,
+            snd_wl1: field(&["snd_wl1"])?,
             bytes_received: field(&["bytes_received"])?,
             bytes_sent: field(&["bytes_sent"])?,
         })
@@ -274,6 +292,7 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Label {
     Changed,
+    End,
     Out,
 }
 
@@ -286,7 +305,10 @@ enum Label {
 /// if tp->copied_seq != tp->rcv_nxt || tp->sk_backlog.len != 0
 ///    || tp->write_seq != tp->snd_nxt
 ///    || tp->bytes_received != expected->bytes_received
-///    || tp->bytes_sent != expected->bytes_sent: expected->outcome = CHANGED; out
+///    || tp->bytes_sent != expected->bytes_sent
+///    || expected->needs_proof
+///       && (tp->snd_wl1 != tp->rcv_nxt || tp->snd_una != tp->snd_nxt):
+///    expected->outcome = CHANGED; out
 /// expected->error = bpf_sock_destroy(sk); expected->outcome = ENDED
 /// out: return 0
 /// ```
@@ -330,6 +352,15 @@ fn program(layout: &Layout, expectations: &OwnedFd) -> Vec<Insn> {
     p.op(insn(LDX_DW, R1, R8, layout.bytes_sent, 0));
     p.op(insn(LDX_DW, R2, R7, 8, 0));
     p.jump(insn(JNE_X, R1, R2, 0, 0), Label::Changed);
+    p.op(insn(LDX_DW, R1, R7, 32, 0)); // expected->needs_proof
+    p.jump(insn(JEQ_K, R1, 0, 0, 0), Label::End);
+    p.op(insn(LDX_W, R1, R8, layout.snd_wl1, 0));
+    p.op(insn(LDX_W, R2, R8, layout.rcv_nxt, 0));
+    p.jump(insn(JNE_X, R1, R2, 0, 0), Label::Changed);
+    p.op(insn(LDX_W, R1, R8, layout.snd_una, 0));
+    p.op(insn(LDX_W, R2, R8, layout.snd_nxt, 0));
+    p.jump(insn(JNE_X, R1, R2, 0, 0), Label::Changed);
+    p.label(Label::End);
     p.op(insn(MOV_X, R1, R6, 0, 0));
     let kfunc = i32::try_from(layout.sock_destroy).expect("BTF ids fit in 31 bits");
     p.op(insn(CALL, 0, PSEUDO_KFUNC_CALL, 0, kfunc));

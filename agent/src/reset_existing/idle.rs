@@ -20,12 +20,17 @@
 //!   the server sent more after it;
 //! - between two looks, the server sent and the client did not.
 //!
-//! Without evidence the connection stays busy: a request read in the same
-//! tick as the answer before it, and still being worked on, is never taken
-//! for an answered one. A client that keeps using its connection shows
-//! evidence within a few requests (looks come every 250 µs); a
-//! connection that fell silent right after an exchange acknowledged at once
-//! may show none, and is left alone at the deadline.
+//! Without evidence a request read in the same tick as the answer before
+//! it, and still being worked on, could be taken for an answered one. Such
+//! a connection, quiet otherwise, is [`Verdict::Unproven`]: the kernel's
+//! socket iterator, which reads the socket itself, ends it only when the
+//! client's last segment came after all its data and acknowledged
+//! everything the server sent (the server's `snd_wl1 == rcv_nxt` and
+//! `snd_una == snd_nxt`), which a request still waiting for its answer
+//! never shows. Where only netlink can end sockets it stays busy: a client
+//! that keeps using its connection shows evidence within a few requests
+//! (looks come every 250 µs), one that fell silent right after an exchange
+//! acknowledged at once may show none, and is left alone at the deadline.
 //!
 //! What TCP cannot show: several requests in flight on one connection
 //! (HTTP/1.1 pipelining, HTTP/2 streams), and protocol frames that are not
@@ -45,13 +50,23 @@ pub const QUIET: Duration = Duration::from_millis(20);
 pub struct Seen {
     bytes_received: u64,
     bytes_sent: u64,
-    /// Whether the server is known to have answered the client's last data.
-    answered: bool,
+    /// Whether the server answered the client's last data.
+    answered: Answered,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answered {
+    Yes,
+    No,
+    /// The request and the answer fell in one tick.
+    Unknown,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Idle,
+    /// Idle if the kernel shows that the server answered (see above).
+    Unproven,
     Busy(Why),
 }
 
@@ -82,13 +97,18 @@ pub fn judge(socket: &TcpSocket, before: Option<Seen>) -> (Verdict, Option<Seen>
         Verdict::Busy(Why::Unread)
     } else if activity.unsent != 0 || (socket.unacknowledged != 0 && !delivered(&activity)) {
         Verdict::Busy(Why::Undelivered)
-    } else if !seen.answered {
+    } else if seen.answered == Answered::No {
         Verdict::Busy(Why::Unanswered)
     } else if u128::from(activity.since_sent_ms.min(activity.since_received_ms)) < QUIET.as_millis()
     {
         Verdict::Busy(Why::Recent)
-    } else {
+    } else if seen.answered == Answered::Yes {
         Verdict::Idle
+    } else if socket.unacknowledged == 0 {
+        Verdict::Unproven
+    } else {
+        // The kernel's proof needs everything acknowledged.
+        Verdict::Busy(Why::Unanswered)
     };
     (verdict, Some(seen))
 }
@@ -102,9 +122,16 @@ fn delivered(activity: &Activity) -> bool {
         && u128::from(activity.since_sent_ms) >= QUIET.as_millis()
 }
 
-fn answered(activity: &Activity, before: Option<Seen>) -> bool {
-    let by_ticks = activity.since_sent_ms < activity.since_received_ms
-        || activity.since_acknowledged_ms < activity.since_received_ms;
+fn answered(activity: &Activity, before: Option<Seen>) -> Answered {
+    let by_ticks = if activity.since_sent_ms < activity.since_received_ms
+        || activity.since_acknowledged_ms < activity.since_received_ms
+    {
+        Answered::Yes
+    } else if activity.since_sent_ms == activity.since_received_ms {
+        Answered::Unknown
+    } else {
+        Answered::No
+    };
     let Some(before) = before else {
         return by_ticks;
     };
@@ -112,8 +139,8 @@ fn answered(activity: &Activity, before: Option<Seen>) -> bool {
     let server_spoke = activity.bytes_sent != before.bytes_sent;
     match (client_spoke, server_spoke) {
         (false, false) => before.answered,
-        (false, true) => true,
-        (true, false) => false,
+        (false, true) => Answered::Yes,
+        (true, false) => Answered::No,
         (true, true) => by_ticks,
     }
 }
@@ -164,11 +191,16 @@ mod tests {
     #[test]
     fn a_request_and_an_answer_in_one_tick_need_more_evidence() {
         let (first, seen) = judge(&socket(0, 0, activity(40, 40)), None);
-        assert_eq!(first, Verdict::Busy(Why::Unanswered));
+        assert_eq!(first, Verdict::Unproven);
         // Nothing moved since: still no evidence, however long it stays so
         // (a request read in the answer's tick may still be worked on).
         let (later, seen) = judge(&socket(0, 0, activity(3000, 3000)), seen);
-        assert_eq!(later, Verdict::Busy(Why::Unanswered));
+        assert_eq!(later, Verdict::Unproven);
+        // Not everything acknowledged: the kernel could not prove it.
+        assert_eq!(
+            judge(&socket(0, 300, activity(3000, 3000)), seen).0,
+            Verdict::Busy(Why::Unanswered)
+        );
         // The client asked again and a look caught it unanswered...
         let mut asked = activity(45, 1);
         asked.bytes_received += 80;

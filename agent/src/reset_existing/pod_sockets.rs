@@ -22,7 +22,7 @@ use tracing::{debug, info};
 
 use super::{
     EndWith, PodConnections, ResetError, Sweep,
-    destroy_iterator::{DestroyIterator, Outcome},
+    destroy_iterator::{DestroyIterator, Outcome, Proof},
     idle::{self, Seen, Verdict},
 };
 use crate::{
@@ -165,19 +165,22 @@ impl PodSockets {
     /// Ends `idle` connections; those found busy again stay in `still_open`.
     fn end(
         &mut self,
-        idle: Vec<TcpSocket>,
+        idle: Vec<(TcpSocket, Proof)>,
         sweep: &mut Sweep,
         still_open: &mut Vec<TcpSocket>,
     ) -> Result<(), ResetError> {
         let outcomes = match &self.ender {
             None => return Ok(()),
             Some(Ender::Iterator(iterator)) => {
-                let sockets: Vec<&TcpSocket> = idle.iter().collect();
+                let sockets: Vec<(&TcpSocket, Proof)> = idle
+                    .iter()
+                    .map(|(socket, proof)| (socket, *proof))
+                    .collect();
                 iterator.end(&sockets).map_err(ResetError::EndInKernel)?
             }
             Some(Ender::Netlink) => {
                 let mut outcomes = Vec::with_capacity(idle.len());
-                for socket in &idle {
+                for (socket, _) in &idle {
                     outcomes.push(match self.diag.destroy(socket) {
                         Ok(()) => Outcome::Ended,
                         Err(err) if err.errno() == Some(libc::ENOENT) => Outcome::Gone,
@@ -187,7 +190,7 @@ impl PodSockets {
                 outcomes
             }
         };
-        for (socket, outcome) in idle.into_iter().zip(outcomes) {
+        for ((socket, _), outcome) in idle.into_iter().zip(outcomes) {
             match outcome {
                 Outcome::Ended => {
                     debug!(local = %socket.local, remote = %socket.remote, "ended an idle pod connection");
@@ -222,7 +225,14 @@ impl PodConnections for PodSockets {
             if let Some(now) = now {
                 seen.insert(socket.cookie, now);
             }
-            if !end_idle || self.ender.is_none() || verdict != Verdict::Idle {
+            // An unproven one goes to the kernel iterator, which ends it
+            // only if the socket shows the answer; netlink cannot check.
+            let endable = match (&self.ender, verdict) {
+                (Some(_), Verdict::Idle) => Some(Proof::Judged),
+                (Some(Ender::Iterator(_)), Verdict::Unproven) => Some(Proof::KernelMustShowAnswer),
+                _ => None,
+            };
+            let Some(proof) = endable.filter(|_| end_idle) else {
                 debug!(
                     local = %socket.local,
                     remote = %socket.remote,
@@ -235,8 +245,8 @@ impl PodConnections for PodSockets {
                 sweep.busy += 1;
                 still_open.push(socket);
                 continue;
-            }
-            idle.push(socket);
+            };
+            idle.push((socket, proof));
         }
         self.end(idle, &mut sweep, &mut still_open)?;
         self.seen = seen;

@@ -39,6 +39,10 @@ fn exchanged(netns: &Netns, listener: &TcpListener, diag: &mut SockDiag) -> Exch
     }
 }
 
+fn judged(socket: &TcpSocket) -> (&TcpSocket, Proof) {
+    (socket, Proof::Judged)
+}
+
 #[test]
 fn ends_only_connections_still_as_judged() {
     let ns = TestNs::new();
@@ -83,12 +87,12 @@ fn ends_only_connections_still_as_judged() {
 
     let outcomes = iterator
         .end(&[
-            &idle.socket,
-            &spoken.socket,
-            &unread.socket,
-            &answering.socket,
-            &queued.socket,
-            &closed_socket,
+            judged(&idle.socket),
+            judged(&spoken.socket),
+            judged(&unread.socket),
+            judged(&answering.socket),
+            judged(&queued.socket),
+            judged(&closed_socket),
         ])
         .unwrap();
     assert_eq!(
@@ -115,9 +119,52 @@ fn ends_only_connections_still_as_judged() {
     let spoken_now = diag
         .find(spoken.socket.local, spoken.socket.remote)
         .unwrap();
-    assert_eq!(iterator.end(&[&spoken_now]).unwrap(), [Outcome::Ended]);
+    assert_eq!(
+        iterator.end(&[judged(&spoken_now)]).unwrap(),
+        [Outcome::Ended]
+    );
     let err = spoken.client.read(&mut [0; 8]).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+}
+
+/// Where the look cannot order request and answer, the socket decides: a
+/// connection whose client acknowledged the answer after its request ends,
+/// one whose request was read and not answered stays, however quiet.
+#[test]
+fn an_answer_the_look_could_not_see_is_proven_by_the_socket() {
+    let ns = TestNs::new();
+    let netns = ns.netns();
+    let iterator = DestroyIterator::load(&netns).expect("this kernel has bpf_sock_destroy");
+    let mut diag = netns.run_in(SockDiag::open_here).unwrap().unwrap();
+    let listener = netns
+        .run_in(|| TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+
+    let mut answered = exchanged(&netns, &listener, &mut diag);
+    // The client's acknowledgement of the answer may be delayed.
+    wait_for("the answer acknowledged", || {
+        diag.find(answered.socket.local, answered.socket.remote)
+            .is_ok_and(|now| now.unacknowledged == 0)
+    });
+    answered.socket = diag
+        .find(answered.socket.local, answered.socket.remote)
+        .unwrap();
+    let mut asked = exchanged(&netns, &listener, &mut diag);
+    asked.client.write_all(b"a request").unwrap();
+    asked.served.read_exact(&mut [0; 9]).unwrap();
+    asked.socket = diag.find(asked.socket.local, asked.socket.remote).unwrap();
+
+    let proof = Proof::KernelMustShowAnswer;
+    let outcomes = iterator
+        .end(&[(&answered.socket, proof), (&asked.socket, proof)])
+        .unwrap();
+    assert_eq!(outcomes, [Outcome::Ended, Outcome::Busy]);
+    let err = answered.client.read(&mut [0; 8]).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+    // The request in progress is answered over its connection.
+    asked.served.write_all(b"the answer").unwrap();
+    asked.client.read_exact(&mut [0; 10]).unwrap();
 }
 
 #[test]
@@ -126,7 +173,7 @@ fn the_program_is_what_the_layout_says() {
     let layout = Layout::of(&btf).unwrap();
     let map = bpf_syscall::HashMap::create(8, size_of::<Expectation>(), 1).unwrap();
     let insns = program(&layout, map.fd());
-    assert_eq!(insns.len(), 38);
+    assert_eq!(insns.len(), 46);
     assert_eq!(insns.last().unwrap().code, EXIT);
     // Every jump lands inside the program, forward.
     for (index, insn) in insns.iter().enumerate() {
