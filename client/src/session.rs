@@ -19,7 +19,7 @@ use crate::{
     credentials::Credentials,
     exit::{Failure, Status},
     filter,
-    forward::{self, Forwarding, Local},
+    forward::{self, Forwarding, InFlight, Local},
     local_command::{self, LocalCommand, SessionEnv},
     output::Printer,
     target::{self, Named},
@@ -30,6 +30,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a local command may take to exit after Ctrl-C before it is
 /// killed.
 const COMMAND_GRACE: Duration = Duration::from_secs(10);
+/// How long the connections of a local command that exited may take to
+/// deliver what it wrote before the session ends.
+const EXIT_DRAIN: Duration = Duration::from_secs(2);
 /// Calls kept open for connections to come. Each used one is replaced at
 /// once, so this only needs to cover the connections that arrive within one
 /// round trip to the agent; more arriving are announced, which costs them
@@ -239,6 +242,7 @@ async fn serve(
     }
 
     let (standby_used, mut replace_standby) = mpsc::unbounded_channel();
+    let in_flight = InFlight::default();
     let forwarding = Forwarding {
         agent,
         session_id: ready.session_id.clone(),
@@ -247,6 +251,7 @@ async fn serve(
         printer,
         mode,
         standby_used,
+        in_flight: in_flight.clone(),
     };
     // An older agent announces every connection.
     if ready.standby_calls {
@@ -293,7 +298,14 @@ async fn serve(
                 }
             },
             signal = &mut stop => break Ended::Stopped(signal),
-            status = exited(&mut command) => break Ended::CommandExited(status),
+            status = exited(&mut command) => {
+                // Its last answers may still be on their way to the agent,
+                // and ending the session ends every connection: its
+                // connections end with its sockets, unless a remote client
+                // holds one open.
+                let _ = tokio::time::timeout(EXIT_DRAIN, in_flight.drained()).await;
+                break Ended::CommandExited(status);
+            }
         }
     };
     close(&requests, &mut events, printer).await;

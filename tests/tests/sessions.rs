@@ -111,6 +111,16 @@ impl Team {
     }
 }
 
+/// `remocal sessions --agent URL ARGS` on a machine without a kubeconfig.
+async fn without_kubeconfig(url: &str, args: &[&str]) -> Finished {
+    let mut all = vec!["sessions", "--agent", url];
+    all.extend_from_slice(args);
+    Steal::remocal(&all)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .run_to_exit()
+        .await
+}
+
 /// The `sessions` rows of a text listing: cells split on the table's gaps.
 fn rows(listed: &Finished) -> Vec<Vec<String>> {
     listed
@@ -340,10 +350,7 @@ async fn callers_without_credentials_or_with_bad_input_learn_nothing() {
         .expect_err("a token the cluster rejects, no listing");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     // Through the CLI: exit 6, naming what was missing.
-    let finished = Steal::remocal(&["sessions", "--agent", &url])
-        .env("KUBECONFIG", "/nonexistent/kubeconfig")
-        .run_to_exit()
-        .await;
+    let finished = without_kubeconfig(&url, &[]).await;
     assert_eq!(finished.code, Some(6), "{finished:?}");
     assert!(finished.stderr.contains("no credential"), "{finished:?}");
 
@@ -386,10 +393,7 @@ async fn a_local_agent_lists_its_sessions_without_a_cluster() {
     let mut steal = scenario.steal(0, 80, &local).start().await;
     assert_eq!(scenario.curl(scenario.pod(0).v4(80)).await, LOCAL_BODY);
 
-    let listed = Steal::remocal(&["sessions", "--agent", &url, "--output", "json"])
-        .env("KUBECONFIG", "/nonexistent/kubeconfig")
-        .run_to_exit()
-        .await;
+    let listed = without_kubeconfig(&url, &["--output", "json"]).await;
     assert_eq!(listed.code, Some(0), "{listed:?}");
     let sessions: Vec<Value> = listed
         .stdout
@@ -404,18 +408,12 @@ async fn a_local_agent_lists_its_sessions_without_a_cluster() {
     assert_eq!(sessions[0]["connections"], 1);
     assert_eq!(steal.stop().await.code, Some(0));
 
-    let empty = Steal::remocal(&["sessions", "--agent", &url])
-        .env("KUBECONFIG", "/nonexistent/kubeconfig")
-        .run_to_exit()
-        .await;
+    let empty = without_kubeconfig(&url, &[]).await;
     assert_eq!(empty.code, Some(0), "{empty:?}");
     assert!(empty.stderr.contains("No sessions found."), "{empty:?}");
 
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let unreachable = Steal::remocal(&["sessions", "--agent", &dead])
-        .env("KUBECONFIG", "/nonexistent/kubeconfig")
-        .run_to_exit()
-        .await;
+    let unreachable = without_kubeconfig(&dead, &[]).await;
     assert_eq!(unreachable.code, Some(3), "{unreachable:?}");
     assert!(
         unreachable.stderr.contains("cannot reach"),

@@ -10,6 +10,7 @@
 //!
 //! The local process's bytes are read by the call's request stream itself
 //! ([`LocalReader`]); the agent's are written by the connection's task.
+mod in_flight;
 mod local_reader;
 
 use std::{fmt, pin::Pin, time::Duration};
@@ -32,6 +33,7 @@ use tokio::{
 };
 
 use crate::{agent_link::Agent, output::Printer};
+pub use in_flight::InFlight;
 use local_reader::{Failed, Handle, LocalReader, Plug};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -69,6 +71,8 @@ pub struct Forwarding {
     /// Told when a standby call got its connection, so that another one
     /// takes its place.
     pub standby_used: mpsc::UnboundedSender<()>,
+    /// The connections being served.
+    pub in_flight: InFlight,
 }
 
 /// Serves one connection the agent announced, until it ends. Setting it up
@@ -79,17 +83,20 @@ pub fn serve(
     forwarding: Forwarding,
     connection: NewConnection,
 ) -> impl Future<Output = ()> + Send + 'static {
-    run_opened(Box::pin(open(forwarding, connection)))
+    let in_flight = forwarding.in_flight.clone();
+    run_opened(in_flight, Box::pin(open(forwarding, connection)))
 }
 
 /// Opens a standby call and serves the connection the agent hands it, if
 /// any: the call ends unused when the session does.
 pub fn stand_by(forwarding: Forwarding) -> impl Future<Output = ()> + Send + 'static {
-    run_opened(Box::pin(wait_for_connection(forwarding)))
+    let in_flight = forwarding.in_flight.clone();
+    run_opened(in_flight, Box::pin(wait_for_connection(forwarding)))
 }
 
-async fn run_opened(opening: Pin<Box<impl Future<Output = Option<Opened>>>>) {
+async fn run_opened(in_flight: InFlight, opening: Pin<Box<impl Future<Output = Option<Opened>>>>) {
     if let Some(opened) = opening.await {
+        let _serving = in_flight.serving();
         opened.run().await;
     }
 }

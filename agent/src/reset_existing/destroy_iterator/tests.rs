@@ -20,22 +20,55 @@ struct Exchanged {
     socket: TcpSocket,
 }
 
-/// The client's socket is made in `netns`, like the listener.
-fn exchanged(netns: &Netns, listener: &TcpListener, diag: &mut SockDiag) -> Exchanged {
-    let addr = listener.local_addr().unwrap();
-    let mut client = netns.run_in(|| TcpStream::connect(addr)).unwrap().unwrap();
-    let (mut served, _) = listener.accept().unwrap();
-    client.write_all(b"ping").unwrap();
-    served.read_exact(&mut [0; 4]).unwrap();
-    served.write_all(b"pong!").unwrap();
-    client.read_exact(&mut [0; 5]).unwrap();
-    let socket = diag
-        .find(served.local_addr().unwrap(), served.peer_addr().unwrap())
-        .unwrap();
-    Exchanged {
-        client,
-        served,
-        socket,
+/// A throwaway namespace with a server's listener on loopback, its
+/// iterator and a sock_diag socket there.
+struct Loopback {
+    // Drop order: the sockets and the iterator, then the namespace.
+    iterator: DestroyIterator,
+    diag: SockDiag,
+    listener: TcpListener,
+    netns: Netns,
+    _ns: TestNs,
+}
+
+impl Loopback {
+    fn new() -> Self {
+        let ns = TestNs::new();
+        let netns = ns.netns();
+        Self {
+            iterator: DestroyIterator::load(&netns).expect("this kernel has bpf_sock_destroy"),
+            diag: netns.run_in(SockDiag::open_here).unwrap().unwrap(),
+            listener: netns
+                .run_in(|| TcpListener::bind("127.0.0.1:0"))
+                .unwrap()
+                .unwrap(),
+            netns,
+            _ns: ns,
+        }
+    }
+
+    /// A new connection (the client's socket made in the namespace too).
+    fn exchanged(&mut self) -> Exchanged {
+        let addr = self.listener.local_addr().unwrap();
+        let mut client = self
+            .netns
+            .run_in(|| TcpStream::connect(addr))
+            .unwrap()
+            .unwrap();
+        let (mut served, _) = self.listener.accept().unwrap();
+        client.write_all(b"ping").unwrap();
+        served.read_exact(&mut [0; 4]).unwrap();
+        served.write_all(b"pong!").unwrap();
+        client.read_exact(&mut [0; 5]).unwrap();
+        let socket = self
+            .diag
+            .find(served.local_addr().unwrap(), served.peer_addr().unwrap())
+            .unwrap();
+        Exchanged {
+            client,
+            served,
+            socket,
+        }
     }
 }
 
@@ -45,47 +78,42 @@ fn judged(socket: &TcpSocket) -> (&TcpSocket, Proof) {
 
 #[test]
 fn ends_only_connections_still_as_judged() {
-    let ns = TestNs::new();
-    let netns = ns.netns();
-    let iterator = DestroyIterator::load(&netns).expect("this kernel has bpf_sock_destroy");
-    let mut diag = netns.run_in(SockDiag::open_here).unwrap().unwrap();
-    let listener = netns
-        .run_in(|| TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
+    let mut pod = Loopback::new();
 
-    let mut idle = exchanged(&netns, &listener, &mut diag);
+    let mut idle = pod.exchanged();
     // A request that came in after the look, even one the pod already read.
-    let mut spoken = exchanged(&netns, &listener, &mut diag);
+    let mut spoken = pod.exchanged();
     spoken.client.write_all(b"again").unwrap();
     spoken.served.read_exact(&mut [0; 5]).unwrap();
     // One whose bytes wait unread (delivered: loopback may defer it).
-    let mut unread = exchanged(&netns, &listener, &mut diag);
+    let mut unread = pod.exchanged();
     unread.client.write_all(b"unread").unwrap();
     wait_for("the unread bytes delivered", || {
-        diag.find(unread.socket.local, unread.socket.remote)
+        pod.diag
+            .find(unread.socket.local, unread.socket.remote)
             .is_ok_and(|now| now.unread == 6)
     });
     // One the pod wrote more to that is not sent yet: the client's window
     // is shut (it reads nothing), so the pod's next bytes stay queued.
-    let mut queued = exchanged(&netns, &listener, &mut diag);
-    fill_the_window(&mut queued, &mut diag);
+    let mut queued = pod.exchanged();
+    fill_the_window(&mut queued, &mut pod.diag);
     // One the pod answered more to since the look.
-    let mut answering = exchanged(&netns, &listener, &mut diag);
+    let mut answering = pod.exchanged();
     answering.served.write_all(b"more").unwrap();
     answering.client.read_exact(&mut [0; 4]).unwrap();
     // One closed since the look, and gone.
-    let closed = exchanged(&netns, &listener, &mut diag);
+    let closed = pod.exchanged();
     let closed_socket = closed.socket.clone();
     drop(closed);
     // (A lookup by its addresses then finds the listener.)
     wait_for("the closed socket gone", || {
-        !diag
+        !pod.diag
             .find(closed_socket.local, closed_socket.remote)
             .is_ok_and(|now| now.cookie == closed_socket.cookie)
     });
 
-    let outcomes = iterator
+    let outcomes = pod
+        .iterator
         .end(&[
             judged(&idle.socket),
             judged(&spoken.socket),
@@ -116,11 +144,12 @@ fn ends_only_connections_still_as_judged() {
     unread.served.read_exact(&mut [0; 6]).unwrap();
 
     // Judged again now that they are quiet, they end.
-    let spoken_now = diag
+    let spoken_now = pod
+        .diag
         .find(spoken.socket.local, spoken.socket.remote)
         .unwrap();
     assert_eq!(
-        iterator.end(&[judged(&spoken_now)]).unwrap(),
+        pod.iterator.end(&[judged(&spoken_now)]).unwrap(),
         [Outcome::Ended]
     );
     let err = spoken.client.read(&mut [0; 8]).unwrap_err();
@@ -132,31 +161,30 @@ fn ends_only_connections_still_as_judged() {
 /// one whose request was read and not answered stays, however quiet.
 #[test]
 fn an_answer_the_look_could_not_see_is_proven_by_the_socket() {
-    let ns = TestNs::new();
-    let netns = ns.netns();
-    let iterator = DestroyIterator::load(&netns).expect("this kernel has bpf_sock_destroy");
-    let mut diag = netns.run_in(SockDiag::open_here).unwrap().unwrap();
-    let listener = netns
-        .run_in(|| TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
+    let mut pod = Loopback::new();
 
-    let mut answered = exchanged(&netns, &listener, &mut diag);
+    let mut answered = pod.exchanged();
     // The client's acknowledgement of the answer may be delayed.
     wait_for("the answer acknowledged", || {
-        diag.find(answered.socket.local, answered.socket.remote)
+        pod.diag
+            .find(answered.socket.local, answered.socket.remote)
             .is_ok_and(|now| now.unacknowledged == 0)
     });
-    answered.socket = diag
+    answered.socket = pod
+        .diag
         .find(answered.socket.local, answered.socket.remote)
         .unwrap();
-    let mut asked = exchanged(&netns, &listener, &mut diag);
+    let mut asked = pod.exchanged();
     asked.client.write_all(b"a request").unwrap();
     asked.served.read_exact(&mut [0; 9]).unwrap();
-    asked.socket = diag.find(asked.socket.local, asked.socket.remote).unwrap();
+    asked.socket = pod
+        .diag
+        .find(asked.socket.local, asked.socket.remote)
+        .unwrap();
 
     let proof = Proof::KernelMustShowAnswer;
-    let outcomes = iterator
+    let outcomes = pod
+        .iterator
         .end(&[(&answered.socket, proof), (&asked.socket, proof)])
         .unwrap();
     assert_eq!(outcomes, [Outcome::Ended, Outcome::Busy]);
