@@ -57,17 +57,19 @@ const NOT_WALKED: u64 = 0;
 const ENDED: u64 = 1;
 const CHANGED: u64 = 2;
 
-/// What became of a connection handed to [`DestroyIterator::end`].
+/// What became of a connection handed over to be ended (to
+/// [`DestroyIterator::end`], or to netlink).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Ended,
-    /// It was not as judged any more (traffic since the look): left open.
+    /// It was not as judged any more (traffic since the look), or the proof
+    /// it needed was not there: left open.
     Busy,
     /// The walk did not reach it: closed meanwhile, or passed over (a walk
     /// is not guaranteed to see every socket of a busy table); the next
     /// look tells.
     Unreached,
-    /// It was not in the namespace any more: closed meanwhile.
+    /// Netlink found no such socket: closed meanwhile.
     Gone,
 }
 
