@@ -4,7 +4,7 @@
 //! offsets of struct fields, which differ between kernel builds. Needed by
 //! the one program the agent assembles itself, since aya 0.14's loader has
 //! no kfunc relocation.
-use std::{borrow::Cow, io, path::Path};
+use std::{borrow::Cow, io};
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
@@ -50,11 +50,7 @@ pub struct KernelBtf {
 
 impl KernelBtf {
     pub fn load() -> Result<Self, BtfError> {
-        Self::read(Path::new(VMLINUX))
-    }
-
-    fn read(path: &Path) -> Result<Self, BtfError> {
-        Self::parse(std::fs::read(path).map_err(BtfError::Read)?)
+        Self::parse(std::fs::read(VMLINUX).map_err(BtfError::Read)?)
     }
 
     fn parse(data: Vec<u8>) -> Result<Self, BtfError> {

@@ -42,10 +42,9 @@ pub async fn run(args: SessionsArgs) -> Result<(), Failure> {
                 shown += list.sessions.len();
                 if list.not_shown > 0 {
                     eprintln!(
-                        "{} more session(s) on {}{}: you may not see their targets (`get` on the pod, or a node admin's grant)",
+                        "{} more session(s) on {}: you may not see their targets (`get` on the pod, or a node admin's grant)",
                         list.not_shown,
                         node_of(listing, list),
-                        in_namespace(&namespace),
                     );
                 }
             }

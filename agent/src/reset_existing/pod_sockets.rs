@@ -56,6 +56,15 @@ enum Ender {
     Netlink,
 }
 
+impl Ender {
+    /// Netlink, once this kernel showed it can end sockets with it
+    /// (CONFIG_INET_DIAG_DESTROY, and the permission in the namespace).
+    fn netlink(diag: &mut SockDiag) -> Result<Self, ResetError> {
+        diag.can_destroy().map_err(ResetError::from_probe)?;
+        Ok(Ender::Netlink)
+    }
+}
+
 /// The fallback is logged once per agent, not once per reset.
 static NETLINK_SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -68,28 +77,21 @@ impl PodSockets {
             .run_in(SockDiag::open_here)
             .and_then(|opened| opened)
             .map_err(ResetError::Open)?;
-        let iterator = match ending {
-            None | Some(EndWith::Netlink) => None,
-            Some(EndWith::KernelIterator) => {
-                Some(DestroyIterator::load(netns).map_err(ResetError::NoIterator)?)
-            }
-            Some(EndWith::Auto) => match DestroyIterator::load(netns) {
-                Ok(iterator) => Some(iterator),
+        let ender = match ending {
+            None => None,
+            Some(EndWith::Netlink) => Some(Ender::netlink(&mut diag)?),
+            Some(EndWith::KernelIterator) => Some(Ender::Iterator(
+                DestroyIterator::load(netns).map_err(ResetError::NoIterator)?,
+            )),
+            Some(EndWith::Auto) => Some(match DestroyIterator::load(netns) {
+                Ok(iterator) => Ender::Iterator(iterator),
                 Err(why) => {
                     if !NETLINK_SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         info!(%why, "ending idle connections with netlink SOCK_DESTROY: the kernel cannot run the socket iterator that checks each is still idle as it ends it");
                     }
-                    None
+                    Ender::netlink(&mut diag)?
                 }
-            },
-        };
-        let ender = match (ending, iterator) {
-            (None, _) => None,
-            (Some(_), Some(iterator)) => Some(Ender::Iterator(iterator)),
-            (Some(_), None) => {
-                diag.can_destroy().map_err(ResetError::from_probe)?;
-                Some(Ender::Netlink)
-            }
+            }),
         };
         Ok(Self {
             ender,
