@@ -823,10 +823,25 @@ async fn a_request_in_progress_is_answered_by_the_pod_before_its_connection_ends
     assert_eq!(finished.code, Some(0), "{finished:?}");
 }
 
+/// Whether a call failed only because its connection ended, not by an answer.
+fn the_connection_ended_under(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Cancelled => status
+            .source()
+            .is_some_and(|source| source.is::<tonic::transport::Error>()),
+        _ => false,
+    }
+}
+
 /// tonic's channel on its one HTTP/2 connection to the pod, in use (a call
 /// every 50 ms, as an application's): once the connection is ended, the
-/// channel reconnects (a call may fail with Unavailable first, as gRPC apps
-/// retry) and its next calls reach the local process.
+/// channel reconnects and its next calls reach the local process. One call
+/// may fail first, as gRPC apps retry: one sent as the idle connection ended
+/// meets the reset (the README's Known limits). tonic reports it as
+/// Unavailable or, when the call was already handed to the connection, as
+/// Cancelled by the transport ("connection closed"): which one is timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_channel_reconnects_into_the_steal() {
     let pod = Pod::start().await;
@@ -876,7 +891,7 @@ async fn a_grpc_channel_reconnects_into_the_steal() {
         failed.len() <= 1
             && failed
                 .iter()
-                .all(|status| status.code() == tonic::Code::Unavailable),
+                .all(|status| the_connection_ended_under(status)),
         "{failed:?}"
     );
     assert_eq!(reset_done(&session).await, "ended=1 waiting=0 done");
