@@ -10,6 +10,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +24,8 @@ use crate::netns::Netns;
 /// to stop; generous because debug builds on a busy machine are slow.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an exited process's output may take to reach its end.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the binaries are: `REMOCAL_BIN_DIR`, or the workspace's `target/debug`.
 pub fn bin_dir() -> PathBuf {
@@ -60,7 +63,11 @@ pub fn free_port() -> u16 {
 
 /// Text a child wrote so far, filled by a draining thread.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<String>>);
+struct Captured {
+    text: Arc<Mutex<String>>,
+    /// The pipe reached its end: everything written is in `text`.
+    complete: Arc<AtomicBool>,
+}
 
 impl Captured {
     fn drain(stream: impl Read + Send + 'static) -> Captured {
@@ -70,18 +77,23 @@ impl Captured {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
             while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
-                sink.0
+                sink.text
                     .lock()
                     .unwrap()
                     .push_str(&String::from_utf8_lossy(&line));
                 line.clear();
             }
+            sink.complete.store(true, Ordering::Release);
         });
         captured
     }
 
     fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
+        self.text.lock().unwrap().clone()
+    }
+
+    fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
     }
 }
 
@@ -134,14 +146,24 @@ impl Process {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.try_status() {
-                // Give the draining threads a moment to collect the last lines.
-                sleep(Duration::from_millis(50)).await;
+                self.drained().await;
                 return Some(status);
             }
             if Instant::now() >= deadline {
                 return None;
             }
             sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the draining threads have read the exited process's last
+    /// lines: its pipes end once every holder closed them. Bounded, as a
+    /// child of its own may still hold them.
+    async fn drained(&self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !(self.stdout.is_complete() && self.stderr.is_complete()) && Instant::now() < deadline
+        {
+            sleep(Duration::from_millis(5)).await;
         }
     }
 

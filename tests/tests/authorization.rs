@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use remocal_proto::v1::{HeaderMatch, HttpFilter, Mode, connection_downstream};
 use remocal_tests::attacker::{self, RawAgent};
 use remocal_tests::kube_api::KeyKind;
@@ -397,8 +398,8 @@ async fn rbac_decides_who_may_steal_or_mirror_which_pod() {
         );
     }
     let dana = secured.as_user(DANA).await;
-    let session = dana
-        .open(attacker::netns(&secured.pod_netns()), 80, Mode::Steal)
+    // alice's steal of that namespace's port 80 above ends as its call drops.
+    let session = once_free(|| dana.open(attacker::netns(&secured.pod_netns()), 80, Mode::Steal))
         .await
         .expect("a node admin may target the node's namespaces");
     drop(session);
@@ -463,20 +464,11 @@ async fn a_filtered_steal_needs_its_own_grant() {
 
     // alice's remocal-user grants it; the agent echoes the filter it applies.
     let alice = secured.as_user(ALICE).await;
-    let mut retries = 0;
-    let session = loop {
-        // frank's session above ends as its call drops, asynchronously.
-        match alice
-            .open_filtered(attacker::pod("shop", "web"), 80, filter.clone())
+    // frank's session above ends as its call drops.
+    let session =
+        once_free(|| alice.open_filtered(attacker::pod("shop", "web"), 80, filter.clone()))
             .await
-        {
-            Err(status) if status.code() == Code::AlreadyExists && retries < 50 => {
-                retries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            opened => break opened.expect("alice may steal requests in shop"),
-        }
-    };
+            .expect("alice may steal requests in shop");
     assert_eq!(session.ready.user, "alice");
     assert_eq!(session.ready.filter, Some(filter));
 }
@@ -815,7 +807,12 @@ async fn a_flood_of_unauthenticated_calls_is_refused_within_bounds() {
             }
         }
     });
-    let answers = futures::future::join_all(calls).await;
+    // A thousand in flight at a time, so each call's time limit measures
+    // that call, not the whole flood queued behind HTTP/2's stream limits.
+    let answers: Vec<_> = futures::stream::iter(calls)
+        .buffer_unordered(1_000)
+        .collect()
+        .await;
     let peak = agent.rss_kib();
     eprintln!("agent resident memory {before} KiB before {CALLS} refused calls, {peak} KiB after");
     for answer in &answers {
@@ -958,4 +955,23 @@ async fn the_agent_holds_at_most_256_sessions_whoever_asks() {
     .await
     .expect("the ended session's place is given back");
     assert_eq!(reopened.ready.user, "alice");
+}
+
+/// Opens a session once the one a dropped call held on the same port is
+/// gone: the agent ends a session whose call dropped asynchronously, and
+/// until then refuses the port as taken (ALREADY_EXISTS). Waits up to 5 s.
+async fn once_free<F, T>(mut open: impl FnMut() -> F) -> Result<T, tonic::Status>
+where
+    F: Future<Output = Result<T, tonic::Status>>,
+{
+    let mut retries = 0;
+    loop {
+        match open().await {
+            Err(status) if status.code() == Code::AlreadyExists && retries < 50 => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            opened => return opened,
+        }
+    }
 }

@@ -187,20 +187,30 @@ async fn a_new_connection_reusing_a_time_wait_four_tuple_is_still_stolen() {
 
     let source_port = 40_000 + (std::process::id() % 20_000) as u16;
     for attempt in 0..3 {
-        let socket = scenario.node().tcp_sockets(1, false).pop().unwrap();
-        socket.set_reuseaddr(true).unwrap();
-        socket
-            .bind((std::net::Ipv4Addr::UNSPECIFIED, source_port).into())
-            .unwrap();
-        let mut stream = timeout(
-            Duration::from_secs(5),
-            socket.connect(scenario.pod(0).v4(80)),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            panic!("attempt {attempt}: the SYN reusing the 4-tuple went unanswered")
-        })
-        .unwrap();
+        let mut busy = 0;
+        let mut stream = loop {
+            let socket = scenario.node().tcp_sockets(1, false).pop().unwrap();
+            socket.set_reuseaddr(true).unwrap();
+            socket
+                .bind((std::net::Ipv4Addr::UNSPECIFIED, source_port).into())
+                .unwrap();
+            match timeout(
+                Duration::from_secs(5),
+                socket.connect(scenario.pod(0).v4(80)),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                panic!("attempt {attempt}: the SYN reusing the 4-tuple went unanswered")
+            }) {
+                // Our end of the previous connection may still wait for the
+                // last ACK of its close: the 4-tuple is free once it came.
+                Err(err) if err.kind() == std::io::ErrorKind::AddrNotAvailable && busy < 50 => {
+                    busy += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                connected => break connected.unwrap(),
+            }
+        };
         stream
             .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             .await
