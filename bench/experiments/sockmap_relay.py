@@ -3,8 +3,8 @@
 any pass-through could do if its bytes never reached userspace. Each
 accepted connection and its connection to the server go into a sockhash
 whose sk_skb stream-verdict program sends every byte arriving on one socket
-out of the other, in the kernel (keys: the client's port for accepted
-sockets, our own port for outgoing ones). Python and a hand-assembled
+out of the other, in the kernel (keys: the client's port, tagged with bit
+30, for accepted sockets; our own port for outgoing ones). Python and a hand-assembled
 program, so it needs no toolchain. Measured against direct and against
 `remocal-bench relay` with wrk, inside a throwaway network namespace; the
 README's filtered-steal section has the figures.
@@ -17,7 +17,7 @@ with `ip link set lo up` first): a server on 127.0.0.1:TO_PORT
 and `remocal-bench relay --listen 127.0.0.1:P --to 127.0.0.1:TO_PORT` in
 front of it, and `wrk -t2 -c8 -d5s` against each of the three in
 turn, alternating the order between rounds."""
-import ctypes, os, socket, struct, sys, threading
+import ctypes, os, socket, struct, sys
 
 libc = ctypes.CDLL(None, use_errno=True)
 NR_BPF = 321
@@ -95,6 +95,8 @@ def load(code):
 
 
 def main():
+    if len(sys.argv) != 3 or not all(arg.isdigit() for arg in sys.argv[1:]):
+        sys.exit("usage: sockmap_relay.py LISTEN_PORT TO_PORT (as root, in a namespace of its own)")
     listen_port, to_port = int(sys.argv[1]), int(sys.argv[2])
     peers = map_create(1, 4, 4, 65536)
     sockhash = map_create(18, 4, 4, 65536)
